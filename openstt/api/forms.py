@@ -1,0 +1,136 @@
+"""Parsing the multipart form of the audio endpoints exactly as OpenAI clients send it.
+
+The form is read by hand rather than through FastAPI ``Form()`` parameters: list fields arrive
+as ``timestamp_granularities[]`` (the SDK), bare repeated keys, JSON arrays or comma lists, and
+every problem must become a 400 in OpenAI's envelope, never a 422.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+
+from fastapi import Request
+from starlette.datastructures import FormData, UploadFile
+
+from openstt.api.errors import bad_request
+from openstt.languages import normalize_language
+
+RESPONSE_FORMATS = ("json", "text", "srt", "verbose_json", "vtt")
+GRANULARITIES = ("word", "segment")
+# Starlette's default 1 MiB cap on text parts is too small for long prompts; files are unaffected.
+MAX_TEXT_PART = 4 * 1024 * 1024
+
+
+@dataclass
+class AudioRequest:
+    file: UploadFile
+    model: str
+    task: str = "transcribe"
+    response_format: str = "json"
+    language: str | None = None
+    prompt: str | None = None
+    temperature: float = 0.0
+    stream: bool = False
+    timestamp_granularities: list[str] = field(default_factory=lambda: ["segment"])
+
+
+async def read_form(request: Request) -> FormData:
+    content_type = request.headers.get("content-type", "")
+    if not content_type.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
+        raise bad_request(
+            "Requests to this endpoint must be multipart/form-data with the audio in a 'file' part.",
+            param=None, code="invalid_content_type",
+        )
+    try:
+        return await request.form(max_part_size=MAX_TEXT_PART)
+    except Exception as exc:  # python-multipart / starlette parse errors
+        raise bad_request(f"Could not parse the multipart form: {exc}", param=None, code="invalid_form") from exc
+
+
+def _text(form: FormData, name: str) -> str | None:
+    value = form.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise bad_request(f"'{name}' must be a text field, not a file.", param=name)
+    return value.strip() or None  # the SDK sends "" for explicit empty strings: treat as absent
+
+
+def _list(form: FormData, name: str) -> list[str]:
+    raw = [v for key in (f"{name}[]", name) for v in form.getlist(key) if isinstance(v, str)]
+    items: list[str] = []
+    for value in raw:
+        value = value.strip()
+        if value.startswith("["):
+            try:
+                parsed = json.loads(value)
+            except json.JSONDecodeError:
+                raise bad_request(f"'{name}' is not a valid JSON array: {value!r}", param=name) from None
+            items.extend(str(v) for v in parsed)
+        else:
+            items.extend(v.strip() for v in value.split(","))
+    return [i for i in items if i]
+
+
+def _bool(form: FormData, name: str) -> bool:
+    value = _text(form, name)
+    if value is None:
+        return False
+    if value.lower() in ("true", "1", "yes", "on"):
+        return True
+    if value.lower() in ("false", "0", "no", "off"):
+        return False
+    raise bad_request(f"Invalid value for '{name}': expected true or false.", param=name)
+
+
+def parse_audio_form(form: FormData, *, task: str) -> AudioRequest:
+    """Validate the fields shared by transcriptions and translations."""
+    upload = form.get("file")
+    if upload is None:
+        raise bad_request("Missing required parameter: 'file'.", param="file", code="missing_required_parameter")
+    if not isinstance(upload, UploadFile):
+        raise bad_request("'file' must be a file upload (multipart part with a filename).", param="file")
+
+    model = _text(form, "model")
+    if model is None:
+        raise bad_request("you must provide a model parameter", param="model", code="missing_required_parameter")
+
+    response_format = (_text(form, "response_format") or "json").lower()
+    if response_format not in RESPONSE_FORMATS:
+        supported = ", ".join(f"'{f}'" for f in RESPONSE_FORMATS)
+        raise bad_request(f"Invalid value: '{response_format}'. Supported values are: {supported}.",
+                          param="response_format")
+
+    temperature_raw = _text(form, "temperature")
+    try:
+        temperature = float(temperature_raw) if temperature_raw is not None else 0.0
+    except ValueError:
+        temperature = math.nan
+    if not 0.0 <= temperature <= 1.0:  # also rejects NaN
+        raise bad_request("Invalid value for 'temperature': expected a number between 0 and 1.", param="temperature")
+
+    language = None
+    if task == "transcribe":
+        raw_language = _text(form, "language")
+        try:
+            language = normalize_language(raw_language)
+        except ValueError:
+            raise bad_request(
+                f"Invalid language '{raw_language}'. Language parameter must be specified in ISO-639-1 format.",
+                param="language", code="invalid_language_format",
+            ) from None
+
+    granularities = _list(form, "timestamp_granularities") or ["segment"]
+    bad = [g for g in granularities if g not in GRANULARITIES]
+    if bad:
+        raise bad_request(f"Invalid value for 'timestamp_granularities[]': {bad[0]!r}. Supported values are: "
+                          "'word' and 'segment'.", param="timestamp_granularities")
+
+    return AudioRequest(
+        file=upload, model=model, task=task, response_format=response_format, language=language,
+        prompt=_text(form, "prompt"), temperature=temperature,
+        stream=_bool(form, "stream") if task == "transcribe" else False,
+        timestamp_granularities=list(dict.fromkeys(granularities)),
+    )

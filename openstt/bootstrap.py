@@ -1,0 +1,67 @@
+"""Startup: settings from the environment, model resolution, and attaching models to the app."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from fastapi import FastAPI
+from pydantic import ValidationError
+
+from openstt.catalog import CATALOG
+from openstt.hub import ModelNotAvailable, cache_dir, resolve_model
+from openstt.logs import configure_logging
+from openstt.registry import ModelRegistry
+from openstt.settings import Settings, format_validation_error
+
+log = logging.getLogger("openstt")
+
+
+class StartupError(SystemExit):
+    """A configuration or model problem that must stop the server, with a message for humans."""
+
+    def __init__(self, message: str):
+        super().__init__(f"open-stt: {message}")
+
+
+def load_settings() -> Settings:
+    try:
+        return Settings()
+    except ValidationError as exc:
+        raise StartupError("invalid configuration:\n" + format_validation_error(exc)) from None
+
+
+def prepare_models(settings: Settings) -> None:
+    """Make sure every configured model is in the cache (downloading it if allowed)."""
+    configure_logging(settings.python_log_level)
+    from openstt.engines import FAMILIES
+
+    for name in settings.models:
+        spec = CATALOG[name]
+        if spec.family not in FAMILIES:
+            raise StartupError(f"model '{name}' needs the {spec.family} engine, which this version does not have yet.")
+        try:
+            resolve_model(CATALOG[name], download=settings.download)
+        except ModelNotAvailable as exc:
+            raise StartupError(str(exc)) from None
+
+
+def start_models(app: FastAPI) -> ModelRegistry:
+    """Load the configured models and attach them (and the API keys) to ``app``."""
+    settings = load_settings()
+    configure_logging(settings.python_log_level)
+    started = time.perf_counter()
+    try:
+        registry = ModelRegistry.load(settings)
+    except ModelNotAvailable as exc:
+        raise StartupError(str(exc)) from None
+    app.state.api_keys = [k.get_secret_value() for k in settings.api_key]
+    app.state.registry = registry
+    log.info(
+        "open-stt ready in %.1f s: models=%s default=%s cache=%s auth=%s port=%s",
+        time.perf_counter() - started, ",".join(registry.names()), registry.default, cache_dir(),
+        "on" if settings.api_key else "off", settings.port,
+    )
+    for name in registry.names():
+        log.info("model %s", registry.get(name).describe())
+    return registry

@@ -1,0 +1,79 @@
+"""``open-stt-server``: validate the configuration, then run ``bentoml serve`` on this project.
+
+Flags and ``OPEN_STT_*`` variables are the same settings; a flag wins over its variable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from openstt.bootstrap import StartupError, load_settings, prepare_models
+from openstt.catalog import CATALOG
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="open-stt-server",
+        description="OpenAI-compatible speech-to-text server. Every flag can also be set as OPEN_STT_<NAME>.",
+        epilog="Models: " + ", ".join(CATALOG),
+    )
+    p.add_argument("--port", type=int, help="port to listen on (OPEN_STT_PORT, default 8080)")
+    p.add_argument("--host", help="address to bind (OPEN_STT_HOST, default 0.0.0.0)")
+    p.add_argument("--model", action="append", metavar="NAME",
+                   help="model to load; repeat for several (OPEN_STT_MODELS=a,b). Required.")
+    p.add_argument("--default-model", metavar="NAME",
+                   help="model for requests naming whisper-1 when whisper-tiny is not loaded "
+                        "(OPEN_STT_DEFAULT_MODEL, default: the first model)")
+    p.add_argument("--force-cpu", action="store_true", default=None, help="never use a GPU (OPEN_STT_FORCE_CPU)")
+    p.add_argument("--download", action="store_true", default=None,
+                   help="download models missing from the Hugging Face cache (OPEN_STT_DOWNLOAD)")
+    p.add_argument("--api-key", metavar="KEY",
+                   help="require 'Authorization: Bearer KEY'; comma-separate several (OPEN_STT_API_KEY)")
+    p.add_argument("--log-level", help="trace|debug|info|warn|error (OPEN_STT_LOG_LEVEL; RUST_LOG also honoured)")
+    return p
+
+
+def apply_flags(args: argparse.Namespace, env: dict[str, str]) -> dict[str, str]:
+    """Return ``env`` with every given flag written over its ``OPEN_STT_*`` variable."""
+    env = dict(env)
+    values = {
+        "OPEN_STT_PORT": args.port, "OPEN_STT_HOST": args.host,
+        "OPEN_STT_MODELS": ",".join(args.model) if args.model else None,
+        "OPEN_STT_DEFAULT_MODEL": args.default_model,
+        "OPEN_STT_FORCE_CPU": "true" if args.force_cpu else None,
+        "OPEN_STT_DOWNLOAD": "true" if args.download else None,
+        "OPEN_STT_API_KEY": args.api_key, "OPEN_STT_LOG_LEVEL": args.log_level,
+    }
+    env.update({k: str(v) for k, v in values.items() if v is not None})
+    return env
+
+
+def service_dir() -> Path:
+    """Where ``service.py`` lives: next to the package in a checkout, else the current directory."""
+    checkout = Path(__file__).resolve().parent.parent
+    return checkout if (checkout / "service.py").exists() else Path.cwd()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.update(apply_flags(args, dict(os.environ)))
+    try:
+        settings = load_settings()
+        prepare_models(settings)  # fail here, before BentoML starts, on any missing model
+    except StartupError as exc:
+        print(exc.code, file=sys.stderr)
+        return 2
+    bentoml = shutil.which("bentoml") or str(Path(sys.executable).with_name("bentoml"))
+    cmd = [bentoml, "serve", "service:OpenSTT", "--working-dir", str(service_dir()),
+           "--host", settings.host, "--port", str(settings.port)]
+    os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
+    os.execv(cmd[0], cmd)
+    return 0  # not reached
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

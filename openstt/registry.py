@@ -1,0 +1,72 @@
+"""The resident models of one worker, and how request model names map onto them."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from openstt.catalog import CATALOG, OPENAI_ALIAS, lookup
+from openstt.engines.base import Engine
+from openstt.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class UnknownModel(LookupError):
+    def __init__(self, name: str, available: list[str]):
+        super().__init__(name)
+        self.name, self.available = name, available
+
+
+@dataclass
+class LoadedModel:
+    engine: Engine
+    created: int  # unix seconds when it was loaded, as /v1/models reports
+
+
+class ModelRegistry:
+    """Loaded engines by catalog name, plus the default used by the ``whisper-1`` alias."""
+
+    def __init__(self, engines: list[Engine], default: str):
+        self._models = {e.name: LoadedModel(e, int(time.time())) for e in engines}
+        if default not in self._models:
+            raise ValueError(f"default model {default!r} is not loaded")
+        self.default = default
+
+    @classmethod
+    def load(cls, settings: Settings) -> ModelRegistry:
+        """Resolve every configured model in the HF cache (downloading if allowed) and load it."""
+        from openstt.device import pick_device, pick_dtype
+        from openstt.engines import load_engine
+        from openstt.hub import resolve_model
+
+        device = pick_device(settings.force_cpu)
+        dtype = pick_dtype(device)
+        engines = []
+        for name in settings.models:
+            spec = CATALOG[name]
+            path = resolve_model(spec, download=settings.download)
+            engine = load_engine(spec, path, device, dtype)
+            log.info("loaded %s from %s on %s (%s) in %.1f s", name, path, device, dtype,
+                     getattr(engine, "load_seconds", 0.0))
+            engines.append(engine)
+        return cls(engines, settings.default_model or settings.models[0])
+
+    def names(self) -> list[str]:
+        return list(self._models)
+
+    def created(self, name: str) -> int:
+        return self._models[name].created
+
+    def resolve(self, requested: str) -> str:
+        """Map a requested id (catalog name, HF repo id or ``whisper-1``) to a loaded model name."""
+        if requested == OPENAI_ALIAS:
+            return "whisper-tiny" if "whisper-tiny" in self._models else self.default
+        spec = lookup(requested)
+        if spec is None or spec.name not in self._models:
+            raise UnknownModel(requested, self.names())
+        return spec.name
+
+    def get(self, requested: str) -> Engine:
+        return self._models[self.resolve(requested)].engine

@@ -1,0 +1,112 @@
+"""Server configuration from ``OPEN_STT_*`` environment variables (the CLI flags set the same ones)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from typing import Annotated
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from openstt.catalog import CATALOG
+
+LOG_LEVELS = ("trace", "debug", "info", "warning", "warn", "error", "critical", "off")
+
+
+def _split_csv(value: object) -> object:
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+def rust_log_level(value: str | None) -> str | None:
+    """Pull a level word out of a ``RUST_LOG`` filter such as ``info`` or ``warn,open_stt=debug``.
+
+    The original server was configured through ``RUST_LOG``; a bare level (the global directive)
+    wins, otherwise the first ``target=level`` directive's level is used.
+    """
+    if not value:
+        return None
+    directives = [d.strip().lower() for d in value.split(",") if d.strip()]
+    for d in directives:
+        if d in LOG_LEVELS:
+            return d
+    for d in directives:
+        level = d.rpartition("=")[2]
+        if level in LOG_LEVELS:
+            return level
+    return None
+
+
+class Settings(BaseSettings):
+    """Everything the service needs to start; validated before any model is loaded."""
+
+    model_config = SettingsConfigDict(env_prefix="OPEN_STT_", extra="ignore")
+
+    port: int = Field(8080, ge=1, le=65535)
+    host: str = "0.0.0.0"
+    models: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    default_model: str | None = None
+    force_cpu: bool = False
+    download: bool = False
+    # Several keys (comma-separated) allow rotation without downtime.
+    api_key: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+    log_level: str | None = Field(None, validate_default=True)
+
+    @field_validator("models", "api_key", mode="before")
+    @classmethod
+    def _csv(cls, value: object) -> object:
+        return _split_csv(value)
+
+    @field_validator("models")
+    @classmethod
+    def _known_models(cls, models: list[str]) -> list[str]:
+        if not models:
+            raise ValueError(
+                "no model configured: pass --model NAME (repeatable) or set OPEN_STT_MODELS=name1,name2. "
+                f"Available: {', '.join(CATALOG)}"
+            )
+        unknown = [m for m in models if m not in CATALOG]
+        if unknown:
+            raise ValueError(f"unknown model(s) {', '.join(unknown)}. Available: {', '.join(CATALOG)}")
+        return list(dict.fromkeys(models))
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _level(cls, value: object) -> object:
+        if value in (None, ""):
+            return rust_log_level(os.environ.get("RUST_LOG")) or "info"
+        value = str(value).strip().lower()
+        if value not in LOG_LEVELS:
+            raise ValueError(f"log level must be one of {', '.join(LOG_LEVELS)}")
+        return value
+
+    @model_validator(mode="after")
+    def _default(self) -> Settings:
+        if self.default_model is None:
+            self.default_model = self.models[0]
+        elif self.default_model not in self.models:
+            raise ValueError(
+                f"default model '{self.default_model}' is not among the served models ({', '.join(self.models)})"
+            )
+        return self
+
+    @property
+    def python_log_level(self) -> int:
+        level = re.sub("^warn$", "warning", self.log_level or "info")
+        return {"trace": logging.DEBUG, "off": logging.CRITICAL + 1}.get(level) or logging.getLevelName(level.upper())
+
+
+def format_validation_error(exc: Exception) -> str:
+    """Turn a pydantic ValidationError into one readable line per problem."""
+    errors = getattr(exc, "errors", None)
+    if not callable(errors):
+        return str(exc)
+    lines = []
+    for err in errors():
+        field = ".".join(str(p) for p in err.get("loc", ()))
+        msg = err.get("msg", "").removeprefix("Value error, ")
+        lines.append(f"{('OPEN_STT_' + field.upper() + ': ') if field else ''}{msg}")
+    return "\n".join(lines)
