@@ -279,6 +279,19 @@ def bundled_exports() -> dict[str, tuple[Path, list[Path]]]:
     return found
 
 
+def _cached(repo_id: str, cache: Path | None) -> bool:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    from openstt.hub import cache_dir
+
+    try:
+        path = Path(snapshot_download(repo_id, cache_dir=cache or cache_dir(), local_files_only=True))
+    except LocalEntryNotFoundError:
+        return False
+    return (path / "config.json").exists() and any(path.glob("*.safetensors"))
+
+
 def main(argv: list[str] | None = None) -> int:
     """``open-stt-import-ct2``: convert CTranslate2 Whisper exports and install them in the HF cache."""
     from openstt.hub import install_snapshot
@@ -305,6 +318,10 @@ def main(argv: list[str] | None = None) -> int:
         p.error("give an export directory with --repo-id, or --bundled")
 
     for repo_id, (export_dir, parts) in jobs.items():
+        if not args.force and _cached(repo_id, args.cache_dir):
+            # Never replace what is there: it may be the real Hub snapshot.
+            log.info("already cached %s (use --force to replace)", repo_id)
+            continue
         with tempfile.TemporaryDirectory() as tmp:
             convert_export(export_dir, Path(tmp), parts)
             path, created = install_snapshot(Path(tmp), repo_id, cache=args.cache_dir, force=args.force)
