@@ -56,6 +56,7 @@ def start_models(app: FastAPI) -> ModelRegistry:
     except ModelNotAvailable as exc:
         raise StartupError(str(exc)) from None
     app.state.api_keys = [k.get_secret_value() for k in settings.api_key]
+    app.state.max_upload_bytes = settings.max_upload_bytes
     app.state.registry = registry
     log.info(
         "open-stt ready in %.1f s: models=%s default=%s cache=%s auth=%s port=%s",

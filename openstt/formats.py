@@ -1,30 +1,123 @@
-"""Rendering a transcript in the ``response_format`` the client asked for."""
+"""Rendering a transcript in the ``response_format`` the client asked for (OpenAI's exact shapes)."""
 
 from __future__ import annotations
 
+import json
 import math
 
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
-from openstt.engines.base import Transcript
+from openstt.engines.base import Segment, TokenLogprob, Transcript
+from openstt.languages import LANGUAGE_NAMES
 
 TEXT_MEDIA_TYPE = "text/plain; charset=utf-8"
-# Formats this version renders; the rest of OpenAI's list is answered with a clear 400.
-RENDERED_FORMATS = ("json", "text")
 
 
-def usage(transcript: Transcript) -> dict:
+def usage(duration: float) -> dict:
     """OpenAI's duration-form usage, billed like whisper-1 in whole seconds (rounded up)."""
-    return {"type": "duration", "seconds": math.ceil(round(transcript.duration, 3))}
+    return {"type": "duration", "seconds": math.ceil(round(duration, 3))}
 
 
-def render(transcript: Transcript, response_format: str, *, task: str = "transcribe") -> Response:
+def token_usage(transcript_tokens: int, audio_seconds: float, prompt_tokens: int = 0) -> dict:
+    """The tokens form (streaming's done event). Audio tokens: Whisper's encoder emits 50 per second."""
+    audio_tokens = math.ceil(audio_seconds * 50)
+    return {"type": "tokens", "input_tokens": audio_tokens + prompt_tokens,
+            "input_token_details": {"text_tokens": prompt_tokens, "audio_tokens": audio_tokens},
+            "output_tokens": transcript_tokens, "total_tokens": audio_tokens + prompt_tokens + transcript_tokens}
+
+
+def _timestamp(seconds: float, separator: str) -> str:
+    ms = round(max(seconds, 0.0) * 1000)  # round once, then split: 59.9996 s is 00:01:00.000
+    hours, ms = divmod(ms, 3_600_000)
+    minutes, ms = divmod(ms, 60_000)
+    secs, ms = divmod(ms, 1000)
+    return f"{hours:02d}:{minutes:02d}:{secs:02d}{separator}{ms:03d}"
+
+
+def _cue_text(segment: Segment) -> str:
+    # Cue text must not contain "-->" or blank lines, which would end or break the cue.
+    return " ".join(segment.text.strip().replace("-->", "->").split())
+
+
+def to_srt(segments: list[Segment]) -> str:
+    return "".join(
+        f"{i}\n{_timestamp(s.start, ',')} --> {_timestamp(s.end, ',')}\n{_cue_text(s)}\n\n"
+        for i, s in enumerate(segments, start=1)
+    )
+
+
+def to_vtt(segments: list[Segment]) -> str:
+    cues = "".join(f"{_timestamp(s.start, '.')} --> {_timestamp(s.end, '.')}\n{_cue_text(s)}\n\n" for s in segments)
+    return "WEBVTT\n\n" + cues
+
+
+def _logprobs(entries: list[TokenLogprob]) -> list[dict]:
+    return [{"token": e.token, "logprob": e.logprob, "bytes": e.bytes} for e in entries]
+
+
+def segment_dict(s: Segment) -> dict:
+    return {"id": s.id, "seek": s.seek, "start": s.start, "end": s.end, "text": s.text, "tokens": s.tokens,
+            "temperature": s.temperature, "avg_logprob": s.avg_logprob, "compression_ratio": s.compression_ratio,
+            "no_speech_prob": s.no_speech_prob}
+
+
+def to_verbose_json(transcript: Transcript, *, task: str, granularities: list[str]) -> dict:
+    body: dict = {
+        "task": task,
+        # translations always report the output language
+        "language": "english" if task == "translate" else LANGUAGE_NAMES.get(transcript.language, transcript.language),
+        "duration": transcript.duration,
+        "text": transcript.text,
+    }
+    if "segment" in granularities or task == "translate":
+        body["segments"] = [segment_dict(s) for s in transcript.segments]
+    if "word" in granularities and task == "transcribe":
+        body["words"] = [{"word": w.word, "start": w.start, "end": w.end} for w in transcript.words]
+    if task == "transcribe":
+        body["usage"] = usage(transcript.duration)
+    return body
+
+
+def render(transcript: Transcript, response_format: str, *, task: str = "transcribe",
+           granularities: list[str] = ("segment",), logprobs: bool = False) -> Response:
     if response_format == "text":
         # Raw body with one trailing newline, as OpenAI sends it; the SDK returns it verbatim.
         return PlainTextResponse(transcript.text + "\n", media_type=TEXT_MEDIA_TYPE)
+    if response_format == "srt":
+        return PlainTextResponse(to_srt(transcript.segments), media_type=TEXT_MEDIA_TYPE)
+    if response_format == "vtt":
+        return PlainTextResponse(to_vtt(transcript.segments), media_type=TEXT_MEDIA_TYPE)
+    if response_format == "verbose_json":
+        return JSONResponse(to_verbose_json(transcript, task=task, granularities=list(granularities)))
     if response_format == "json":
         body: dict = {"text": transcript.text}
+        if logprobs:
+            body["logprobs"] = _logprobs([e for s in transcript.segments for e in s.logprobs])
         if task == "transcribe":  # the translation schema has no usage
-            body["usage"] = usage(transcript)
+            body["usage"] = usage(transcript.duration)
         return JSONResponse(body)
     raise ValueError(f"unsupported response_format {response_format!r}")
+
+
+def sse(event: dict) -> str:
+    """One Server-Sent Events frame: ``data: <compact JSON>`` and a blank line, no event name."""
+    return "data: " + json.dumps(event, ensure_ascii=False, separators=(",", ":")) + "\n\n"
+
+
+def delta_event(text: str, logprobs: list[TokenLogprob] | None = None) -> dict:
+    event: dict = {"type": "transcript.text.delta", "delta": text}
+    if logprobs is not None:
+        event["logprobs"] = _logprobs(logprobs)
+    return event
+
+
+def done_event(text: str, usage_tokens: dict, logprobs: list[TokenLogprob] | None = None) -> dict:
+    event: dict = {"type": "transcript.text.done", "text": text}
+    if logprobs is not None:
+        event["logprobs"] = _logprobs(logprobs)
+    event["usage"] = usage_tokens
+    return event
+
+
+def error_event(message: str, *, type: str = "server_error", code: str | None = None) -> dict:
+    return {"type": "error", "error": {"message": message, "type": type, "param": None, "code": code}}

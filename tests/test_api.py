@@ -8,7 +8,7 @@ from fastapi.testclient import TestClient
 
 from openstt.api.app import create_app
 from openstt.catalog import CATALOG
-from openstt.engines.base import Engine, TranscribeOptions, Transcript
+from openstt.engines.base import Engine, Segment, TranscribeOptions, TranscriptionRun
 from openstt.registry import ModelRegistry
 from tests.conftest import clip
 
@@ -144,13 +144,15 @@ def test_not_multipart_is_400(client):
     assert "multipart/form-data" in err["message"]
 
 
-def test_formats_of_later_versions_are_refused_clearly(client):
-    for fmt in ("srt", "vtt", "verbose_json"):
-        r = client.post("/v1/audio/transcriptions", data={"model": "whisper-tiny.en", "response_format": fmt},
-                        files=fox_file())
-        assert error_of(r, 400)["code"] == "unsupported_value"
-    r = client.post("/v1/audio/transcriptions", data={"model": "whisper-tiny.en", "stream": "true"}, files=fox_file())
-    assert error_of(r, 400)["param"] == "stream"
+def test_diarized_json_and_bad_include_are_refused(client):
+    r = client.post("/v1/audio/transcriptions", data={"model": "whisper-tiny.en", "response_format": "diarized_json"},
+                    files=fox_file())
+    err = error_of(r, 400)
+    assert (err["param"], err["code"]) == ("response_format", "unsupported_value")
+    r = client.post("/v1/audio/transcriptions",
+                    data={"model": "whisper-tiny.en", "response_format": "srt", "include[]": "logprobs"},
+                    files=fox_file())
+    assert error_of(r, 400)["param"] == "include"
 
 
 def test_translation_on_english_only_model_is_400(client):
@@ -197,8 +199,9 @@ class TestAuth:
 class _Named(Engine):
     """Routing probe: answers with its own model name. Used only to test alias resolution."""
 
-    def transcribe(self, audio, options: TranscribeOptions) -> Transcript:
-        return Transcript(text=self.name, language="en", duration=len(audio) / 16000)
+    def start(self, audio, options: TranscribeOptions) -> TranscriptionRun:
+        segment = Segment(0, 0, 0.0, 1.0, self.name, [], 0.0, 0.0, 1.0, 0.0)
+        return TranscriptionRun(language="en", duration=len(audio) / 16000, segments=iter([segment]))
 
 
 @pytest.mark.parametrize(

@@ -8,22 +8,31 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
-from starlette.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 
-from openstt.api.errors import OpenAIError, bad_request, install_error_handlers, model_not_found, request_id_of
+from openstt.api.errors import (
+    INTERNAL_ERROR_MESSAGE,
+    OpenAIError,
+    bad_request,
+    install_error_handlers,
+    model_not_found,
+    request_id_of,
+)
 from openstt.api.forms import AudioRequest, parse_audio_form, read_form
-from openstt.api.middleware import ApiKeyMiddleware, RequestIdMiddleware
+from openstt.api.middleware import ApiKeyMiddleware, MaxBodySizeMiddleware, RequestIdMiddleware
 from openstt.audio import AudioError, decode_audio
-from openstt.engines.base import TranscribeOptions, UnsupportedRequest
-from openstt.formats import RENDERED_FORMATS, render
+from openstt.engines.base import TranscribeOptions, TranscriptionRun, UnsupportedRequest
+from openstt.formats import delta_event, done_event, error_event, render, sse, token_usage
 from openstt.registry import ModelRegistry, UnknownModel
 
 log = logging.getLogger("openstt.api")
 
 OWNER = "open-stt-server"
+DEFAULT_MAX_UPLOAD_BYTES = 25 * 1024 * 1024  # OpenAI's limit, on the whole request body
 
 
 def _registry(request: Request) -> ModelRegistry:
@@ -38,6 +47,34 @@ def _model_object(model_id: str, created: int) -> dict:
     return {"id": model_id, "object": "model", "created": created, "owned_by": OWNER}
 
 
+def _check_capabilities(req: AudioRequest, engine) -> None:
+    if req.response_format == "diarized_json":
+        raise bad_request(
+            f"response_format 'diarized_json' is not compatible with model '{req.model}'. "
+            "Use 'json', 'text', 'srt', 'verbose_json' or 'vtt' instead.",
+            param="response_format", code="unsupported_value",
+        )
+    if "logprobs" in req.include and not (req.response_format == "json" or req.stream):
+        raise bad_request("logprobs are only available with response_format 'json' or with stream=true.",
+                          param="include", code="unsupported_value")
+    if (req.response_format == "verbose_json" and "word" in req.timestamp_granularities
+            and not engine.supports_word_timestamps):
+        raise bad_request(f"Model '{engine.name}' does not provide word timestamps.",
+                          param="timestamp_granularities", code="unsupported_value")
+
+
+def _options(req: AudioRequest) -> TranscribeOptions:
+    return TranscribeOptions(
+        task=req.task, language=req.language, prompt=req.prompt, temperature=req.temperature,
+        word_timestamps=req.response_format == "verbose_json" and "word" in req.timestamp_granularities,
+        token_logprobs="logprobs" in req.include,
+    )
+
+
+def _client_error(exc: Exception) -> OpenAIError:
+    return bad_request(exc.message, param=exc.param, code=exc.code)
+
+
 async def _transcribe(request: Request, task: str) -> Response:
     registry = _registry(request)
     req: AudioRequest = parse_audio_form(await read_form(request), task=task)
@@ -45,42 +82,64 @@ async def _transcribe(request: Request, task: str) -> Response:
         engine = registry.get(req.model)
     except UnknownModel as exc:
         raise model_not_found(exc.name, exc.available) from None
-    if req.response_format not in RENDERED_FORMATS:
-        raise bad_request(
-            f"response_format '{req.response_format}' is not supported by this server version yet. "
-            f"Use one of: {', '.join(RENDERED_FORMATS)}.",
-            param="response_format", code="unsupported_value",
-        )
-    if req.stream:
-        raise bad_request("Streaming (stream=true) is not supported by this server version yet.",
-                          param="stream", code="unsupported_value")
-
+    _check_capabilities(req, engine)
+    if req.chunking_strategy is not None:
+        log.debug("chunking_strategy=%s accepted (Whisper windows long audio itself)", req.chunking_strategy)
+    request_id = request_id_of(request)
     started = time.perf_counter()
     try:
         # Decoding and inference run in worker threads so the event loop (and /health) stay free.
         audio = await run_in_threadpool(decode_audio, req.file.file)
-        options = TranscribeOptions(task=task, language=req.language, prompt=req.prompt,
-                                    temperature=req.temperature)
-        transcript = await run_in_threadpool(engine.transcribe, audio, options)
-    except AudioError as exc:
-        raise bad_request(exc.message, param=exc.param, code=exc.code) from None
-    except UnsupportedRequest as exc:
-        raise bad_request(exc.message, param=exc.param, code=exc.code) from None
+        run = await run_in_threadpool(engine.start, audio, _options(req))
+    except (AudioError, UnsupportedRequest) as exc:
+        raise _client_error(exc) from None
     finally:
         await req.file.close()
+
+    if req.stream:
+        return StreamingResponse(_events(run, req, engine.name, request_id, started), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    transcript = await run_in_threadpool(run.collect)
+    _log_done(request_id, task, engine.name, transcript.duration, req.response_format, started)
+    return render(transcript, req.response_format, task=task, granularities=req.timestamp_granularities,
+                  logprobs="logprobs" in req.include)
+
+
+def _log_done(request_id, task, model, duration, response_format, started) -> None:
     elapsed = time.perf_counter() - started
-    log.info("%s %s model=%s audio=%.2fs format=%s took=%.2fs rtf=%.3f", request_id_of(request), task,
-             engine.name, transcript.duration, req.response_format, elapsed,
-             elapsed / transcript.duration if transcript.duration else 0.0)
-    return render(transcript, req.response_format, task=task)
+    log.info("%s %s model=%s audio=%.2fs format=%s took=%.2fs rtf=%.3f", request_id, task, model, duration,
+             response_format, elapsed, elapsed / duration if duration else 0.0)
+
+
+async def _events(run: TranscriptionRun, req: AudioRequest, model: str, request_id, started) -> AsyncIterator[str]:
+    """SSE: one ``transcript.text.delta`` per decoded segment, then ``transcript.text.done``."""
+    with_logprobs = "logprobs" in req.include
+    text, tokens, logprobs = "", 0, []
+    try:
+        async for segment in iterate_in_threadpool(run.segments):
+            delta = segment.text.lstrip() if not text else segment.text
+            if not delta:
+                continue
+            text += delta
+            tokens += len(segment.tokens)
+            logprobs.extend(segment.logprobs)
+            yield sse(delta_event(delta, segment.logprobs if with_logprobs else None))
+        yield sse(done_event(text, token_usage(tokens, run.duration), logprobs if with_logprobs else None))
+        _log_done(request_id, "stream", model, run.duration, req.response_format, started)
+    except Exception:
+        # Headers are gone already: report in-band, as the SDK expects (it raises openai.APIError).
+        log.exception("%s stream failed after %d characters", request_id, len(text))
+        yield sse(error_event(f"{INTERNAL_ERROR_MESSAGE} (request id {request_id})"))
 
 
 def create_app() -> FastAPI:
-    """Build the app; attach ``app.state.registry`` (and ``app.state.api_keys``) to serve."""
+    """Build the app; attach ``app.state.registry`` (and ``api_keys``, ``max_upload_bytes``) to serve."""
     app = FastAPI(title="open-stt", version="0.1.0", docs_url="/docs", redoc_url=None)
     app.state.registry = None
     app.state.api_keys = []
+    app.state.max_upload_bytes = DEFAULT_MAX_UPLOAD_BYTES
     install_error_handlers(app)
+    app.add_middleware(MaxBodySizeMiddleware, max_bytes=lambda: app.state.max_upload_bytes)
     app.add_middleware(ApiKeyMiddleware, keys=lambda: app.state.api_keys)
     app.add_middleware(RequestIdMiddleware)
 

@@ -17,7 +17,8 @@ from starlette.datastructures import FormData, UploadFile
 from openstt.api.errors import bad_request
 from openstt.languages import normalize_language
 
-RESPONSE_FORMATS = ("json", "text", "srt", "verbose_json", "vtt")
+RESPONSE_FORMATS = ("json", "text", "srt", "verbose_json", "vtt", "diarized_json")
+INCLUDES = ("logprobs",)
 GRANULARITIES = ("word", "segment")
 # Starlette's default 1 MiB cap on text parts is too small for long prompts; files are unaffected.
 MAX_TEXT_PART = 4 * 1024 * 1024
@@ -34,6 +35,8 @@ class AudioRequest:
     temperature: float = 0.0
     stream: bool = False
     timestamp_granularities: list[str] = field(default_factory=lambda: ["segment"])
+    include: list[str] = field(default_factory=list)
+    chunking_strategy: dict | str | None = None
 
 
 async def read_form(request: Request) -> FormData:
@@ -128,9 +131,40 @@ def parse_audio_form(form: FormData, *, task: str) -> AudioRequest:
         raise bad_request(f"Invalid value for 'timestamp_granularities[]': {bad[0]!r}. Supported values are: "
                           "'word' and 'segment'.", param="timestamp_granularities")
 
+    include = _list(form, "include")
+    bad = [i for i in include if i not in INCLUDES]
+    if bad:
+        raise bad_request(f"Invalid value for 'include[]': {bad[0]!r}. Supported values are: 'logprobs'.",
+                          param="include")
+
     return AudioRequest(
         file=upload, model=model, task=task, response_format=response_format, language=language,
         prompt=_text(form, "prompt"), temperature=temperature,
         stream=_bool(form, "stream") if task == "transcribe" else False,
         timestamp_granularities=list(dict.fromkeys(granularities)),
+        include=include, chunking_strategy=_chunking_strategy(form),
     )
+
+
+def _chunking_strategy(form: FormData) -> dict | str | None:
+    """``auto``, a JSON object, or the SDK's bracketed ``chunking_strategy[type]=server_vad`` parts.
+
+    Whisper decodes long audio natively, so the value only needs to be well-formed."""
+    value = _text(form, "chunking_strategy")
+    if value is not None and value.startswith("{"):
+        try:
+            strategy = json.loads(value)
+        except json.JSONDecodeError:
+            raise bad_request("'chunking_strategy' is not valid JSON.", param="chunking_strategy") from None
+    elif value is not None:
+        if value != "auto":
+            raise bad_request("'chunking_strategy' must be 'auto' or a server_vad object.", param="chunking_strategy")
+        return value
+    else:
+        strategy = {key[len("chunking_strategy["):-1]: form.get(key) for key in form.keys()
+                    if key.startswith("chunking_strategy[") and key.endswith("]")}
+        if not strategy:
+            return None
+    if not isinstance(strategy, dict) or strategy.get("type") != "server_vad":
+        raise bad_request("'chunking_strategy' object must have type 'server_vad'.", param="chunking_strategy")
+    return strategy

@@ -78,3 +78,60 @@ class ApiKeyMiddleware:
             error = OpenAIError(401, f"Incorrect API key provided: {_mask(token)}.", code="invalid_api_key")
         log.info("rejected unauthenticated %s %s", scope.get("method"), scope["path"])
         await error.response()(scope, receive, send)
+
+
+class MaxBodySizeMiddleware:
+    """Reject request bodies over a limit with OpenAI's 413, before the multipart form is parsed.
+
+    ``Content-Length`` is checked up front; chunked uploads are counted as they stream in, and on
+    overflow the app sees a disconnect while the client gets the 413.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: Callable[[], int]):
+        self.app, self.max_bytes = app, max_bytes
+
+    @staticmethod
+    def _error(limit: int, read: int) -> OpenAIError:
+        return OpenAIError(413, f"Maximum content size limit ({limit}) exceeded ({read} bytes read)",
+                           type="server_error")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        limit = self.max_bytes() if scope["type"] == "http" else 0
+        if not limit:
+            await self.app(scope, receive, send)
+            return
+        declared = Headers(scope=scope).get("content-length")
+        if declared and declared.isdigit() and int(declared) > limit:
+            await self._error(limit, int(declared)).response()(scope, receive, send)
+            return
+
+        received = 0
+        rejected = False
+        response_started = False
+
+        async def limited_receive() -> Message:
+            nonlocal received, rejected
+            if rejected:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    rejected = True
+                    if not response_started:
+                        await self._error(limit, received).response()(scope, receive, guarded_send)
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal response_started
+            if message["type"] == "http.response.start":
+                response_started = True
+            await send(message)
+
+        async def app_send(message: Message) -> None:
+            if rejected:
+                return  # the 413 already answered this request
+            await guarded_send(message)
+
+        await self.app(scope, limited_receive, app_send)

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import abc
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from openstt.catalog import ModelSpec
+
+# Whisper's fallback ladder: start at the requested temperature, step up on failure.
+TEMPERATURE_STEP = 0.2
 
 
 @dataclass(frozen=True)
@@ -16,6 +20,51 @@ class TranscribeOptions:
     language: str | None = None  # ISO-639-1; None means detect
     prompt: str | None = None
     temperature: float = 0.0
+    word_timestamps: bool = False
+    token_logprobs: bool = False  # keep per-token logprobs (include[]=logprobs)
+    # Re-decode a window at higher temperatures when the result looks like a loop or garbage.
+    temperature_fallback: bool = True
+    compression_ratio_threshold: float = 2.4
+    logprob_threshold: float = -1.0
+    no_speech_threshold: float = 0.6
+    condition_on_previous_text: bool = True
+
+    def temperatures(self) -> tuple[float, ...]:
+        if not self.temperature_fallback:
+            return (self.temperature,)
+        steps = int(round((1.0 - self.temperature) / TEMPERATURE_STEP))
+        return tuple(round(self.temperature + i * TEMPERATURE_STEP, 2) for i in range(steps + 1)) or (1.0,)
+
+
+@dataclass
+class Word:
+    word: str
+    start: float
+    end: float
+    probability: float = 0.0
+
+
+@dataclass
+class TokenLogprob:
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+@dataclass
+class Segment:
+    id: int
+    seek: int  # window offset in 10 ms mel frames
+    start: float
+    end: float
+    text: str  # with Whisper's leading space
+    tokens: list[int]
+    temperature: float
+    avg_logprob: float
+    compression_ratio: float
+    no_speech_prob: float
+    words: list[Word] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 @dataclass
@@ -23,7 +72,26 @@ class Transcript:
     text: str
     language: str  # ISO-639-1 code, detected or given
     duration: float  # seconds of input audio
-    segments: list[dict] = field(default_factory=list)
+    segments: list[Segment] = field(default_factory=list)
+
+    @property
+    def words(self) -> list[Word]:
+        return [w for s in self.segments for w in s.words]
+
+
+@dataclass
+class TranscriptionRun:
+    """A transcription in progress: language and duration are known up front, segments arrive
+    as each window is decoded (which is what streaming sends)."""
+
+    language: str
+    duration: float
+    segments: Iterator[Segment]
+
+    def collect(self) -> Transcript:
+        segments = list(self.segments)
+        return Transcript(text="".join(s.text for s in segments).strip(), language=self.language,
+                          duration=self.duration, segments=segments)
 
 
 class UnsupportedRequest(ValueError):
@@ -40,6 +108,8 @@ class Engine(abc.ABC):
     Implementations must be safe to call from several threads at once.
     """
 
+    supports_word_timestamps = True
+
     def __init__(self, spec: ModelSpec):
         self.spec = spec
 
@@ -48,8 +118,12 @@ class Engine(abc.ABC):
         return self.spec.name
 
     @abc.abstractmethod
+    def start(self, audio: np.ndarray, options: TranscribeOptions) -> TranscriptionRun:
+        """Validate the request, detect the language if needed, and return a lazy run."""
+
     def transcribe(self, audio: np.ndarray, options: TranscribeOptions) -> Transcript:
-        """Transcribe (or translate) one clip."""
+        """Transcribe (or translate) one clip completely."""
+        return self.start(audio, options).collect()
 
     def describe(self) -> dict:
         """Facts for the startup summary and logs."""

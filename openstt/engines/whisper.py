@@ -1,13 +1,13 @@
 """Whisper through transformers' ``WhisperForConditionalGeneration``.
 
-Everything model-specific (mel bins, special tokens, language table) comes from the checkpoint's
-own processor and generation config, so one class serves tiny through large-v3 and distil models.
+Everything model-specific (mel bins, special tokens, language table, alignment heads) comes from
+the checkpoint's own processor and generation config, so one class serves tiny through large-v3
+and the distil models. Decoding is Whisper's reference procedure (``whisper_decoding``).
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from pathlib import Path
 
@@ -15,17 +15,15 @@ import numpy as np
 import torch
 from transformers import WhisperForConditionalGeneration, WhisperProcessor
 
-from openstt.audio import SAMPLE_RATE
-from openstt.catalog import ModelSpec
-from openstt.engines.base import Engine, TranscribeOptions, Transcript, UnsupportedRequest
+from openstt.engines.base import Engine, TranscribeOptions, TranscriptionRun, UnsupportedRequest
+from openstt.engines.whisper_decoding import N_FRAMES, TokenTable, WhisperDecoder
+from openstt.engines.word_timing import CrossAttentionAligner
 
 log = logging.getLogger(__name__)
 
-WINDOW_SECONDS = 30
-
 
 class WhisperEngine(Engine):
-    def __init__(self, spec: ModelSpec, path: Path, device: torch.device, dtype: torch.dtype):
+    def __init__(self, spec, path: Path, device: torch.device, dtype: torch.dtype):
         super().__init__(spec)
         started = time.perf_counter()
         self.device, self.dtype = device, dtype
@@ -33,14 +31,15 @@ class WhisperEngine(Engine):
         self.model = WhisperForConditionalGeneration.from_pretrained(path, dtype=dtype).to(device).eval()
         gen = self.model.generation_config
         self.multilingual = bool(getattr(gen, "is_multilingual", False)) and not spec.english_only
-        self._id_to_lang = {i: tok.strip("<|>") for tok, i in (getattr(gen, "lang_to_id", None) or {}).items()}
-        # generate() is not re-entrant on one module instance; serialise per model.
-        self._lock = threading.Lock()
+        self.table = TokenTable.from_model(self.processor.tokenizer, gen, self.model.config.vocab_size)
+        self.decoder = WhisperDecoder(self.model, self.processor, self.table, device, dtype)
+        self.aligner = CrossAttentionAligner(self.model, self.processor.tokenizer, self.table,
+                                             getattr(gen, "alignment_heads", None) or [])
         self.load_seconds = time.perf_counter() - started
 
     def describe(self) -> dict:
         return {**super().describe(), "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
-                "multilingual": self.multilingual}
+                "multilingual": self.multilingual, "mel_bins": self.model.config.num_mel_bins}
 
     def _check(self, options: TranscribeOptions) -> None:
         if self.multilingual:
@@ -56,39 +55,24 @@ class WhisperEngine(Engine):
                 param="language",
             )
 
-    def transcribe(self, audio: np.ndarray, options: TranscribeOptions) -> Transcript:
+    def start(self, audio: np.ndarray, options: TranscribeOptions) -> TranscriptionRun:
         self._check(options)
-        duration = len(audio) / SAMPLE_RATE
-        long_form = duration > WINDOW_SECONDS
-        # Short clips are padded to one 30 s window; longer ones keep every frame so that
-        # generate() runs Whisper's sequential long-form decoding over them.
-        features = self.processor.feature_extractor(
-            audio, sampling_rate=SAMPLE_RATE, return_tensors="pt",
-            truncation=not long_form, padding="longest" if long_form else "max_length",
-            return_attention_mask=long_form,
-        )
-        kwargs: dict = {"input_features": features.input_features.to(self.device, self.dtype)}
-        if long_form:
-            kwargs.update(attention_mask=features.attention_mask.to(self.device), return_timestamps=True)
-        if self.multilingual:
-            kwargs.update(task=options.task, language=options.language)
-        if options.prompt:
-            kwargs["prompt_ids"] = torch.as_tensor(
-                self.processor.get_prompt_ids(options.prompt), device=self.device
-            )
-        if options.temperature > 0:
-            kwargs.update(do_sample=True, temperature=options.temperature)
+        duration = len(audio) / 16000
+        first_window = None
+        language = options.language or "en"
+        if self.multilingual and options.language is None:
+            # Like Whisper, detect once from the first 30 s; keep that encoder pass for decoding.
+            with self.decoder.lock, torch.inference_mode():
+                features = self.decoder.features(audio[: N_FRAMES * 160])
+                encoded = self.decoder.encode(features)
+                language = self.decoder.detect_language(encoded)
+            first_window = (features, encoded)
+        sot_sequence = self.decoder.sot_sequence(language, options.task, self.multilingual)
 
-        with self._lock, torch.inference_mode():
-            language = options.language or self._detect_language(kwargs["input_features"])
-            if self.multilingual and kwargs.get("language") is None:
-                kwargs["language"] = language
-            ids = self.model.generate(**kwargs)
-        text = self.processor.tokenizer.batch_decode(ids, skip_special_tokens=True)[0].strip()
-        return Transcript(text=text, language=language, duration=duration)
+        align = None
+        if options.word_timestamps:
+            def align(encoded, segments, num_frames):
+                self.aligner(encoded, segments, num_frames, sot_sequence, language)
 
-    def _detect_language(self, features: torch.Tensor) -> str:
-        if not self.multilingual:
-            return "en"
-        token = self.model.detect_language(features[:, :, : WINDOW_SECONDS * 100])
-        return self._id_to_lang.get(int(token[0]), "en")
+        segments = self.decoder.segments(audio, options, sot_sequence, first_window=first_window, align=align)
+        return TranscriptionRun(language=language, duration=duration, segments=segments)

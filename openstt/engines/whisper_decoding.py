@@ -1,0 +1,335 @@
+"""Whisper's own decoding procedure on transformers' model modules.
+
+A port of openai/whisper's ``decoding.py`` + ``transcribe.py`` (the reference behaviour every
+Whisper server is judged against): 30-second windows decoded with timestamp tokens, seeking by the
+last timestamp so segments carry absolute times, the previous window's text as context, the
+temperature fallback ladder (compression ratio / average logprob) and no-speech detection.
+transformers provides the weights, the encoder and a KV-cached decoder step.
+"""
+
+from __future__ import annotations
+
+import threading
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
+from openstt.audio import SAMPLE_RATE
+from openstt.engines.base import Segment, TokenLogprob, TranscribeOptions
+
+HOP_LENGTH = 160
+N_FRAMES = 3000  # mel frames in one 30 s window
+FRAME_SECONDS = HOP_LENGTH / SAMPLE_RATE  # 0.01
+TIME_PRECISION = 0.02  # seconds per timestamp token
+BEST_OF = 5  # samples per window when decoding at temperature > 0
+MAX_INITIAL_TIMESTAMP_INDEX = 50  # the first timestamp is at most 1.0 s
+
+
+@dataclass
+class TokenTable:
+    """The special token ids of one checkpoint, read from its tokenizer and generation config."""
+
+    eot: int
+    sot: int
+    sot_prev: int
+    no_timestamps: int
+    timestamp_begin: int
+    no_speech: int | None
+    transcribe: int | None
+    translate: int | None
+    lang_to_id: dict[str, int]  # "en" -> 50259
+    suppress: list[int]
+    begin_suppress: list[int]
+    vocab_size: int
+
+    @classmethod
+    def from_model(cls, tokenizer, generation_config, vocab_size: int) -> TokenTable:
+        def tid(token: str) -> int | None:
+            value = tokenizer.convert_tokens_to_ids(token)
+            return value if isinstance(value, int) and value != tokenizer.unk_token_id else None
+
+        no_timestamps = generation_config.no_timestamps_token_id
+        lang_to_id = {t.strip("<|>"): i for t, i in (getattr(generation_config, "lang_to_id", None) or {}).items()}
+        specials = [tid(t) for t in ("<|transcribe|>", "<|translate|>", "<|startoftranscript|>", "<|startofprev|>",
+                                     "<|startoflm|>", "<|nospeech|>", "<|nocaptions|>")]
+        suppress = sorted(set(generation_config.suppress_tokens or []) | {s for s in specials if s is not None})
+        return cls(
+            eot=generation_config.eos_token_id, sot=generation_config.decoder_start_token_id,
+            sot_prev=generation_config.prev_sot_token_id, no_timestamps=no_timestamps,
+            timestamp_begin=no_timestamps + 1, no_speech=tid("<|nospeech|>") or tid("<|nocaptions|>"),
+            transcribe=tid("<|transcribe|>"), translate=tid("<|translate|>"), lang_to_id=lang_to_id,
+            suppress=suppress, begin_suppress=list(generation_config.begin_suppress_tokens or []),
+            vocab_size=vocab_size,
+        )
+
+
+@dataclass
+class DecodeResult:
+    tokens: list[int]  # sampled tokens without eot (text and timestamps)
+    token_logprobs: list[float]
+    avg_logprob: float
+    sum_logprob: float
+    no_speech_prob: float
+    temperature: float
+    compression_ratio: float = 0.0
+
+
+def compression_ratio(text: str) -> float:
+    data = text.encode("utf-8")
+    return len(data) / len(zlib.compress(data)) if data else 0.0
+
+
+class WhisperDecoder:
+    """Runs the decoding procedure for one checkpoint. Thread-safe: model calls are serialised
+    per window, so concurrent requests interleave window by window."""
+
+    def __init__(self, model, processor, table: TokenTable, device: torch.device, dtype: torch.dtype):
+        self.model, self.processor, self.table = model, processor, table
+        self.tokenizer = processor.tokenizer
+        self.device, self.dtype = device, dtype
+        self.n_text_ctx = model.config.max_target_positions
+        self.lock = threading.Lock()
+
+    # -- model calls ---------------------------------------------------------------------------
+
+    def features(self, audio: np.ndarray) -> torch.Tensor:
+        """Log-mel of up to 30 s of audio, padded to one full window."""
+        out = self.processor.feature_extractor(audio, sampling_rate=SAMPLE_RATE, return_tensors="pt")
+        return out.input_features.to(self.device, self.dtype)
+
+    def encode(self, features: torch.Tensor) -> torch.Tensor:
+        return self.model.model.encoder(features).last_hidden_state
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.proj_out(hidden).float()
+
+    def detect_language(self, encoded: torch.Tensor) -> str:
+        """Most likely language of a window, from the logits after <|startoftranscript|>."""
+        codes = list(self.table.lang_to_id)
+        ids = torch.tensor([self.table.lang_to_id[c] for c in codes], device=self.device)
+        tokens = torch.tensor([[self.table.sot]], device=self.device)
+        hidden = self.model.model.decoder(input_ids=tokens, encoder_hidden_states=encoded).last_hidden_state
+        logits = self._logits(hidden[:, -1])[0, ids]
+        return codes[int(logits.argmax())]
+
+    # -- one window ----------------------------------------------------------------------------
+
+    def _apply_rules(self, logits: torch.Tensor, tokens: torch.Tensor, sample_begin: int) -> None:
+        """Whisper's logit filters: suppressed tokens, blank start, and the timestamp grammar."""
+        t = self.table
+        ts = t.timestamp_begin
+        step = tokens.shape[1] - sample_begin
+        if step == 0:
+            logits[:, t.begin_suppress] = -np.inf
+        logits[:, t.suppress] = -np.inf
+        logits[:, t.no_timestamps] = -np.inf
+        for k in range(tokens.shape[0]):
+            seq = tokens[k, sample_begin:]
+            last_was_ts = len(seq) >= 1 and int(seq[-1]) >= ts
+            penultimate_was_ts = len(seq) < 2 or int(seq[-2]) >= ts
+            if last_was_ts:
+                if penultimate_was_ts:  # a pair closed a segment: text must follow
+                    logits[k, ts:] = -np.inf
+                else:  # an opening timestamp was just closed by text: timestamp or eot next
+                    logits[k, : t.eot] = -np.inf
+            stamps = seq[seq >= ts]
+            if stamps.numel() > 0:
+                # timestamps never go backwards (and an opened pair may repeat its last stamp)
+                last = int(stamps[-1]) if last_was_ts and not penultimate_was_ts else int(stamps[-1]) + 1
+                logits[k, ts:last] = -np.inf
+        if step == 0:
+            logits[:, :ts] = -np.inf  # every window starts with a timestamp
+            logits[:, ts + MAX_INITIAL_TIMESTAMP_INDEX + 1 :] = -np.inf
+        # when all timestamps together are likelier than any single text token, emit a timestamp
+        logprobs = torch.log_softmax(logits, dim=-1)
+        ts_logprob = torch.logsumexp(logprobs[:, ts:], dim=-1)
+        text_max = logprobs[:, :ts].max(dim=-1).values
+        logits[ts_logprob > text_max, :ts] = -np.inf
+
+    def decode(self, encoded: torch.Tensor, prompt: list[int], sot_sequence: list[int], temperature: float
+               ) -> DecodeResult:
+        """Sample one window (best of ``BEST_OF`` when sampling) with the KV-cached decoder."""
+        t = self.table
+        n = 1 if temperature == 0 else BEST_OF
+        initial = ([t.sot_prev] + prompt[-(self.n_text_ctx // 2 - 1):] if prompt else []) + sot_sequence
+        sot_index = initial.index(t.sot)
+        sample_begin = len(initial)
+        tokens = torch.tensor([initial] * n, device=self.device)
+        encoder_states = encoded.expand(n, -1, -1)
+        cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+        sum_logprobs = torch.zeros(n, device=self.device)
+        token_logprobs: list[list[float]] = [[] for _ in range(n)]
+        no_speech_prob = 0.0
+        inputs = tokens
+        max_len = min(self.n_text_ctx, sample_begin + self.n_text_ctx // 2)
+        while tokens.shape[1] < max_len:
+            hidden = self.model.model.decoder(input_ids=inputs, encoder_hidden_states=encoder_states,
+                                              cache=cache, use_cache=True).last_hidden_state
+            if inputs is tokens and t.no_speech is not None:
+                probs = torch.softmax(self._logits(hidden[:1, sot_index]), dim=-1)
+                no_speech_prob = float(probs[0, t.no_speech])
+            logits = self._logits(hidden[:, -1])
+            self._apply_rules(logits, tokens, sample_begin)
+            logprobs = torch.log_softmax(logits, dim=-1)
+            if temperature == 0:
+                next_tokens = logits.argmax(dim=-1)
+            else:
+                next_tokens = torch.distributions.Categorical(logits=logits / temperature).sample()
+            finished = tokens[:, -1] == t.eot
+            current = logprobs[torch.arange(n), next_tokens]
+            sum_logprobs += current * ~finished
+            next_tokens[finished] = t.eot
+            for k in range(n):
+                if not finished[k]:
+                    token_logprobs[k].append(float(current[k]))
+            tokens = torch.cat([tokens, next_tokens[:, None]], dim=1)
+            if bool((next_tokens == t.eot).all()):
+                break
+            inputs = next_tokens[:, None]
+
+        candidates = []
+        for k in range(n):
+            seq = tokens[k, sample_begin:].tolist()
+            ended = t.eot in seq
+            seq = seq[: seq.index(t.eot)] if ended else seq
+            # avg over sampled tokens including eot, as Whisper scores them
+            count = len(seq) + (1 if ended else 0)
+            candidates.append(DecodeResult(
+                tokens=seq, token_logprobs=token_logprobs[k][: len(seq)], sum_logprob=float(sum_logprobs[k]),
+                avg_logprob=float(sum_logprobs[k]) / max(count, 1), no_speech_prob=no_speech_prob,
+                temperature=temperature,
+            ))
+        best = max(candidates, key=lambda c: c.sum_logprob / max(len(c.tokens) + 1, 1))
+        best.compression_ratio = compression_ratio(self.text_of(best.tokens))
+        return best
+
+    def decode_with_fallback(self, encoded: torch.Tensor, prompt: list[int], sot_sequence: list[int],
+                             options: TranscribeOptions) -> DecodeResult:
+        result = None
+        for temperature in options.temperatures():
+            with self.lock, torch.inference_mode():
+                result = self.decode(encoded, prompt, sot_sequence, temperature)
+            too_repetitive = result.compression_ratio > options.compression_ratio_threshold
+            too_unlikely = result.avg_logprob < options.logprob_threshold
+            silent = result.no_speech_prob > options.no_speech_threshold and too_unlikely
+            if silent or not (too_repetitive or too_unlikely):
+                break
+        assert result is not None
+        return result
+
+    # -- text helpers ------------------------------------------------------------------------
+
+    def text_of(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode([tok for tok in tokens if tok < self.table.eot])
+
+    def logprob_entries(self, tokens: list[int], logprobs: list[float]) -> list[TokenLogprob]:
+        out = []
+        for tok, lp in zip(tokens, logprobs):
+            if tok >= self.table.eot:
+                continue
+            text = self.tokenizer.decode([tok])
+            raw = self.tokenizer.convert_ids_to_tokens(tok)
+            # byte-level BPE: map the token's symbols back to the raw bytes it stands for
+            byte_decoder = getattr(self, "_byte_decoder", None)
+            if byte_decoder is None:
+                from transformers.models.gpt2.tokenization_gpt2 import bytes_to_unicode
+
+                byte_decoder = self._byte_decoder = {v: k for k, v in bytes_to_unicode().items()}
+            data = [byte_decoder[c] for c in raw if c in byte_decoder] if raw else list(text.encode())
+            out.append(TokenLogprob(token=text, logprob=lp, bytes=data))
+        return out
+
+    # -- the whole file ----------------------------------------------------------------------
+
+    def sot_sequence(self, language: str | None, task: str, multilingual: bool) -> list[int]:
+        t = self.table
+        if not multilingual:
+            return [t.sot]
+        return [t.sot, t.lang_to_id[language or "en"], t.translate if task == "translate" else t.transcribe]
+
+    def segments(self, audio: np.ndarray, options: TranscribeOptions, sot_sequence: list[int],
+                 first_window: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 align=None) -> Iterator[Segment]:
+        """Decode ``audio`` window by window, yielding segments with absolute times.
+
+        ``first_window`` reuses the (features, encoder output) computed for language detection;
+        ``align(encoded, segments, num_frames)`` adds word timings to a window's segments.
+        """
+        t = self.table
+        n_frames = int(np.ceil(len(audio) / HOP_LENGTH))
+        duration = len(audio) / SAMPLE_RATE
+        seek = 0
+        all_tokens: list[int] = []
+        if options.prompt:
+            all_tokens.extend(self.tokenizer.encode(" " + options.prompt.strip(), add_special_tokens=False))
+        prompt_reset_since = 0
+        next_id = 0
+        while seek < n_frames:
+            segment_size = min(N_FRAMES, n_frames - seek)
+            time_offset = seek * FRAME_SECONDS
+            if seek == 0 and first_window is not None:
+                encoded = first_window[1]
+            else:
+                chunk = audio[seek * HOP_LENGTH : (seek + segment_size) * HOP_LENGTH]
+                with self.lock, torch.inference_mode():
+                    encoded = self.encode(self.features(chunk))
+            result = self.decode_with_fallback(encoded, all_tokens[prompt_reset_since:], sot_sequence, options)
+
+            if result.no_speech_prob > options.no_speech_threshold and result.avg_logprob < options.logprob_threshold:
+                seek += segment_size  # silence: nothing to say in this window
+                continue
+
+            window_seek = seek
+            tokens = result.tokens
+            is_ts = [tok >= t.timestamp_begin for tok in tokens]
+            pieces: list[tuple[float, float, list[int], list[float]]] = []
+            consecutive = [i + 1 for i in range(len(tokens) - 1) if is_ts[i] and is_ts[i + 1]]
+            single_timestamp_ending = is_ts[-2:] == [False, True]
+            if consecutive:
+                slices = consecutive + ([len(tokens)] if single_timestamp_ending else [])
+                last = 0
+                for current in slices:
+                    piece = tokens[last:current]
+                    start = (piece[0] - t.timestamp_begin) * TIME_PRECISION
+                    end = (piece[-1] - t.timestamp_begin) * TIME_PRECISION
+                    pieces.append((time_offset + start, time_offset + end, piece, result.token_logprobs[last:current]))
+                    last = current
+                if single_timestamp_ending:
+                    seek += segment_size
+                else:  # resume at the last complete timestamp, re-decoding the unfinished tail
+                    seek += int(round((tokens[last - 1] - t.timestamp_begin) * TIME_PRECISION / FRAME_SECONDS))
+            else:
+                end = segment_size * FRAME_SECONDS
+                stamps = [tok for tok in tokens if tok >= t.timestamp_begin]
+                if stamps and stamps[-1] != t.timestamp_begin:
+                    end = (stamps[-1] - t.timestamp_begin) * TIME_PRECISION
+                pieces.append((time_offset, time_offset + end, tokens, result.token_logprobs))
+                seek += segment_size
+
+            window: list[Segment] = []
+            for start, end, piece, piece_logprobs in pieces:
+                text = self.text_of(piece)
+                start, end = min(start, duration), min(end, duration)
+                if not text.strip() or end <= start:
+                    continue
+                window.append(Segment(
+                    id=0, seek=window_seek, start=round(start, 3), end=round(end, 3), text=text, tokens=piece,
+                    temperature=result.temperature, avg_logprob=result.avg_logprob,
+                    compression_ratio=result.compression_ratio, no_speech_prob=result.no_speech_prob,
+                    logprobs=self.logprob_entries(piece, piece_logprobs) if options.token_logprobs else [],
+                ))
+            if window and align is not None:
+                with self.lock, torch.inference_mode():
+                    align(encoded, window, segment_size)
+            for segment in window:
+                segment.id = next_id
+                next_id += 1
+                yield segment
+            all_tokens.extend(tok for s in window for tok in s.tokens)
+            if not options.condition_on_previous_text or result.temperature > 0.5:
+                # a hot (likely bad) window must not poison the context of the next one
+                prompt_reset_since = len(all_tokens)
