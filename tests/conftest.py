@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import json
+import os
 import re
+import signal
 import socket
+import subprocess
+import sys
+import time
 import unicodedata
 from pathlib import Path
 
 import av
+import httpx
 import numpy as np
 import pytest
 
@@ -18,6 +25,8 @@ from openstt.hub import install_snapshot
 
 SAMPLES = Path(importlib.util.find_spec("pytest_audioeval").submodule_search_locations[0]) / "samples" / "audio"
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+API_KEY = "sk-test-0123456789abcdef"
+REPORT: dict = {}  # numbers worth keeping from the end-to-end run, written to test-artifacts/
 
 
 def clip(name: str) -> Path:
@@ -88,3 +97,63 @@ def tiny_en_engine(hf_cache):
 
     spec = CATALOG["whisper-tiny.en"]
     return load_engine(spec, resolve_model(spec, download=False, cache=hf_cache), torch.device("cpu"), torch.float32)
+
+
+class Server:
+    def __init__(self, cmd: list[str], env: dict[str, str], port: int, log: Path):
+        self.port, self.log = port, log
+        self.base = f"http://127.0.0.1:{port}"
+        started = time.perf_counter()
+        self.proc = subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{log.read_text()[-3000:]}")
+            try:
+                if httpx.get(self.base + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        else:
+            self.stop()
+            raise RuntimeError("server did not become healthy in 180 s:\n" + log.read_text()[-3000:])
+        self.startup_seconds = time.perf_counter() - started
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def server_env(hf_cache: Path, tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPEN_STT_", "BENTOML_"))}
+    env.update(HF_HUB_CACHE=str(hf_cache), HF_HUB_OFFLINE="1", BENTOML_HOME=str(tmp_path / "bentoml"),
+               BENTOML_DO_NOT_TRACK="true", **extra)
+    return env
+
+
+
+@pytest.fixture(scope="session")
+def server(hf_cache, base_model, tmp_path_factory):
+    """open-stt-server (real `bentoml serve`) with tiny.en and base, an API key, on loopback.
+
+    The environment asks for other values than the flags, so the flags must win."""
+    tmp = tmp_path_factory.mktemp("server")
+    port = free_port()
+    env = server_env(hf_cache, tmp, OPEN_STT_MODELS="whisper-large-v3", OPEN_STT_PORT="1")
+    cli = str(Path(sys.executable).with_name("open-stt-server"))
+    srv = Server([cli, "--model", "whisper-tiny.en", "--model", "whisper-base", "--port", str(port),
+                  "--api-key", API_KEY], env, port, tmp / "server.log")
+    REPORT["startup_seconds_tiny_en_and_base"] = round(srv.startup_seconds, 2)
+    yield srv
+    assert srv.stop() == 0
+    assert API_KEY not in srv.log.read_text()  # keys never reach the logs
+    ARTIFACTS.mkdir(exist_ok=True)
+    (ARTIFACTS / "e2e-report.json").write_text(json.dumps(REPORT, indent=2, ensure_ascii=False) + "\n")

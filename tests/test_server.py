@@ -4,9 +4,6 @@ and by raw multipart HTTP, with real tiny.en weights from an offline HF cache.""
 from __future__ import annotations
 
 import io
-import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -18,71 +15,11 @@ import openai
 import pytest
 import soundfile as sf
 
-from tests.conftest import ARTIFACTS, clip, encode, free_port, normalize, reference
+from tests.conftest import API_KEY, REPORT, Server, clip, encode, free_port, normalize, reference, server_env
 
 pytestmark = pytest.mark.slow
 
-API_KEY = "sk-test-0123456789abcdef"
 FOX = "The quick brown fox jumps over the lazy dog."
-REPORT: dict = {}
-
-
-class Server:
-    def __init__(self, cmd: list[str], env: dict[str, str], port: int, log: Path):
-        self.port, self.log = port, log
-        self.base = f"http://127.0.0.1:{port}"
-        started = time.perf_counter()
-        self.proc = subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                if httpx.get(self.base + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        else:
-            self.stop()
-            raise RuntimeError("server did not become healthy in 180 s:\n" + log.read_text()[-3000:])
-        self.startup_seconds = time.perf_counter() - started
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        return self.proc.returncode
-
-
-def server_env(hf_cache: Path, tmp_path: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPEN_STT_", "BENTOML_"))}
-    env.update(HF_HUB_CACHE=str(hf_cache), HF_HUB_OFFLINE="1", BENTOML_HOME=str(tmp_path / "bentoml"),
-               BENTOML_DO_NOT_TRACK="true", **extra)
-    return env
-
-
-@pytest.fixture(scope="module")
-def server(hf_cache, tmp_path_factory):
-    """open-stt-server with flags; the env asks for other values, so the flags must win."""
-    tmp = tmp_path_factory.mktemp("server")
-    port = free_port()
-    env = server_env(hf_cache, tmp, OPEN_STT_MODELS="whisper-large-v3", OPEN_STT_PORT="1")
-    cli = str(Path(sys.executable).with_name("open-stt-server"))
-    srv = Server([cli, "--model", "whisper-tiny.en", "--port", str(port), "--api-key", API_KEY], env, port,
-                 tmp / "server.log")
-    REPORT["startup_seconds"] = round(srv.startup_seconds, 2)
-    yield srv
-    assert srv.stop() == 0
-    log = srv.log.read_text()
-    assert API_KEY not in log  # keys never reach the logs
-    ARTIFACTS.mkdir(exist_ok=True)
-    (ARTIFACTS / "e2e-report.json").write_text(json.dumps(REPORT, indent=2, ensure_ascii=False) + "\n")
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +96,7 @@ def test_stereo_upload(sdk):
 
 def test_models(sdk):
     models = list(sdk.models.list())
-    assert [m.id for m in models] == ["whisper-tiny.en"]  # the flag, not OPEN_STT_MODELS
+    assert [m.id for m in models] == ["whisper-tiny.en", "whisper-base"]  # the flags, not OPEN_STT_MODELS
     assert models[0].object == "model" and isinstance(models[0].created, int) and models[0].owned_by
     assert sdk.models.retrieve("openai/whisper-tiny.en").id == "openai/whisper-tiny.en"
     assert sdk.models.retrieve("whisper-1").id == "whisper-1"

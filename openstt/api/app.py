@@ -83,8 +83,6 @@ async def _transcribe(request: Request, task: str) -> Response:
     except UnknownModel as exc:
         raise model_not_found(exc.name, exc.available) from None
     _check_capabilities(req, engine)
-    if req.chunking_strategy is not None:
-        log.debug("chunking_strategy=%s accepted (Whisper windows long audio itself)", req.chunking_strategy)
     request_id = request_id_of(request)
     started = time.perf_counter()
     try:
@@ -100,15 +98,24 @@ async def _transcribe(request: Request, task: str) -> Response:
         return StreamingResponse(_events(run, req, engine.name, request_id, started), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     transcript = await run_in_threadpool(run.collect)
-    _log_done(request_id, task, engine.name, transcript.duration, req.response_format, started)
+    _log_done(request_id, req, engine.name, transcript.duration, started)
     return render(transcript, req.response_format, task=task, granularities=req.timestamp_granularities,
                   logprobs="logprobs" in req.include)
 
 
-def _log_done(request_id, task, model, duration, response_format, started) -> None:
+def _log_done(request_id: str | None, req: AudioRequest, model: str, duration: float, started: float) -> None:
+    """The one info line per request. Never the transcript, the prompt or the key."""
     elapsed = time.perf_counter() - started
-    log.info("%s %s model=%s audio=%.2fs format=%s took=%.2fs rtf=%.3f", request_id, task, model, duration,
-             response_format, elapsed, elapsed / duration if duration else 0.0)
+    extras = "".join([
+        f" language={req.language}" if req.language else "",
+        f" temperature={req.temperature}" if req.temperature else "",
+        " stream" if req.stream else "",
+        f" granularities={','.join(req.timestamp_granularities)}" if req.response_format == "verbose_json" else "",
+        f" chunking={req.chunking_strategy if isinstance(req.chunking_strategy, str) else req.chunking_strategy}"
+        if req.chunking_strategy else "",
+    ])
+    log.info("%s %s model=%s audio=%.2fs format=%s%s took=%.2fs rtf=%.3f", request_id, req.task, model, duration,
+             req.response_format, extras, elapsed, elapsed / duration if duration else 0.0)
 
 
 async def _events(run: TranscriptionRun, req: AudioRequest, model: str, request_id, started) -> AsyncIterator[str]:
@@ -125,7 +132,7 @@ async def _events(run: TranscriptionRun, req: AudioRequest, model: str, request_
             logprobs.extend(segment.logprobs)
             yield sse(delta_event(delta, segment.logprobs if with_logprobs else None))
         yield sse(done_event(text, token_usage(tokens, run.duration), logprobs if with_logprobs else None))
-        _log_done(request_id, "stream", model, run.duration, req.response_format, started)
+        _log_done(request_id, req, model, run.duration, started)
     except Exception:
         # Headers are gone already: report in-band, as the SDK expects (it raises openai.APIError).
         log.exception("%s stream failed after %d characters", request_id, len(text))

@@ -78,6 +78,22 @@ class DecodeResult:
     compression_ratio: float = 0.0
 
 
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet, reversed: printable symbol -> the byte it encodes."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    codes = list(printable)
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            codes.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(printable, codes)}
+
+
+_BYTE_DECODER = _byte_decoder()
+
+
 def compression_ratio(text: str) -> float:
     data = text.encode("utf-8")
     return len(data) / len(zlib.compress(data)) if data else 0.0
@@ -234,12 +250,7 @@ class WhisperDecoder:
             text = self.tokenizer.decode([tok])
             raw = self.tokenizer.convert_ids_to_tokens(tok)
             # byte-level BPE: map the token's symbols back to the raw bytes it stands for
-            byte_decoder = getattr(self, "_byte_decoder", None)
-            if byte_decoder is None:
-                from transformers.models.gpt2.tokenization_gpt2 import bytes_to_unicode
-
-                byte_decoder = self._byte_decoder = {v: k for k, v in bytes_to_unicode().items()}
-            data = [byte_decoder[c] for c in raw if c in byte_decoder] if raw else list(text.encode())
+            data = [_BYTE_DECODER[c] for c in raw if c in _BYTE_DECODER] if raw else list(text.encode())
             out.append(TokenLogprob(token=text, logprob=lp, bytes=data))
         return out
 

@@ -1,0 +1,62 @@
+"""Word error rate with Whisper's own text normalisers, for tests and benchmarks."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import numpy as np
+
+ASTERISK_SOUNDS = Path("/usr/share/asterisk/sounds/en_US_f_Allison")
+ASTERISK_TRANSCRIPTS = Path("/usr/share/doc/asterisk-core-sounds-en/core-sounds-en.txt.gz")
+
+
+def normalizer(language: str = "en"):
+    from transformers.models.whisper.english_normalizer import BasicTextNormalizer, EnglishTextNormalizer
+
+    return EnglishTextNormalizer({}) if language == "en" else BasicTextNormalizer()
+
+
+def wer(reference: str, hypothesis: str, language: str = "en") -> float:
+    """Word error rate after Whisper normalisation (numbers, spelling, punctuation)."""
+    import jiwer
+
+    norm = normalizer(language)
+    ref, hyp = norm(reference), norm(hypothesis)
+    if not ref.strip():
+        return 0.0 if not hyp.strip() else 1.0
+    return float(jiwer.wer(ref, hyp))
+
+
+def asterisk_prompts() -> dict[str, str]:
+    """Debian's asterisk-core-sounds-en: real read speech (8 kHz) with its transcripts."""
+    prompts = {}
+    with gzip.open(ASTERISK_TRANSCRIPTS, "rt", encoding="utf-8", errors="replace") as f:
+        for line in f:
+            name, sep, text = line.partition(":")
+            if sep and not line.startswith(";") and (ASTERISK_SOUNDS / f"{name.strip()}.wav").exists():
+                prompts[name.strip()] = " ".join(text.split())
+    return prompts
+
+
+def long_english_clip(seconds: float = 180.0, gap: float = 0.8) -> tuple[np.ndarray, str]:
+    """Concatenate the longest asterisk prompts (with pauses) to about ``seconds`` of speech.
+
+    Returns 16 kHz float32 audio and the reference transcript."""
+    from openstt.audio import SAMPLE_RATE, decode_audio
+
+    prompts = asterisk_prompts()
+    by_length = sorted(prompts, key=lambda n: (ASTERISK_SOUNDS / f"{n}.wav").stat().st_size, reverse=True)
+    pieces, texts, total = [], [], 0.0
+    silence = np.zeros(int(gap * SAMPLE_RATE), np.float32)
+    for name in by_length:
+        text = prompts[name]
+        if not any(c.isalpha() for c in text) or "[" in text:
+            continue
+        audio = decode_audio((ASTERISK_SOUNDS / f"{name}.wav").read_bytes())
+        pieces += [audio, silence]
+        texts.append(text)
+        total += len(audio) / SAMPLE_RATE + gap
+        if total >= seconds:
+            break
+    return np.concatenate(pieces), " ".join(texts)
