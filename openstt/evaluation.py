@@ -39,24 +39,28 @@ def asterisk_prompts() -> dict[str, str]:
     return prompts
 
 
+def longest_prompts(seconds: float) -> list[str]:
+    """Names of the longest spoken asterisk prompts, totalling at least ``seconds`` of audio
+    (8 kHz 16-bit WAV: 16000 bytes a second)."""
+    prompts = asterisk_prompts()
+    names, total = [], 0.0
+    for name in sorted(prompts, key=lambda n: (ASTERISK_SOUNDS / f"{n}.wav").stat().st_size, reverse=True):
+        if any(c.isalpha() for c in prompts[name]) and "[" not in prompts[name]:
+            names.append(name)
+            total += (ASTERISK_SOUNDS / f"{name}.wav").stat().st_size / 16000
+            if total >= seconds:
+                break
+    return names
+
+
 def long_english_clip(seconds: float = 180.0, gap: float = 0.8) -> tuple[np.ndarray, str]:
-    """Concatenate the longest asterisk prompts (with pauses) to about ``seconds`` of speech.
+    """The longest asterisk prompts joined with pauses: about ``seconds`` of real read speech.
 
     Returns 16 kHz float32 audio and the reference transcript."""
     from openstt.audio import SAMPLE_RATE, decode_audio
 
     prompts = asterisk_prompts()
-    by_length = sorted(prompts, key=lambda n: (ASTERISK_SOUNDS / f"{n}.wav").stat().st_size, reverse=True)
-    pieces, texts, total = [], [], 0.0
+    names = longest_prompts(seconds)
     silence = np.zeros(int(gap * SAMPLE_RATE), np.float32)
-    for name in by_length:
-        text = prompts[name]
-        if not any(c.isalpha() for c in text) or "[" in text:
-            continue
-        audio = decode_audio((ASTERISK_SOUNDS / f"{name}.wav").read_bytes())
-        pieces += [audio, silence]
-        texts.append(text)
-        total += len(audio) / SAMPLE_RATE + gap
-        if total >= seconds:
-            break
-    return np.concatenate(pieces), " ".join(texts)
+    pieces = [p for n in names for p in (decode_audio((ASTERISK_SOUNDS / f"{n}.wav").read_bytes()), silence)]
+    return np.concatenate(pieces), " ".join(prompts[n] for n in names)

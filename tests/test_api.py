@@ -219,3 +219,37 @@ def test_whisper_1_alias(loaded, default, expected):
         assert c.get("/v1/models/whisper-1").json()["id"] == "whisper-1"
         ids = [m["id"] for m in c.get("/v1/models").json()["data"]]
         assert ids == loaded
+
+
+class _Failing(Engine):
+    """Fault injection for the streaming error path: one segment, then the decoder breaks."""
+
+    def start(self, audio, options: TranscribeOptions) -> TranscriptionRun:
+        def segments():
+            yield Segment(0, 0, 0.0, 1.0, " First words", [1, 2], 0.0, -0.1, 1.0, 0.0)
+            raise RuntimeError("decoder exploded (injected)")
+
+        return TranscriptionRun(language="en", duration=len(audio) / 16000, segments=segments())
+
+
+def test_mid_stream_error_reaches_the_sdk_as_api_error():
+    import openai
+
+    app = create_app()
+    app.state.registry = ModelRegistry([_Failing(CATALOG["whisper-tiny"])], "whisper-tiny")
+    with TestClient(app, base_url="http://testserver") as http:
+        raw = http.post("/v1/audio/transcriptions", data={"model": "whisper-1", "stream": "true"}, files=fox_file())
+        frames = [f for f in raw.text.split("\n\n") if f]
+        assert frames[0].startswith('data: {"type":"transcript.text.delta"')
+        last = frames[-1]
+        assert last.startswith('data: {"type":"error","error":{"message":"The server had an error')
+        assert "exploded" not in raw.text  # internals stay in the server log
+
+        client = openai.OpenAI(base_url="http://testserver/v1", api_key="k", http_client=http, max_retries=0)
+        stream = client.audio.transcriptions.create(model="whisper-1", file=clip("en/quick_brown_fox"), stream=True)
+        received = []
+        with pytest.raises(openai.APIError) as err:
+            for event in stream:
+                received.append(event)
+        assert received[0].delta == "First words"
+        assert not isinstance(err.value, openai.APIStatusError)

@@ -27,6 +27,9 @@ FRAME_SECONDS = HOP_LENGTH / SAMPLE_RATE  # 0.01
 TIME_PRECISION = 0.02  # seconds per timestamp token
 BEST_OF = 5  # samples per window when decoding at temperature > 0
 MAX_INITIAL_TIMESTAMP_INDEX = 50  # the first timestamp is at most 1.0 s
+# A window whose loudest sample is below -60 dBFS holds no speech. Whisper, fed digital silence,
+# often says "you" or "Thank you." with confidence; such windows are not decoded at all.
+SILENCE_PEAK = 10 ** (-60 / 20)
 
 
 @dataclass
@@ -282,10 +285,13 @@ class WhisperDecoder:
         while seek < n_frames:
             segment_size = min(N_FRAMES, n_frames - seek)
             time_offset = seek * FRAME_SECONDS
+            chunk = audio[seek * HOP_LENGTH : (seek + segment_size) * HOP_LENGTH]
+            if not len(chunk) or float(np.abs(chunk).max()) < SILENCE_PEAK:
+                seek += segment_size
+                continue
             if seek == 0 and first_window is not None:
                 encoded = first_window[1]
             else:
-                chunk = audio[seek * HOP_LENGTH : (seek + segment_size) * HOP_LENGTH]
                 with self.lock, torch.inference_mode():
                     encoded = self.encode(self.features(chunk))
             result = self.decode_with_fallback(encoded, all_tokens[prompt_reset_since:], sot_sequence, options)
