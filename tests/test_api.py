@@ -9,6 +9,7 @@ from fastapi.testclient import TestClient
 from openstt.api.app import create_app
 from openstt.catalog import CATALOG
 from openstt.engines.base import Engine, Segment, TranscribeOptions, TranscriptionRun
+from openstt.engines.whisper_decoding import LoopState
 from openstt.registry import ModelRegistry
 from tests.conftest import clip
 
@@ -201,7 +202,7 @@ class _Named(Engine):
 
     def start(self, audio, options: TranscribeOptions) -> TranscriptionRun:
         segment = Segment(0, 0, 0.0, 1.0, self.name, [], 0.0, 0.0, 1.0, 0.0)
-        return TranscriptionRun(language="en", duration=len(audio) / 16000, segments=iter([segment]))
+        return TranscriptionRun(state=LoopState("en"), duration=len(audio) / 16000, segments=iter([segment]))
 
 
 @pytest.mark.parametrize(
@@ -229,7 +230,7 @@ class _Failing(Engine):
             yield Segment(0, 0, 0.0, 1.0, " First words", [1, 2], 0.0, -0.1, 1.0, 0.0)
             raise RuntimeError("decoder exploded (injected)")
 
-        return TranscriptionRun(language="en", duration=len(audio) / 16000, segments=segments())
+        return TranscriptionRun(state=LoopState("en"), duration=len(audio) / 16000, segments=segments())
 
 
 def test_mid_stream_error_reaches_the_sdk_as_api_error():

@@ -126,8 +126,8 @@ def test_base_detects_languages(base_engine):
     for name, code in [("fr/bonjour_monde", "fr"), ("es/pangrama", "es"), ("ja/konnichiwa_sekai", "ja"),
                        ("en/quick_brown_fox", "en")]:
         run = base_engine.start(audio_of(name), TranscribeOptions())
-        assert run.language == code, name
         list(run.segments)
+        assert run.language == code, name
     jp = base_engine.transcribe(audio_of("ja/konnichiwa_sekai"), TranscribeOptions())
     assert jp.text == "こんにちは世界"
 

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
+from starlette.concurrency import run_in_threadpool
 
 from openstt.api.errors import (
     INTERNAL_ERROR_MESSAGE,
@@ -97,7 +97,7 @@ async def _transcribe(request: Request, task: str) -> Response:
     if req.stream:
         return StreamingResponse(_events(run, req, engine.name, request_id, started), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    transcript = await run_in_threadpool(run.collect)
+    transcript = await run.acollect()
     _log_done(request_id, req, engine.name, transcript.duration, started)
     return render(transcript, req.response_format, task=task, granularities=req.timestamp_granularities,
                   logprobs="logprobs" in req.include)
@@ -123,7 +123,7 @@ async def _events(run: TranscriptionRun, req: AudioRequest, model: str, request_
     with_logprobs = "logprobs" in req.include
     text, tokens, logprobs = "", 0, []
     try:
-        async for segment in iterate_in_threadpool(run.segments):
+        async for segment in run.aiter():
             delta = segment.text.lstrip() if not text else segment.text
             if not delta:
                 continue

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -81,17 +81,43 @@ class Transcript:
 
 @dataclass
 class TranscriptionRun:
-    """A transcription in progress: language and duration are known up front, segments arrive
-    as each window is decoded (which is what streaming sends)."""
+    """A transcription in progress. Segments arrive as each window is decoded (which is what
+    streaming sends), from a plain iterator (in-process) or an async one (model service). The
+    language is known once the first window is decoded."""
 
-    language: str
+    state: object  # has .language (ISO code, None until detected)
     duration: float
-    segments: Iterator[Segment]
+    segments: Iterator[Segment] | AsyncIterator[Segment]
 
-    def collect(self) -> Transcript:
-        segments = list(self.segments)
+    @property
+    def language(self) -> str:
+        return self.state.language or "en"
+
+    def _transcript(self, segments: list[Segment]) -> Transcript:
         return Transcript(text="".join(s.text for s in segments).strip(), language=self.language,
                           duration=self.duration, segments=segments)
+
+    def collect(self) -> Transcript:
+        """Decode everything (in-process runs only)."""
+        return self._transcript(list(self.segments))
+
+    async def acollect(self) -> Transcript:
+        """Decode everything without blocking the event loop, whatever the kind of run."""
+        if hasattr(self.segments, "__aiter__"):
+            return self._transcript([s async for s in self.segments])
+        from starlette.concurrency import run_in_threadpool
+
+        return await run_in_threadpool(self.collect)
+
+    async def aiter(self) -> AsyncIterator[Segment]:
+        if hasattr(self.segments, "__aiter__"):
+            async for segment in self.segments:
+                yield segment
+        else:
+            from starlette.concurrency import iterate_in_threadpool
+
+            async for segment in iterate_in_threadpool(self.segments):
+                yield segment
 
 
 class UnsupportedRequest(ValueError):

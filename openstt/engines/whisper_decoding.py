@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import threading
 import zlib
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterator
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
 from openstt.audio import SAMPLE_RATE
-from openstt.engines.base import Segment, TokenLogprob, TranscribeOptions
+from openstt.engines.base import Segment, TokenLogprob, TranscribeOptions, Word
 
 HOP_LENGTH = 160
 N_FRAMES = 3000  # mel frames in one 30 s window
@@ -71,6 +71,18 @@ class TokenTable:
 
 
 @dataclass
+class WindowJob:
+    """One 30-second window to decode: what a transcription asks of the model, and the unit that
+    is batched across requests."""
+
+    audio: np.ndarray  # at most 30 s of 16 kHz float32
+    prompt: list[int]  # previous text tokens (context)
+    task: str
+    language: str | None  # None: detect it from this window
+    temperature: float
+
+
+@dataclass
 class DecodeResult:
     tokens: list[int]  # sampled tokens without eot (text and timestamps)
     token_logprobs: list[float]
@@ -78,7 +90,20 @@ class DecodeResult:
     sum_logprob: float
     no_speech_prob: float
     temperature: float
+    language: str
     compression_ratio: float = 0.0
+    error: str | None = None  # set when this item failed; its batch-mates are unaffected
+
+
+@dataclass
+class AlignJob:
+    """Word timing for the segments of one decoded window."""
+
+    audio: np.ndarray
+    language: str
+    task: str
+    segment_tokens: list[list[int]]  # text tokens of each segment
+    num_frames: int
 
 
 def _byte_decoder() -> dict[str, int]:
@@ -102,22 +127,24 @@ def compression_ratio(text: str) -> float:
     return len(data) / len(zlib.compress(data)) if data else 0.0
 
 
-class WhisperDecoder:
-    """Runs the decoding procedure for one checkpoint. Thread-safe: model calls are serialised
-    per window, so concurrent requests interleave window by window."""
+class WhisperCore:
+    """The model side: batched encoder + KV-cached decoder over windows of any requests.
 
-    def __init__(self, model, processor, table: TokenTable, device: torch.device, dtype: torch.dtype):
+    Thread-safe: one batch runs at a time per model."""
+
+    def __init__(self, model, processor, table: TokenTable, multilingual: bool, device: torch.device,
+                 dtype: torch.dtype, aligner=None):
         self.model, self.processor, self.table = model, processor, table
-        self.tokenizer = processor.tokenizer
+        self.multilingual = multilingual
         self.device, self.dtype = device, dtype
         self.n_text_ctx = model.config.max_target_positions
+        self.aligner = aligner
         self.lock = threading.Lock()
+        self.batch_sizes: list[int] = []  # recent batch sizes, for tests and the debug log
 
-    # -- model calls ---------------------------------------------------------------------------
-
-    def features(self, audio: np.ndarray) -> torch.Tensor:
-        """Log-mel of up to 30 s of audio, padded to one full window."""
-        out = self.processor.feature_extractor(audio, sampling_rate=SAMPLE_RATE, return_tensors="pt")
+    def features(self, chunks: list[np.ndarray]) -> torch.Tensor:
+        """Log-mel of each chunk (at most 30 s), padded to full windows: (batch, mels, 3000)."""
+        out = self.processor.feature_extractor(chunks, sampling_rate=SAMPLE_RATE, return_tensors="pt")
         return out.input_features.to(self.device, self.dtype)
 
     def encode(self, features: torch.Tensor) -> torch.Tensor:
@@ -126,16 +153,20 @@ class WhisperDecoder:
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.proj_out(hidden).float()
 
-    def detect_language(self, encoded: torch.Tensor) -> str:
-        """Most likely language of a window, from the logits after <|startoftranscript|>."""
+    def sot_sequence(self, language: str, task: str) -> list[int]:
+        t = self.table
+        if not self.multilingual:
+            return [t.sot]
+        return [t.sot, t.lang_to_id[language], t.translate if task == "translate" else t.transcribe]
+
+    def detect_languages(self, encoded: torch.Tensor) -> list[str]:
+        """Most likely language of each window, from the logits after <|startoftranscript|>."""
         codes = list(self.table.lang_to_id)
         ids = torch.tensor([self.table.lang_to_id[c] for c in codes], device=self.device)
-        tokens = torch.tensor([[self.table.sot]], device=self.device)
+        tokens = torch.full((encoded.shape[0], 1), self.table.sot, device=self.device)
         hidden = self.model.model.decoder(input_ids=tokens, encoder_hidden_states=encoded).last_hidden_state
-        logits = self._logits(hidden[:, -1])[0, ids]
-        return codes[int(logits.argmax())]
-
-    # -- one window ----------------------------------------------------------------------------
+        best = self._logits(hidden[:, -1])[:, ids].argmax(dim=-1)
+        return [codes[int(i)] for i in best]
 
     def _apply_rules(self, logits: torch.Tensor, tokens: torch.Tensor, sample_begin: int) -> None:
         """Whisper's logit filters: suppressed tokens, blank start, and the timestamp grammar."""
@@ -169,78 +200,111 @@ class WhisperDecoder:
         text_max = logprobs[:, :ts].max(dim=-1).values
         logits[ts_logprob > text_max, :ts] = -np.inf
 
-    def decode(self, encoded: torch.Tensor, prompt: list[int], sot_sequence: list[int], temperature: float
-               ) -> DecodeResult:
-        """Sample one window (best of ``BEST_OF`` when sampling) with the KV-cached decoder."""
+    def decode_windows(self, jobs: list[WindowJob]) -> list[DecodeResult]:
+        """Decode many windows (from one or many requests) in one encoder and one decoder pass."""
+        with self.lock, torch.inference_mode():
+            self.batch_sizes = (self.batch_sizes + [len(jobs)])[-1000:]
+            encoded = self.encode(self.features([j.audio for j in jobs]))
+            languages = [j.language or ("en" if not self.multilingual else None) for j in jobs]
+            unknown = [i for i, lang in enumerate(languages) if lang is None]
+            if unknown:
+                for i, lang in zip(unknown, self.detect_languages(encoded[unknown])):
+                    languages[i] = lang
+            results = self._decode_rows(encoded, jobs, languages)
+        for r in results:
+            r.compression_ratio = compression_ratio(self.text_of(r.tokens))
+        return results
+
+    def _decode_rows(self, encoded: torch.Tensor, jobs: list[WindowJob], languages: list[str]) -> list[DecodeResult]:
         t = self.table
-        n = 1 if temperature == 0 else BEST_OF
-        initial = ([t.sot_prev] + prompt[-(self.n_text_ctx // 2 - 1):] if prompt else []) + sot_sequence
-        sot_index = initial.index(t.sot)
-        sample_begin = len(initial)
-        tokens = torch.tensor([initial] * n, device=self.device)
-        encoder_states = encoded.expand(n, -1, -1)
+        rows: list[int] = []  # job index of each row; sampling jobs get BEST_OF rows
+        initials: list[list[int]] = []
+        for j, job in enumerate(jobs):
+            prompt = job.prompt[-(self.n_text_ctx // 2 - 1):]
+            initial = ([t.sot_prev] + prompt if prompt else []) + self.sot_sequence(languages[j], job.task)
+            for _ in range(1 if job.temperature == 0 else BEST_OF):
+                rows.append(j)
+                initials.append(initial)
+        n = len(rows)
+        width = max(len(i) for i in initials)
+        # left-pad to a common length so every row samples from the same column on
+        tokens = torch.tensor([[t.eot] * (width - len(i)) + i for i in initials], device=self.device)
+        mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in initials], device=self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        sot_index = torch.tensor([width - len(i) + i.index(t.sot) for i in initials], device=self.device)
+        row_index = torch.tensor(rows, device=self.device)
+        encoder_states = encoded[row_index]
+        temperatures = torch.tensor([jobs[j].temperature for j in rows], device=self.device)
+        sampled = temperatures > 0
         cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
         sum_logprobs = torch.zeros(n, device=self.device)
         token_logprobs: list[list[float]] = [[] for _ in range(n)]
-        no_speech_prob = 0.0
-        inputs = tokens
-        max_len = min(self.n_text_ctx, sample_begin + self.n_text_ctx // 2)
+        no_speech = torch.zeros(n)
+        inputs, step_positions = tokens, positions
+        max_len = min(self.n_text_ctx, width + self.n_text_ctx // 2)
         while tokens.shape[1] < max_len:
-            hidden = self.model.model.decoder(input_ids=inputs, encoder_hidden_states=encoder_states,
-                                              cache=cache, use_cache=True).last_hidden_state
+            hidden = self.model.model.decoder(input_ids=inputs, attention_mask=mask, position_ids=step_positions,
+                                              encoder_hidden_states=encoder_states, cache=cache,
+                                              use_cache=True).last_hidden_state
             if inputs is tokens and t.no_speech is not None:
-                probs = torch.softmax(self._logits(hidden[:1, sot_index]), dim=-1)
-                no_speech_prob = float(probs[0, t.no_speech])
+                at_sot = hidden[torch.arange(n), sot_index]
+                no_speech = torch.softmax(self._logits(at_sot), dim=-1)[:, t.no_speech].cpu()
             logits = self._logits(hidden[:, -1])
-            self._apply_rules(logits, tokens, sample_begin)
+            self._apply_rules(logits, tokens, width)
             logprobs = torch.log_softmax(logits, dim=-1)
-            if temperature == 0:
-                next_tokens = logits.argmax(dim=-1)
-            else:
-                next_tokens = torch.distributions.Categorical(logits=logits / temperature).sample()
+            next_tokens = logits.argmax(dim=-1)
+            if bool(sampled.any()):
+                scaled = logits[sampled] / temperatures[sampled, None]
+                next_tokens[sampled] = torch.distributions.Categorical(logits=scaled).sample()
             finished = tokens[:, -1] == t.eot
             current = logprobs[torch.arange(n), next_tokens]
             sum_logprobs += current * ~finished
             next_tokens[finished] = t.eot
-            for k in range(n):
-                if not finished[k]:
-                    token_logprobs[k].append(float(current[k]))
+            for k in (~finished).nonzero().flatten().tolist():
+                token_logprobs[k].append(float(current[k]))
             tokens = torch.cat([tokens, next_tokens[:, None]], dim=1)
             if bool((next_tokens == t.eot).all()):
                 break
             inputs = next_tokens[:, None]
+            mask = torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype, device=self.device)], dim=1)
+            step_positions = step_positions[:, -1:] + 1
 
-        candidates = []
-        for k in range(n):
-            seq = tokens[k, sample_begin:].tolist()
+        best: dict[int, DecodeResult] = {}
+        for k, j in enumerate(rows):
+            seq = tokens[k, width:].tolist()
             ended = t.eot in seq
             seq = seq[: seq.index(t.eot)] if ended else seq
-            # avg over sampled tokens including eot, as Whisper scores them
-            count = len(seq) + (1 if ended else 0)
-            candidates.append(DecodeResult(
+            count = len(seq) + (1 if ended else 0)  # Whisper averages over the sampled tokens incl. eot
+            candidate = DecodeResult(
                 tokens=seq, token_logprobs=token_logprobs[k][: len(seq)], sum_logprob=float(sum_logprobs[k]),
-                avg_logprob=float(sum_logprobs[k]) / max(count, 1), no_speech_prob=no_speech_prob,
-                temperature=temperature,
-            ))
-        best = max(candidates, key=lambda c: c.sum_logprob / max(len(c.tokens) + 1, 1))
-        best.compression_ratio = compression_ratio(self.text_of(best.tokens))
-        return best
+                avg_logprob=float(sum_logprobs[k]) / max(count, 1), no_speech_prob=float(no_speech[k]),
+                temperature=jobs[j].temperature, language=languages[j],
+            )
+            score = candidate.sum_logprob / max(len(seq) + 1, 1)
+            if j not in best or score > best[j].sum_logprob / max(len(best[j].tokens) + 1, 1):
+                best[j] = candidate
+        return [best[j] for j in range(len(jobs))]
 
-    def decode_with_fallback(self, encoded: torch.Tensor, prompt: list[int], sot_sequence: list[int],
-                             options: TranscribeOptions) -> DecodeResult:
-        result = None
-        for temperature in options.temperatures():
-            with self.lock, torch.inference_mode():
-                result = self.decode(encoded, prompt, sot_sequence, temperature)
-            too_repetitive = result.compression_ratio > options.compression_ratio_threshold
-            too_unlikely = result.avg_logprob < options.logprob_threshold
-            silent = result.no_speech_prob > options.no_speech_threshold and too_unlikely
-            if silent or not (too_repetitive or too_unlikely):
-                break
-        assert result is not None
-        return result
+    def align(self, job: AlignJob) -> list[list[Word]]:
+        """Word timings (relative to the window start) for each segment of a decoded window."""
+        with self.lock, torch.inference_mode():
+            encoded = self.encode(self.features([job.audio]))
+            return self.aligner(encoded, job.segment_tokens, job.num_frames,
+                                self.sot_sequence(job.language, job.task), job.language)
 
-    # -- text helpers ------------------------------------------------------------------------
+    def text_of(self, tokens: list[int]) -> str:
+        return self.processor.tokenizer.decode([tok for tok in tokens if tok < self.table.eot])
+
+
+class WindowLoop:
+    """Whisper's long-form procedure over windows, free of model calls.
+
+    ``run`` is a generator that yields a ``WindowJob`` or ``AlignJob`` whenever it needs the model
+    and expects the answer sent back; it yields finished ``Segment``s in between. A driver supplies
+    the answers: in-process (``drive``), or through the batching model service (``adrive``)."""
+
+    def __init__(self, tokenizer, table: TokenTable, multilingual: bool):
+        self.tokenizer, self.table, self.multilingual = tokenizer, table, multilingual
 
     def text_of(self, tokens: list[int]) -> str:
         return self.tokenizer.decode([tok for tok in tokens if tok < self.table.eot])
@@ -250,29 +314,14 @@ class WhisperDecoder:
         for tok, lp in zip(tokens, logprobs):
             if tok >= self.table.eot:
                 continue
-            text = self.tokenizer.decode([tok])
             raw = self.tokenizer.convert_ids_to_tokens(tok)
             # byte-level BPE: map the token's symbols back to the raw bytes it stands for
-            data = [_BYTE_DECODER[c] for c in raw if c in _BYTE_DECODER] if raw else list(text.encode())
-            out.append(TokenLogprob(token=text, logprob=lp, bytes=data))
+            data = [_BYTE_DECODER[c] for c in raw if c in _BYTE_DECODER] if raw else []
+            out.append(TokenLogprob(token=self.tokenizer.decode([tok]), logprob=lp, bytes=data))
         return out
 
-    # -- the whole file ----------------------------------------------------------------------
-
-    def sot_sequence(self, language: str | None, task: str, multilingual: bool) -> list[int]:
-        t = self.table
-        if not multilingual:
-            return [t.sot]
-        return [t.sot, t.lang_to_id[language or "en"], t.translate if task == "translate" else t.transcribe]
-
-    def segments(self, audio: np.ndarray, options: TranscribeOptions, sot_sequence: list[int],
-                 first_window: tuple[torch.Tensor, torch.Tensor] | None = None,
-                 align=None) -> Iterator[Segment]:
-        """Decode ``audio`` window by window, yielding segments with absolute times.
-
-        ``first_window`` reuses the (features, encoder output) computed for language detection;
-        ``align(encoded, segments, num_frames)`` adds word timings to a window's segments.
-        """
+    def run(self, audio: np.ndarray, options: TranscribeOptions, state: LoopState
+            ) -> Generator[WindowJob | AlignJob | Segment, DecodeResult | list[list[Word]] | None, None]:
         t = self.table
         n_frames = int(np.ceil(len(audio) / HOP_LENGTH))
         duration = len(audio) / SAMPLE_RATE
@@ -289,12 +338,20 @@ class WhisperDecoder:
             if not len(chunk) or float(np.abs(chunk).max()) < SILENCE_PEAK:
                 seek += segment_size
                 continue
-            if seek == 0 and first_window is not None:
-                encoded = first_window[1]
-            else:
-                with self.lock, torch.inference_mode():
-                    encoded = self.encode(self.features(chunk))
-            result = self.decode_with_fallback(encoded, all_tokens[prompt_reset_since:], sot_sequence, options)
+
+            result = None
+            for temperature in options.temperatures():
+                job = WindowJob(chunk, all_tokens[prompt_reset_since:], options.task, state.language, temperature)
+                result = yield job
+                if result.error:
+                    raise RuntimeError(f"window at {time_offset:.1f} s failed: {result.error}")
+                state.language = state.language or result.language
+                too_repetitive = result.compression_ratio > options.compression_ratio_threshold
+                too_unlikely = result.avg_logprob < options.logprob_threshold
+                silent = result.no_speech_prob > options.no_speech_threshold and too_unlikely
+                if silent or not (too_repetitive or too_unlikely):
+                    break
+            assert result is not None
 
             if result.no_speech_prob > options.no_speech_threshold and result.avg_logprob < options.logprob_threshold:
                 seek += segment_size  # silence: nothing to say in this window
@@ -339,9 +396,14 @@ class WhisperDecoder:
                     compression_ratio=result.compression_ratio, no_speech_prob=result.no_speech_prob,
                     logprobs=self.logprob_entries(piece, piece_logprobs) if options.token_logprobs else [],
                 ))
-            if window and align is not None:
-                with self.lock, torch.inference_mode():
-                    align(encoded, window, segment_size)
+            if window and options.word_timestamps:
+                words = yield AlignJob(chunk, state.language, options.task,
+                                       [[tok for tok in s.tokens if tok < t.eot] for s in window], segment_size)
+                for segment, segment_words in zip(window, words):
+                    segment.words = [Word(w.word, round(time_offset + w.start, 3), round(time_offset + w.end, 3))
+                                     for w in segment_words]
+                    if segment.words:  # bounds follow the words, as in Whisper's word-timestamp mode
+                        segment.start, segment.end = segment.words[0].start, segment.words[-1].end
             for segment in window:
                 segment.id = next_id
                 next_id += 1
@@ -350,3 +412,46 @@ class WhisperDecoder:
             if not options.condition_on_previous_text or result.temperature > 0.5:
                 # a hot (likely bad) window must not poison the context of the next one
                 prompt_reset_since = len(all_tokens)
+
+
+@dataclass
+class LoopState:
+    """What a running transcription has learnt so far (the language, once detected)."""
+
+    language: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def drive(loop: Generator, core: WhisperCore) -> Iterator[Segment]:
+    """Run a ``WindowLoop`` in-process, answering its requests with ``core`` directly."""
+    reply = None
+    while True:
+        try:
+            item = loop.send(reply)
+        except StopIteration:
+            return
+        reply = None
+        if isinstance(item, WindowJob):
+            reply = core.decode_windows([item])[0]
+        elif isinstance(item, AlignJob):
+            reply = core.align(item)
+        else:
+            yield item
+
+
+async def adrive(loop: Generator, decode: Callable[[WindowJob], Awaitable[DecodeResult]],
+                 align: Callable[[AlignJob], Awaitable[list[list[Word]]]]) -> AsyncIterator[Segment]:
+    """Run a ``WindowLoop`` against an asynchronous (e.g. batching, remote) model service."""
+    reply = None
+    while True:
+        try:
+            item = loop.send(reply)
+        except StopIteration:
+            return
+        reply = None
+        if isinstance(item, WindowJob):
+            reply = await decode(item)
+        elif isinstance(item, AlignJob):
+            reply = await align(item)
+        else:
+            yield item

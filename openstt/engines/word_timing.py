@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from openstt.engines.base import Segment, Word
+from openstt.engines.base import Word
 
 TOKENS_PER_SECOND = 50  # encoder frames per second (20 ms each)
 MEDIAN_FILTER_WIDTH = 7
@@ -170,13 +170,14 @@ class CrossAttentionAligner:
                 h.remove()
         return torch.cat(captured, dim=0)
 
-    def __call__(self, encoded: torch.Tensor, segments: list[Segment], num_frames: int,
-                 sot_sequence: list[int], language: str) -> None:
+    def __call__(self, encoded: torch.Tensor, text_tokens_per_segment: list[list[int]], num_frames: int,
+                 sot_sequence: list[int], language: str) -> list[list[Word]]:
+        """Words of each segment, with times relative to the window start."""
         t = self.table
-        text_tokens_per_segment = [[tok for tok in s.tokens if tok < t.eot] for s in segments]
+        out: list[list[Word]] = [[] for _ in text_tokens_per_segment]
         text_tokens = [tok for toks in text_tokens_per_segment for tok in toks]
         if not text_tokens:
-            return
+            return out
         tokens = torch.tensor([[*sot_sequence, t.no_timestamps, *text_tokens, t.eot]], device=encoded.device)
         weights = self._cross_attention(tokens, encoded)[:, :, : num_frames // 2].cpu().numpy()
         weights = (weights - weights.mean(axis=-2, keepdims=True)) / (weights.std(axis=-2, keepdims=True) + 1e-10)
@@ -186,7 +187,7 @@ class CrossAttentionAligner:
 
         words, word_tokens = split_to_word_tokens(self.tokenizer, text_tokens + [t.eot], t.eot, language)
         if len(word_tokens) <= 1:
-            return
+            return out
         boundaries = np.pad(np.cumsum([len(w) for w in word_tokens[:-1]]), (1, 0))
         jumps = np.pad(np.diff(text_indices), (1, 0), constant_values=1).astype(bool)
         jump_times = time_indices[jumps] / TOKENS_PER_SECOND
@@ -208,17 +209,14 @@ class CrossAttentionAligner:
                         timed[i].start = timed[i].end - max_duration
         merge_punctuations(timed)
 
-        # hand words to segments by token count; times become absolute
-        offset = segments[0].seek * 0.01
+        # hand words to segments by token count
         index = 0
-        for segment, toks in zip(segments, text_tokens_per_segment):
+        for segment_words, toks in zip(out, text_tokens_per_segment):
             used = 0
             while index < len(timed) and used < len(toks):
                 timing = timed[index]
                 if timing.word:
-                    segment.words.append(Word(word=timing.word.strip(), start=round(offset + timing.start, 3),
-                                              end=round(offset + timing.end, 3)))
+                    segment_words.append(Word(word=timing.word.strip(), start=timing.start, end=timing.end))
                 used += len(timing.tokens)
                 index += 1
-            if segment.words:
-                segment.start, segment.end = segment.words[0].start, segment.words[-1].end
+        return out
