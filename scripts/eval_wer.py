@@ -27,11 +27,11 @@ from openstt.evaluation import ASTERISK_SOUNDS, asterisk_prompts, long_english_c
 from openstt.hub import resolve_model
 
 SAMPLES = Path(importlib.util.find_spec("pytest_audioeval").submodule_search_locations[0]) / "samples" / "audio"
-COUNTING = {"counting", "conteo", "comptage", "conteggio", "liczenie", "ginti", "kazoeru"}
+COUNTING = {"counting", "conteo", "comptage", "conteggio", "liczenie", "ginti", "kazoeru", "jishu", "contagem"}
 
 
 def score(reference: str, hypothesis: str, language: str) -> float:
-    if language == "ja":  # no spaces: character error rate
+    if language in ("ja", "zh"):  # no spaces: character error rate
         return wer(" ".join(reference.replace(" ", "")), " ".join(hypothesis.replace(" ", "")), "ja")
     return wer(reference, hypothesis, language)
 
