@@ -1,4 +1,5 @@
-"""BentoML wiring: one service holding the resident models, with the OpenAI routes at ``/``.
+"""BentoML wiring: a model service holding the resident models and batching their work, and the
+API service with the OpenAI routes mounted at ``/``.
 
 All behaviour lives in the ``openstt`` package; configuration comes from ``OPEN_STT_*``
 environment variables (``open-stt-server`` sets them from its flags).
@@ -9,23 +10,60 @@ from __future__ import annotations
 import bentoml
 
 from openstt.api.app import create_app
-from openstt.bootstrap import load_settings, prepare_models, start_models
-
-app = create_app()
+from openstt.batching import AlignRequest, WindowReply, WindowRequest, decode_batch
+from openstt.bootstrap import load_models, load_settings, prepare_models, start_api
 
 # Long audio takes long: BentoML's 60 s default would cut off a 20-minute file on CPU.
 REQUEST_TIMEOUT_S = 3600
+# Windows decoded together. Larger batches raise throughput until the device saturates.
+MAX_BATCH_WINDOWS = 16
+
+app = create_app()
+
+
+@bentoml.service(name="OpenSTTModels", workers=1, traffic={"timeout": REQUEST_TIMEOUT_S})
+class OpenSTTModels:
+    """Loads every configured model once and decodes windows from all requests in batches."""
+
+    def __init__(self) -> None:
+        self.registry = load_models()
+        self.engines = self.registry.engines()
+
+    # max_latency_ms is the budget for one batch; a small one makes BentoML shed load with 503s.
+    @bentoml.api(batchable=True, max_batch_size=MAX_BATCH_WINDOWS, max_latency_ms=REQUEST_TIMEOUT_S * 1000)
+    def decode_windows(self, requests: list[WindowRequest]) -> list[WindowReply]:
+        return decode_batch(self.engines, requests)
+
+    @bentoml.api
+    def align(self, request: AlignRequest) -> list[list[dict]]:
+        from openstt.engines.whisper_decoding import AlignJob
+
+        job = AlignJob(request.audio, request.language, request.task, request.segment_tokens, request.num_frames)
+        words = self.engines[request.model].core.align(job)
+        return [[{"word": w.word, "start": w.start, "end": w.end} for w in seg] for seg in words]
+
+    @bentoml.api
+    def ready(self) -> bool:
+        return True
 
 
 @bentoml.service(name="OpenSTT", workers=1, traffic={"timeout": REQUEST_TIMEOUT_S})
 @bentoml.asgi_app(app, path="/")
 class OpenSTT:
-    def __init__(self) -> None:
-        # Runs once per worker process: load every configured model and keep it resident.
-        self.registry = start_models(app)
+    models = bentoml.depends(OpenSTTModels)
 
-    def __is_ready__(self) -> bool:
-        return self.registry is not None
+    def __init__(self) -> None:
+        async def decode(request: WindowRequest) -> WindowReply:
+            return (await self.models.to_async.decode_windows([request]))[0]
+
+        async def align(request: AlignRequest) -> list[list[dict]]:
+            return await self.models.to_async.align(request)
+
+        async def models_ready() -> bool:
+            return await self.models.to_async.ready()
+
+        app.state.models_ready = models_ready
+        self.registry = start_api(app, decode, align)
 
     @bentoml.on_deployment
     def prepare() -> None:

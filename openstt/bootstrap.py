@@ -46,8 +46,8 @@ def prepare_models(settings: Settings) -> None:
             raise StartupError(str(exc)) from None
 
 
-def start_models(app: FastAPI) -> ModelRegistry:
-    """Load the configured models and attach them (and the API keys) to ``app``."""
+def load_models() -> ModelRegistry:
+    """Load every configured model's weights (the model service, or a single-process server)."""
     settings = load_settings()
     configure_logging(settings.python_log_level)
     started = time.perf_counter()
@@ -55,14 +55,27 @@ def start_models(app: FastAPI) -> ModelRegistry:
         registry = ModelRegistry.load(settings)
     except ModelNotAvailable as exc:
         raise StartupError(str(exc)) from None
+    log.info("models loaded in %.1f s: %s", time.perf_counter() - started, ", ".join(registry.names()))
+    for name in registry.names():
+        log.info("model %s", registry.get(name).describe())
+    return registry
+
+
+def attach(app: FastAPI, registry: ModelRegistry, settings: Settings | None = None) -> None:
+    """Serve ``registry`` from ``app`` with the configured keys and limits."""
+    settings = settings or load_settings()
     app.state.api_keys = [k.get_secret_value() for k in settings.api_key]
     app.state.max_upload_bytes = settings.max_upload_bytes
     app.state.registry = registry
-    log.info(
-        "open-stt ready in %.1f s: models=%s default=%s cache=%s auth=%s port=%s",
-        time.perf_counter() - started, ",".join(registry.names()), registry.default, cache_dir(),
-        "on" if settings.api_key else "off", settings.port,
-    )
-    for name in registry.names():
-        log.info("model %s", registry.get(name).describe())
+    log.info("open-stt API ready: models=%s default=%s cache=%s auth=%s max_upload=%d port=%s",
+             ",".join(registry.names()), registry.default, cache_dir(), "on" if settings.api_key else "off",
+             settings.max_upload_bytes, settings.port)
+
+
+def start_api(app: FastAPI, decode, align) -> ModelRegistry:
+    """API side of the two-service layout: tokenizers here, weights in the model service."""
+    settings = load_settings()
+    configure_logging(settings.python_log_level)
+    registry = ModelRegistry.load_frontends(settings, decode, align)
+    attach(app, registry, settings)
     return registry

@@ -53,6 +53,24 @@ class ModelRegistry:
             engines.append(engine)
         return cls(engines, settings.default_model or settings.models[0])
 
+    @classmethod
+    def load_frontends(cls, settings: Settings, decode, align) -> ModelRegistry:
+        """The API side when a model service holds the weights: tokenizers only, windows sent
+        to ``decode``/``align`` (the batching model service)."""
+        from openstt.batching import BatchedWhisperEngine
+        from openstt.engines.whisper import WhisperFrontend
+        from openstt.hub import resolve_model
+
+        engines = []
+        for name in settings.models:
+            spec = CATALOG[name]
+            frontend = WhisperFrontend(spec, resolve_model(spec, download=False))
+            engines.append(BatchedWhisperEngine(spec, frontend, decode, align))
+        return cls(engines, settings.default_model or settings.models[0])
+
+    def engines(self) -> dict[str, Engine]:
+        return {name: m.engine for name, m in self._models.items()}
+
     def names(self) -> list[str]:
         return list(self._models)
 

@@ -150,7 +150,7 @@ def server(hf_cache, base_model, tmp_path_factory):
     env = server_env(hf_cache, tmp, OPEN_STT_MODELS="whisper-large-v3", OPEN_STT_PORT="1")
     cli = str(Path(sys.executable).with_name("open-stt-server"))
     srv = Server([cli, "--model", "whisper-tiny.en", "--model", "whisper-base", "--port", str(port),
-                  "--api-key", API_KEY], env, port, tmp / "server.log")
+                  "--api-key", API_KEY, "--log-level", "debug"], env, port, tmp / "server.log")
     REPORT["startup_seconds_tiny_en_and_base"] = round(srv.startup_seconds, 2)
     yield srv
     assert srv.stop() == 0

@@ -6,6 +6,7 @@ settings) to ``app.state`` when its models are ready. Until then, routes answer 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -41,6 +42,21 @@ def _registry(request: Request) -> ModelRegistry:
         raise OpenAIError(503, "The server is still loading its models; retry shortly.", type="server_error",
                           headers={"retry-after": "5"})
     return registry
+
+
+async def _models_ready(app: FastAPI) -> bool:
+    """Whether the process holding the weights answers (always, when they are in-process)."""
+    if getattr(app.state, "models_ready_cached", False):
+        return True
+    probe = getattr(app.state, "models_ready", None)
+    if probe is None:
+        return True
+    try:
+        ready = bool(await asyncio.wait_for(probe(), timeout=5))
+    except Exception:  # not up yet: connection refused, timeout
+        return False
+    app.state.models_ready_cached = ready
+    return ready
 
 
 def _model_object(model_id: str, created: int) -> dict:
@@ -152,7 +168,7 @@ def create_app() -> FastAPI:
 
     @app.get("/health")
     async def health(request: Request) -> JSONResponse:
-        if getattr(request.app.state, "registry", None) is None:
+        if getattr(request.app.state, "registry", None) is None or not await _models_ready(request.app):
             return JSONResponse({"status": "loading"}, status_code=503)
         return JSONResponse({"status": "ok"})
 

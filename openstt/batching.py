@@ -1,0 +1,127 @@
+"""Cross-request batching: the messages between the API service and the model service, the
+batch function, and the engine the API side uses to drive transcriptions through it.
+
+Every transcription is a sequence of 30-second windows (``WindowLoop``). The API process runs
+that loop per request and sends each window to the model service; BentoML's adaptive batching
+gathers the windows of all concurrent requests into one ``decode_windows`` call, which decodes
+each model's windows in one encoder and one decoder pass.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+import bentoml
+import numpy as np
+
+from openstt.engines.base import Engine, TranscribeOptions, TranscriptionRun, Word
+from openstt.engines.whisper_decoding import AlignJob, DecodeResult, LoopState, WindowJob, adrive
+
+log = logging.getLogger("openstt.batching")
+
+
+class WindowRequest(bentoml.IODescriptor):
+    """A ``WindowJob`` on the wire (BentoML pickles it over a local socket)."""
+
+    model: str
+    audio: np.ndarray
+    prompt: list[int]
+    task: str
+    language: str | None = None
+    temperature: float = 0.0
+
+
+class WindowReply(bentoml.IODescriptor):
+    tokens: list[int] = []
+    token_logprobs: list[float] = []
+    avg_logprob: float = 0.0
+    sum_logprob: float = 0.0
+    no_speech_prob: float = 0.0
+    temperature: float = 0.0
+    language: str = "en"
+    compression_ratio: float = 0.0
+    error: str | None = None
+
+
+class AlignRequest(bentoml.IODescriptor):
+    model: str
+    audio: np.ndarray
+    language: str
+    task: str
+    segment_tokens: list[list[int]]
+    num_frames: int
+
+
+def _reply(result: DecodeResult) -> WindowReply:
+    return WindowReply(**{k: getattr(result, k) for k in WindowReply.model_fields})
+
+
+def decode_batch(engines: dict[str, Engine], requests: list[WindowRequest]) -> list[WindowReply]:
+    """Decode a batch of windows, grouped by model. A failing group is retried item by item so
+    that one bad window fails only its own request."""
+    replies: list[WindowReply | None] = [None] * len(requests)
+    groups: dict[str, list[int]] = {}
+    for i, req in enumerate(requests):
+        groups.setdefault(req.model, []).append(i)
+    for model, indices in groups.items():
+        engine = engines.get(model)
+        if engine is None:
+            for i in indices:
+                replies[i] = WindowReply(error=f"model {model!r} is not loaded in the model service")
+            continue
+        jobs = [WindowJob(np.asarray(requests[i].audio, dtype=np.float32), requests[i].prompt, requests[i].task,
+                          requests[i].language, requests[i].temperature) for i in indices]
+        started = time.perf_counter()
+        try:
+            results = engine.core.decode_windows(jobs)
+        except Exception:
+            log.exception("batch of %d windows for %s failed; retrying them one by one", len(jobs), model)
+            results = []
+            for job in jobs:
+                try:
+                    results.append(engine.core.decode_windows([job])[0])
+                except Exception as exc:  # noqa: BLE001 - reported to the one request it belongs to
+                    log.exception("window for %s failed", model)
+                    results.append(DecodeResult([], [], 0.0, 0.0, 0.0, job.temperature, job.language or "en",
+                                                error=type(exc).__name__))
+        log.debug("decoded batch of %d windows for %s in %.2f s", len(jobs), model, time.perf_counter() - started)
+        for i, result in zip(indices, results):
+            replies[i] = _reply(result)
+    return replies  # type: ignore[return-value]
+
+
+class BatchedWhisperEngine(Engine):
+    """The API side of a Whisper model served by the model service: runs each request's window
+    loop here and sends the windows to be batched there."""
+
+    def __init__(self, spec, frontend, decode: Callable[[WindowRequest], Awaitable[WindowReply]],
+                 align: Callable[[AlignRequest], Awaitable[list[list[dict]]]]):
+        super().__init__(spec)
+        self.frontend, self._decode, self._align = frontend, decode, align
+        self.multilingual = frontend.multilingual
+
+    def start(self, audio: np.ndarray, options: TranscribeOptions) -> TranscriptionRun:
+        from openstt.engines.whisper import check_request
+
+        check_request(self.name, self.multilingual, options)
+        state = LoopState(language=options.language or (None if self.multilingual else "en"))
+
+        async def decode(job: WindowJob) -> DecodeResult:
+            reply = await self._decode(WindowRequest(model=self.name, audio=job.audio, prompt=job.prompt,
+                                                     task=job.task, language=job.language,
+                                                     temperature=job.temperature))
+            return DecodeResult(**reply.model_dump())
+
+        async def align(job: AlignJob) -> list[list[Word]]:
+            words = await self._align(AlignRequest(model=self.name, audio=job.audio, language=job.language,
+                                                   task=job.task, segment_tokens=job.segment_tokens,
+                                                   num_frames=job.num_frames))
+            return [[Word(**w) for w in seg] for seg in words]
+
+        segments = adrive(self.frontend.loop.run(audio, options, state), decode, align)
+        return TranscriptionRun(state=state, duration=len(audio) / 16000, segments=segments)
+
+    def describe(self) -> dict:
+        return {**super().describe(), "served_by": "model service (batched)", "multilingual": self.multilingual}
