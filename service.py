@@ -12,11 +12,12 @@ import bentoml
 from openstt.api.app import create_app
 from openstt.batching import AlignRequest, WindowReply, WindowRequest, decode_batch
 from openstt.bootstrap import load_models, load_settings, prepare_models, start_api
+from openstt.settings import env_int
 
 # Long audio takes long: BentoML's 60 s default would cut off a 20-minute file on CPU.
 REQUEST_TIMEOUT_S = 3600
 # Windows decoded together. Larger batches raise throughput until the device saturates.
-MAX_BATCH_WINDOWS = 16
+MAX_BATCH_WINDOWS = env_int("OPEN_STT_MAX_BATCH_WINDOWS", 16)
 
 app = create_app()
 

@@ -34,8 +34,13 @@ def load_settings() -> Settings:
 def prepare_models(settings: Settings) -> None:
     """Make sure every configured model is in the cache (downloading it if allowed)."""
     configure_logging(settings.python_log_level)
+    from openstt.device import Placement
     from openstt.engines import FAMILIES
 
+    try:
+        Placement.from_settings(settings)
+    except ValueError as exc:
+        raise StartupError(str(exc)) from None
     for name in settings.models:
         spec = CATALOG[name]
         if spec.family not in FAMILIES:
@@ -53,7 +58,7 @@ def load_models() -> ModelRegistry:
     started = time.perf_counter()
     try:
         registry = ModelRegistry.load(settings)
-    except ModelNotAvailable as exc:
+    except (ModelNotAvailable, ValueError) as exc:
         raise StartupError(str(exc)) from None
     log.info("models loaded in %.1f s: %s", time.perf_counter() - started, ", ".join(registry.names()))
     for name in registry.names():

@@ -34,6 +34,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", metavar="KEY",
                    help="require 'Authorization: Bearer KEY'; comma-separate several (OPEN_STT_API_KEY)")
     p.add_argument("--log-level", help="trace|debug|info|warn|error (OPEN_STT_LOG_LEVEL; RUST_LOG also honoured)")
+    g = p.add_argument_group("inference")
+    g.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"],
+                   help="weights/activations precision (OPEN_STT_DTYPE; auto: bf16/fp16 on GPU, fp32 on CPU)")
+    g.add_argument("--attn-implementation", choices=["sdpa", "eager", "flash_attention_2"],
+                   help="attention kernel (OPEN_STT_ATTN_IMPLEMENTATION, default sdpa)")
+    g.add_argument("--quantize", choices=["none", "int8"],
+                   help="CPU dynamic int8 quantisation of linear layers (OPEN_STT_QUANTIZE, default none)")
+    g.add_argument("--torch-threads", type=int, metavar="N",
+                   help="intra-op threads for inference (OPEN_STT_TORCH_THREADS, default: torch's, = cores)")
+    g.add_argument("--max-batch-windows", type=int, metavar="N",
+                   help="30 s windows decoded together across requests (OPEN_STT_MAX_BATCH_WINDOWS, default 16)")
     return p
 
 
@@ -47,6 +58,9 @@ def apply_flags(args: argparse.Namespace, env: dict[str, str]) -> dict[str, str]
         "OPEN_STT_FORCE_CPU": "true" if args.force_cpu else None,
         "OPEN_STT_DOWNLOAD": "true" if args.download else None,
         "OPEN_STT_API_KEY": args.api_key, "OPEN_STT_LOG_LEVEL": args.log_level,
+        "OPEN_STT_DTYPE": args.dtype, "OPEN_STT_ATTN_IMPLEMENTATION": args.attn_implementation,
+        "OPEN_STT_QUANTIZE": args.quantize, "OPEN_STT_TORCH_THREADS": args.torch_threads,
+        "OPEN_STT_MAX_BATCH_WINDOWS": args.max_batch_windows,
     }
     env.update({k: str(v) for k, v in values.items() if v is not None})
     return env

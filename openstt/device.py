@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 
@@ -15,6 +17,40 @@ def pick_device(force_cpu: bool = False) -> torch.device:
     return torch.device("cpu")
 
 
-def pick_dtype(device: torch.device) -> torch.dtype:
-    """Half precision on accelerators; float32 on CPU, where fp16 matmuls are slow or missing."""
-    return torch.float16 if device.type in ("cuda", "mps") else torch.float32
+def pick_dtype(device: torch.device, requested: str = "auto") -> torch.dtype:
+    """``auto``: bf16 on GPUs that have it, else fp16 on accelerators; float32 on CPU, where
+    half-precision matmuls are slow or missing."""
+    if requested != "auto":
+        return getattr(torch, requested)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float16 if device.type == "mps" else torch.float32
+
+
+@dataclass(frozen=True)
+class Placement:
+    """How models are loaded: where, in which precision, with which kernels."""
+
+    device: torch.device
+    dtype: torch.dtype
+    attn_implementation: str = "sdpa"
+    quantize: str = "none"
+
+    @classmethod
+    def from_settings(cls, settings) -> Placement:
+        device = pick_device(settings.force_cpu)
+        if settings.quantize == "int8" and device.type != "cpu":
+            raise ValueError("int8 dynamic quantisation runs on the CPU only; add --force-cpu or drop --quantize")
+        return cls(device, pick_dtype(device, settings.dtype), settings.attn_implementation, settings.quantize)
+
+
+def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
+    """Dynamic int8 quantisation of every Linear layer (weights int8, activations quantised on
+    the fly): about 2.5x faster Whisper decoding on CPU for a small accuracy cost."""
+    import warnings
+
+    from torch.ao.quantization import quantize_dynamic
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch points users at torchao; the eager API still works
+        return quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)

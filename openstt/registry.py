@@ -37,19 +37,23 @@ class ModelRegistry:
     @classmethod
     def load(cls, settings: Settings) -> ModelRegistry:
         """Resolve every configured model in the HF cache (downloading if allowed) and load it."""
-        from openstt.device import pick_device, pick_dtype
+        import torch
+
+        from openstt.device import Placement
         from openstt.engines import load_engine
         from openstt.hub import resolve_model
 
-        device = pick_device(settings.force_cpu)
-        dtype = pick_dtype(device)
+        if settings.torch_threads:
+            torch.set_num_threads(settings.torch_threads)
+        placement = Placement.from_settings(settings)
         engines = []
         for name in settings.models:
             spec = CATALOG[name]
             path = resolve_model(spec, download=settings.download)
-            engine = load_engine(spec, path, device, dtype)
-            log.info("loaded %s from %s on %s (%s) in %.1f s", name, path, device, dtype,
-                     getattr(engine, "load_seconds", 0.0))
+            engine = load_engine(spec, path, placement)
+            log.info("loaded %s from %s on %s (%s, %s attention, quantize=%s, %d threads) in %.1f s", name, path,
+                     placement.device, placement.dtype, placement.attn_implementation, placement.quantize,
+                     torch.get_num_threads(), getattr(engine, "load_seconds", 0.0))
             engines.append(engine)
         return cls(engines, settings.default_model or settings.models[0])
 

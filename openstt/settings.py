@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -56,6 +56,12 @@ class Settings(BaseSettings):
     log_level: str | None = Field(None, validate_default=True)
     # Whole request body, like OpenAI's 25 MiB; 0 disables the check.
     max_upload_bytes: int = Field(25 * 1024 * 1024, ge=0)
+    # Inference: precision, attention kernel, CPU int8 quantisation, threads.
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    quantize: Literal["none", "int8"] = "none"
+    torch_threads: int | None = Field(None, ge=1)
+    max_batch_windows: int = Field(16, ge=1, le=256)
 
     @field_validator("models", "api_key", mode="before")
     @classmethod
@@ -86,6 +92,17 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
+    def _inference(self) -> Settings:
+        if self.quantize == "int8" and self.dtype in ("float16", "bfloat16"):
+            raise ValueError("quantize=int8 runs in float32 on the CPU; drop OPEN_STT_DTYPE or the quantisation")
+        if self.attn_implementation == "flash_attention_2":
+            import importlib.util
+
+            if importlib.util.find_spec("flash_attn") is None:
+                raise ValueError("attn_implementation flash_attention_2 needs the flash-attn package (CUDA only)")
+        return self
+
+    @model_validator(mode="after")
     def _default(self) -> Settings:
         if self.default_model is None:
             self.default_model = self.models[0]
@@ -112,3 +129,11 @@ def format_validation_error(exc: Exception) -> str:
         msg = err.get("msg", "").removeprefix("Value error, ")
         lines.append(f"{('OPEN_STT_' + field.upper() + ': ') if field else ''}{msg}")
     return "\n".join(lines)
+
+
+def env_int(name: str, default: int) -> int:
+    """An integer setting needed at import time (BentoML decorators), before full validation."""
+    try:
+        return int(os.environ.get(name, "") or default)
+    except ValueError:
+        return default

@@ -150,7 +150,8 @@ def test_raw_multipart(server):
 def test_plain_bentoml_serve_reads_env(hf_cache, tmp_path):
     """`bentoml serve` without the CLI, configured only through OPEN_STT_* variables."""
     port = free_port()
-    env = server_env(hf_cache, tmp_path, OPEN_STT_MODELS="whisper-tiny.en", OPEN_STT_LOG_LEVEL="warning")
+    env = server_env(hf_cache, tmp_path, OPEN_STT_MODELS="whisper-tiny.en", OPEN_STT_QUANTIZE="int8",
+                     OPEN_STT_TORCH_THREADS="1", OPEN_STT_MAX_BATCH_WINDOWS="4")
     root = Path(__file__).resolve().parent.parent
     bentoml = str(Path(sys.executable).with_name("bentoml"))
     srv = Server([bentoml, "serve", "service:OpenSTT", "--working-dir", str(root), "--port", str(port)], env, port,
@@ -160,8 +161,9 @@ def test_plain_bentoml_serve_reads_env(hf_cache, tmp_path):
         assert client.audio.transcriptions.create(model="whisper-1", file=clip("en/quick_brown_fox")).text == FOX
     finally:
         assert srv.stop() == 0
-    # warning level: no per-request info lines from open-stt
-    assert "transcribe model=" not in srv.log.read_text()
+    log = srv.log.read_text()
+    assert "quantize=int8, 1 threads" in log  # the inference options reached the model service
+    assert "transcribe model=whisper-tiny.en" in log
 
 
 def test_plain_bentoml_serve_fails_fast_on_bad_config(hf_cache, tmp_path):

@@ -12,10 +12,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from transformers import GenerationConfig, WhisperForConditionalGeneration, WhisperProcessor
 
 from openstt.audio import SAMPLE_RATE
+from openstt.device import Placement, quantize_int8
 from openstt.engines.base import Engine, TranscribeOptions, TranscriptionRun, UnsupportedRequest
 from openstt.engines.whisper_decoding import LoopState, TokenTable, WhisperCore, WindowLoop, drive
 from openstt.engines.word_timing import CrossAttentionAligner
@@ -52,12 +52,16 @@ class WhisperFrontend:
 
 
 class WhisperEngine(Engine):
-    def __init__(self, spec, path: Path, device: torch.device, dtype: torch.dtype):
+    def __init__(self, spec, path: Path, placement: Placement):
         super().__init__(spec)
         started = time.perf_counter()
-        self.device, self.dtype = device, dtype
+        self.placement = placement
+        device, dtype = self.device, self.dtype = placement.device, placement.dtype
         processor = WhisperProcessor.from_pretrained(path)
-        self.model = WhisperForConditionalGeneration.from_pretrained(path, dtype=dtype).to(device).eval()
+        self.model = WhisperForConditionalGeneration.from_pretrained(
+            path, dtype=dtype, attn_implementation=placement.attn_implementation).to(device).eval()
+        if placement.quantize == "int8":
+            self.model = quantize_int8(self.model)
         gen = self.model.generation_config
         self.multilingual = bool(getattr(gen, "is_multilingual", False)) and not spec.english_only
         table = TokenTable.from_model(processor.tokenizer, gen, self.model.config.vocab_size)
@@ -69,6 +73,7 @@ class WhisperEngine(Engine):
 
     def describe(self) -> dict:
         return {**super().describe(), "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
+                "attention": self.placement.attn_implementation, "quantize": self.placement.quantize,
                 "multilingual": self.multilingual, "mel_bins": self.model.config.num_mel_bins}
 
     def start(self, audio: np.ndarray, options: TranscribeOptions) -> TranscriptionRun:
