@@ -64,3 +64,23 @@ def long_english_clip(seconds: float = 180.0, gap: float = 0.8) -> tuple[np.ndar
     silence = np.zeros(int(gap * SAMPLE_RATE), np.float32)
     pieces = [p for n in names for p in (decode_audio((ASTERISK_SOUNDS / f"{n}.wav").read_bytes()), silence)]
     return np.concatenate(pieces), " ".join(prompts[n] for n in names)
+
+
+def english_clip(seconds: float, gap: float = 0.3) -> tuple[np.ndarray, str]:
+    """About ``seconds`` (within 15 %) of real read speech: whole asterisk prompts that fit,
+    longest first, joined with short pauses. Returns 16 kHz audio and its reference."""
+    from openstt.audio import SAMPLE_RATE, decode_audio
+
+    prompts = asterisk_prompts()
+    sizes = {n: (ASTERISK_SOUNDS / f"{n}.wav").stat().st_size / 16000 for n in prompts
+             if any(c.isalpha() for c in prompts[n]) and "[" not in prompts[n]}
+    chosen, total = [], 0.0
+    for name in sorted(sizes, key=sizes.get, reverse=True):
+        if total + sizes[name] + gap <= seconds * 1.15:
+            chosen.append(name)
+            total += sizes[name] + gap
+        if total >= seconds * 0.9:
+            break
+    silence = np.zeros(int(gap * SAMPLE_RATE), np.float32)
+    pieces = [p for n in chosen for p in (decode_audio((ASTERISK_SOUNDS / f"{n}.wav").read_bytes()), silence)]
+    return np.concatenate(pieces), " ".join(prompts[n] for n in chosen)
