@@ -10,7 +10,7 @@ from __future__ import annotations
 import bentoml
 
 from openstt.api.app import create_app
-from openstt.batching import AlignRequest, WindowReply, WindowRequest, decode_batch
+from openstt.batching import AlignRequest, WindowReply, WindowRequest, call_with_reconnect, decode_batch
 from openstt.bootstrap import load_models, load_settings, prepare_models, start_api
 from openstt.settings import env_int
 
@@ -55,13 +55,13 @@ class OpenSTT:
 
     def __init__(self) -> None:
         async def decode(request: WindowRequest) -> WindowReply:
-            return (await self.models.to_async.decode_windows([request]))[0]
+            return (await call_with_reconnect(lambda: self.models.to_async.decode_windows([request])))[0]
 
         async def align(request: AlignRequest) -> list[list[dict]]:
-            return await self.models.to_async.align(request)
+            return await call_with_reconnect(lambda: self.models.to_async.align(request))
 
         async def models_ready() -> bool:
-            return await self.models.to_async.ready()
+            return await call_with_reconnect(lambda: self.models.to_async.ready())
 
         app.state.models_ready = models_ready
         self.registry = start_api(app, decode, align)

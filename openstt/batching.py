@@ -125,3 +125,20 @@ class BatchedWhisperEngine(Engine):
 
     def describe(self) -> dict:
         return {**super().describe(), "served_by": "model service (batched)", "multilingual": self.multilingual}
+
+
+async def call_with_reconnect(call: Callable[[], Awaitable], attempts: int = 3):
+    """Call the model service, retrying when a pooled keep-alive connection turns out to be closed.
+
+    The model service's server drops idle connections after a few seconds; a request that picks
+    such a connection fails with "Server disconnected" before the service saw it, so retrying is
+    safe (decoding a window has no side effects)."""
+    import aiohttp
+
+    for attempt in range(attempts):
+        try:
+            return await call()
+        except aiohttp.ClientConnectionError:
+            if attempt == attempts - 1:
+                raise
+            log.debug("model service connection dropped; retrying (%d)", attempt + 1)

@@ -1,0 +1,31 @@
+"""The benchmark runs end to end in smoke mode, so it cannot rot between real runs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from openstt.evaluation import ASTERISK_SOUNDS
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not ASTERISK_SOUNDS.exists(), reason="asterisk-core-sounds-en-wav not installed")
+def test_bench_smoke(hf_cache, tmp_path):
+    out = tmp_path / "bench.json"
+    env = {"HF_HUB_CACHE": str(hf_cache), "PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin"}
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench"), "--smoke", "--out", str(out)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    ours, peer = report["open_stt"]["5s"], report["faster_whisper"]["int8"]["5s"]
+    assert ours["p50"] > 0 and peer["p50"] > 0
+    assert ours["wer"] < 0.2 and peer["wer"] < 0.2  # both engines really transcribed the clip
+    assert set(report["open_stt"]["concurrency_10s"]) == {"1", "2"}
+    assert report["open_stt_peak_rss_mb"] > 100
+    assert "ours/peer p50" in proc.stdout
