@@ -64,8 +64,9 @@ def evaluate(name: str, long_seconds: float) -> dict:
             started = time.perf_counter()
             text = engine.transcribe(audio, TranscribeOptions(language="en", temperature_fallback=fallback)).text
             elapsed = time.perf_counter() - started
-            result["long"][key] = {"audio_seconds": round(len(audio) / SAMPLE_RATE, 1), "wall_seconds": round(elapsed, 1),
-                                   "rtfx": round(len(audio) / SAMPLE_RATE / elapsed, 1), "wer": round(wer(ref, text), 4)}
+            seconds = len(audio) / SAMPLE_RATE
+            result["long"][key] = {"audio_seconds": round(seconds, 1), "wall_seconds": round(elapsed, 1),
+                                   "rtfx": round(seconds / elapsed, 1), "wer": round(wer(ref, text), 4)}
     if ASTERISK_SOUNDS.exists():
         prompts = asterisk_prompts()
         names = longest_prompts(long_seconds)
@@ -92,7 +93,8 @@ def main() -> None:
             print(f"{r['model']:18} {mode:12} {r['short'][mode]['mean_wer']:9.3f} {long.get('wer', float('nan')):9.3f} "
                   f"{long.get('audio_seconds', 0):7.1f} {long.get('wall_seconds', 0):7.1f} {long.get('rtfx', 0):6.1f}")
         if "same_prompts_one_by_one_wer" in r["long"]:
-            print(f"{r['model']:18} long prompts decoded one by one: WER {r['long']['same_prompts_one_by_one_wer']:.3f}")
+            one_by_one = r["long"]["same_prompts_one_by_one_wer"]
+            print(f"{r['model']:18} long prompts decoded one by one: WER {one_by_one:.3f}")
     print(f"details: {args.out}")
 
 
