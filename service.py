@@ -15,7 +15,7 @@ from openstt.bootstrap import load_models, load_settings, prepare_models, start_
 from openstt.settings import env_int
 
 # Long audio takes long: BentoML's 60 s default would cut off a 20-minute file on CPU.
-REQUEST_TIMEOUT_S = 3600
+REQUEST_TIMEOUT_S = env_int("OPEN_STT_REQUEST_TIMEOUT", 3600)
 # Windows decoded together. Larger batches raise throughput until the device saturates.
 MAX_BATCH_WINDOWS = env_int("OPEN_STT_MAX_BATCH_WINDOWS", 16)
 

@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPU dynamic int8 quantisation of linear layers (OPEN_STT_QUANTIZE, default none)")
     g.add_argument("--torch-threads", type=int, metavar="N",
                    help="intra-op threads for inference (OPEN_STT_TORCH_THREADS, default: torch's, = cores)")
+    p.add_argument("--request-timeout", type=int, metavar="SECONDS",
+                   help="per-request deadline, upload included (OPEN_STT_REQUEST_TIMEOUT, default 3600)")
     g.add_argument("--max-batch-windows", type=int, metavar="N",
                    help="30 s windows decoded together across requests (OPEN_STT_MAX_BATCH_WINDOWS, default 16)")
     return p
@@ -60,7 +62,7 @@ def apply_flags(args: argparse.Namespace, env: dict[str, str]) -> dict[str, str]
         "OPEN_STT_API_KEY": args.api_key, "OPEN_STT_LOG_LEVEL": args.log_level,
         "OPEN_STT_DTYPE": args.dtype, "OPEN_STT_ATTN_IMPLEMENTATION": args.attn_implementation,
         "OPEN_STT_QUANTIZE": args.quantize, "OPEN_STT_TORCH_THREADS": args.torch_threads,
-        "OPEN_STT_MAX_BATCH_WINDOWS": args.max_batch_windows,
+        "OPEN_STT_MAX_BATCH_WINDOWS": args.max_batch_windows, "OPEN_STT_REQUEST_TIMEOUT": args.request_timeout,
     }
     env.update({k: str(v) for k, v in values.items() if v is not None})
     return env

@@ -62,6 +62,8 @@ class Settings(BaseSettings):
     quantize: Literal["none", "int8"] = "none"
     torch_threads: int | None = Field(None, ge=1)
     max_batch_windows: int = Field(16, ge=1, le=256)
+    # BentoML's per-request deadline (upload to first response byte); long audio needs long.
+    request_timeout: int = Field(3600, ge=10)
 
     @field_validator("models", "api_key", mode="before")
     @classmethod
@@ -80,6 +82,12 @@ class Settings(BaseSettings):
         if unknown:
             raise ValueError(f"unknown model(s) {', '.join(unknown)}. Available: {', '.join(CATALOG)}")
         return list(dict.fromkeys(models))
+
+    @field_validator("default_model", "torch_threads", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        # compose files pass unset variables as empty strings
+        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("log_level", mode="before")
     @classmethod
