@@ -14,8 +14,10 @@ from openstt.batching import AlignRequest, WindowReply, WindowRequest, call_with
 from openstt.bootstrap import load_models, load_settings, prepare_models, start_api
 from openstt.settings import env_int
 
-# Long audio takes long: BentoML's 60 s default would cut off a 20-minute file on CPU.
-REQUEST_TIMEOUT_S = env_int("OPEN_STT_REQUEST_TIMEOUT", 3600)
+# Long audio takes long: BentoML's 60 s default would cut off a 20-minute file on CPU. The app
+# enforces OPEN_STT_REQUEST_TIMEOUT itself (with an OpenAI-style 504); BentoML's plain-text one
+# is set a minute later so it never fires first.
+REQUEST_TIMEOUT_S = env_int("OPEN_STT_REQUEST_TIMEOUT", 3600) + 60
 # Windows decoded together. Larger batches raise throughput until the device saturates.
 MAX_BATCH_WINDOWS = env_int("OPEN_STT_MAX_BATCH_WINDOWS", 16)
 

@@ -15,6 +15,7 @@ import soundfile as sf
 
 SAMPLE_RATE = 16000
 MIN_DURATION = 0.1  # seconds; OpenAI rejects shorter clips
+MAX_DURATION = 7200.0  # seconds; a few KB of FLAC can hold hours of silence (decompression bomb)
 SUPPORTED_FORMATS = ["flac", "m4a", "mp3", "mp4", "mpeg", "mpga", "oga", "ogg", "wav", "webm"]
 
 
@@ -34,7 +35,12 @@ def _corrupt(detail: str = "") -> AudioError:
     return AudioError("Audio file might be corrupted or unsupported" + (f": {detail}" if detail else ""))
 
 
-def _read_soundfile(f: BinaryIO) -> np.ndarray | None:
+def _too_long(max_duration: float) -> AudioError:
+    return AudioError(f"Audio is longer than {max_duration:g} seconds, the maximum this server accepts.",
+                      code="audio_too_long")
+
+
+def _read_soundfile(f: BinaryIO, max_duration: float) -> np.ndarray | None:
     """Fast path for 16 kHz WAV/FLAC, which libsndfile reads without resampling."""
     head = f.read(12)
     f.seek(0)
@@ -44,7 +50,11 @@ def _read_soundfile(f: BinaryIO) -> np.ndarray | None:
         with sf.SoundFile(f) as snd:
             if snd.samplerate != SAMPLE_RATE:
                 return None
+            if snd.frames > max_duration * SAMPLE_RATE:  # checked from the header, before reading
+                raise _too_long(max_duration)
             data = snd.read(dtype="float32", always_2d=True)
+    except AudioError:
+        raise
     except Exception:  # libsndfile is pickier than FFmpeg (odd WAV headers): let FFmpeg try
         return None
     finally:
@@ -52,7 +62,7 @@ def _read_soundfile(f: BinaryIO) -> np.ndarray | None:
     return data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
 
 
-def _read_pyav(f: BinaryIO) -> np.ndarray:
+def _read_pyav(f: BinaryIO, max_duration: float) -> np.ndarray:
     try:
         container = av.open(f, mode="r", metadata_errors="ignore")
     except (av.error.InvalidDataError, av.error.EOFError, ValueError):
@@ -67,10 +77,16 @@ def _read_pyav(f: BinaryIO) -> np.ndarray:
         # not depend on FFmpeg's matrix or drop a channel that carries the speech.
         resampler = av.AudioResampler(format="fltp", rate=SAMPLE_RATE)
         chunks: list[np.ndarray] = []
+        limit = int(max_duration * SAMPLE_RATE)
+        decoded = 0
 
         def take(frames) -> None:
+            nonlocal decoded
             for frame in frames:
                 chunks.append(frame.to_ndarray().mean(axis=0, dtype=np.float32))
+                decoded += len(chunks[-1])
+                if decoded > limit:  # stop at once: never expand a bomb into memory
+                    raise _too_long(max_duration)
 
         try:
             for frame in container.decode(stream):
@@ -85,7 +101,8 @@ def _read_pyav(f: BinaryIO) -> np.ndarray:
     return np.concatenate(chunks).astype(np.float32, copy=False)
 
 
-def decode_audio(source: bytes | BinaryIO, *, min_duration: float = MIN_DURATION) -> np.ndarray:
+def decode_audio(source: bytes | BinaryIO, *, min_duration: float = MIN_DURATION,
+                 max_duration: float = MAX_DURATION) -> np.ndarray:
     """Decode ``source`` to a 1-D float32 array at 16 kHz, mixing all channels to mono.
 
     Raises ``AudioError`` (a client error) for empty, unrecognised, corrupt or too-short input.
@@ -96,9 +113,9 @@ def decode_audio(source: bytes | BinaryIO, *, min_duration: float = MIN_DURATION
     f.seek(0)
     if size == 0:
         raise AudioError("The audio file is empty.", code="empty_file")
-    audio = _read_soundfile(f)
+    audio = _read_soundfile(f, max_duration)
     if audio is None:
-        audio = _read_pyav(f)
+        audio = _read_pyav(f, max_duration)
     if not np.isfinite(audio).all():
         raise _corrupt("audio contains NaN or infinite samples")
     if len(audio) < min_duration * SAMPLE_RATE:

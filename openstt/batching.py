@@ -58,6 +58,15 @@ def _reply(result: DecodeResult) -> WindowReply:
     return WindowReply(**{k: getattr(result, k) for k in WindowReply.model_fields})
 
 
+def failure_reason(exc: BaseException) -> str:
+    """A short, path-free reason for a failed window; ``out_of_memory`` is retryable."""
+    import torch
+
+    if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower():
+        return "out_of_memory"
+    return type(exc).__name__
+
+
 def decode_batch(engines: dict[str, Engine], requests: list[WindowRequest]) -> list[WindowReply]:
     """Decode a batch of windows, grouped by model. A failing group is retried item by item so
     that one bad window fails only its own request."""
@@ -85,7 +94,7 @@ def decode_batch(engines: dict[str, Engine], requests: list[WindowRequest]) -> l
                 except Exception as exc:  # noqa: BLE001 - reported to the one request it belongs to
                     log.exception("window for %s failed", model)
                     results.append(DecodeResult([], [], 0.0, 0.0, 0.0, job.temperature, job.language or "en",
-                                                error=type(exc).__name__))
+                                                error=failure_reason(exc)))
         log.debug("decoded batch of %d windows for %s in %.2f s", len(jobs), model, time.perf_counter() - started)
         for i, result in zip(indices, results):
             replies[i] = _reply(result)

@@ -62,8 +62,12 @@ class Settings(BaseSettings):
     quantize: Literal["none", "int8"] = "none"
     torch_threads: int | None = Field(None, ge=1)
     max_batch_windows: int = Field(16, ge=1, le=256)
-    # BentoML's per-request deadline (upload to first response byte); long audio needs long.
+    # Per-request deadline for a transcription; BentoML's own is set a minute later.
     request_timeout: int = Field(3600, ge=10)
+    # Longest decoded audio accepted (guards against decompression bombs), and how many
+    # transcriptions may be in flight before new ones get 429 + Retry-After.
+    max_audio_seconds: float = Field(7200, gt=0)
+    max_concurrent_requests: int = Field(64, ge=1)
 
     @field_validator("models", "api_key", mode="before")
     @classmethod

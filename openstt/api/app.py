@@ -10,16 +10,17 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from openstt.api.errors import (
-    INTERNAL_ERROR_MESSAGE,
     OpenAIError,
     bad_request,
     install_error_handlers,
+    internal_error,
     model_not_found,
     request_id_of,
 )
@@ -27,6 +28,7 @@ from openstt.api.forms import AudioRequest, parse_audio_form, read_form
 from openstt.api.middleware import ApiKeyMiddleware, MaxBodySizeMiddleware, RequestIdMiddleware
 from openstt.audio import AudioError, decode_audio
 from openstt.engines.base import TranscribeOptions, TranscriptionRun, UnsupportedRequest
+from openstt.engines.whisper_decoding import ModelFailure
 from openstt.formats import delta_event, done_event, error_event, render, sse, token_usage
 from openstt.registry import ModelRegistry, UnknownModel
 
@@ -42,6 +44,48 @@ def _registry(request: Request) -> ModelRegistry:
         raise OpenAIError(503, "The server is still loading its models; retry shortly.", type="server_error",
                           headers={"retry-after": "5"})
     return registry
+
+
+@dataclass
+class Limits:
+    """Per-process admission control and deadlines for transcriptions."""
+
+    max_in_flight: int = 64
+    max_audio_seconds: float = 7200.0
+    request_timeout: float = 3600.0
+    in_flight: int = 0
+
+    def try_acquire(self) -> Slot | None:
+        if self.in_flight >= self.max_in_flight:
+            return None
+        self.in_flight += 1  # single-threaded event loop: no lock needed
+        return Slot(self)
+
+
+class Slot:
+    """One admitted transcription; releasing twice is harmless."""
+
+    def __init__(self, limits: Limits):
+        self.limits, self.released = limits, False
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self.limits.in_flight -= 1
+
+
+class _SlotStreamingResponse(StreamingResponse):
+    """Frees the request's slot however the stream ends, even if it never started."""
+
+    def __init__(self, *args, slot: Slot, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.slot = slot
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.slot.release()
 
 
 async def _models_ready(app: FastAPI) -> bool:
@@ -91,8 +135,34 @@ def _client_error(exc: Exception) -> OpenAIError:
     return bad_request(exc.message, param=exc.param, code=exc.code)
 
 
+def _model_failure(exc: ModelFailure, request_id: str | None) -> OpenAIError:
+    if exc.reason == "out_of_memory":
+        return OpenAIError(503, "The model ran out of memory on this request. Retry later or send shorter audio.",
+                           type="server_error", code="model_out_of_memory", headers={"retry-after": "10"})
+    return internal_error(request_id)
+
+
 async def _transcribe(request: Request, task: str) -> Response:
     registry = _registry(request)
+    limits: Limits = request.app.state.limits
+    slot = limits.try_acquire()
+    if slot is None:
+        # Shed load instead of queueing without bound; the SDK waits for Retry-After and retries.
+        raise OpenAIError(429, f"The server is busy ({limits.max_in_flight} transcriptions in progress). "
+                          "Retry shortly.", type="rate_limit_error", code="rate_limit_exceeded",
+                          headers={"retry-after": "2"})
+    try:
+        response = await _transcribe_admitted(request, registry, limits, task, slot)
+    except BaseException:
+        slot.release()
+        raise
+    if not isinstance(response, StreamingResponse):
+        slot.release()  # a stream releases its slot when it ends
+    return response
+
+
+async def _transcribe_admitted(request: Request, registry: ModelRegistry, limits: Limits, task: str,
+                               slot: Slot) -> Response:
     req: AudioRequest = parse_audio_form(await read_form(request), task=task)
     try:
         engine = registry.get(req.model)
@@ -103,7 +173,7 @@ async def _transcribe(request: Request, task: str) -> Response:
     started = time.perf_counter()
     try:
         # Decoding and inference run in worker threads so the event loop (and /health) stay free.
-        audio = await run_in_threadpool(decode_audio, req.file.file)
+        audio = await run_in_threadpool(decode_audio, req.file.file, max_duration=limits.max_audio_seconds)
         run = await run_in_threadpool(engine.start, audio, _options(req))
     except (AudioError, UnsupportedRequest) as exc:
         raise _client_error(exc) from None
@@ -111,9 +181,19 @@ async def _transcribe(request: Request, task: str) -> Response:
         await req.file.close()
 
     if req.stream:
-        return StreamingResponse(_events(run, req, engine.name, request_id, started), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    transcript = await run.acollect()
+        events = _events(run, req, engine.name, request_id, started, limits)
+        return _SlotStreamingResponse(events, slot=slot, media_type="text/event-stream",
+                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    try:
+        transcript = await asyncio.wait_for(run.acollect(), timeout=limits.request_timeout)
+    except asyncio.TimeoutError:
+        # Deterministic for this audio: tell the SDK not to retry it.
+        raise OpenAIError(504, f"Transcription did not finish within {limits.request_timeout} s. Send shorter "
+                          "audio or raise OPEN_STT_REQUEST_TIMEOUT.", type="server_error", code="timeout",
+                          headers={"x-should-retry": "false"}) from None
+    except ModelFailure as exc:
+        log.error("%s %s", request_id, exc)
+        raise _model_failure(exc, request_id) from None
     _log_done(request_id, req, engine.name, transcript.duration, started)
     return render(transcript, req.response_format, task=task, granularities=req.timestamp_granularities,
                   logprobs="logprobs" in req.include)
@@ -134,12 +214,16 @@ def _log_done(request_id: str | None, req: AudioRequest, model: str, duration: f
              req.response_format, extras, elapsed, elapsed / duration if duration else 0.0)
 
 
-async def _events(run: TranscriptionRun, req: AudioRequest, model: str, request_id, started) -> AsyncIterator[str]:
+async def _events(run: TranscriptionRun, req: AudioRequest, model: str, request_id, started,
+                  limits: Limits) -> AsyncIterator[str]:
     """SSE: one ``transcript.text.delta`` per decoded segment, then ``transcript.text.done``."""
     with_logprobs = "logprobs" in req.include
     text, tokens, logprobs = "", 0, []
+    deadline = time.monotonic() + limits.request_timeout
     try:
         async for segment in run.aiter():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"stream exceeded {limits.request_timeout} s")
             delta = segment.text.lstrip() if not text else segment.text
             if not delta:
                 continue
@@ -149,10 +233,11 @@ async def _events(run: TranscriptionRun, req: AudioRequest, model: str, request_
             yield sse(delta_event(delta, segment.logprobs if with_logprobs else None))
         yield sse(done_event(text, token_usage(tokens, run.duration), logprobs if with_logprobs else None))
         _log_done(request_id, req, model, run.duration, started)
-    except Exception:
+    except Exception as exc:
         # Headers are gone already: report in-band, as the SDK expects (it raises openai.APIError).
         log.exception("%s stream failed after %d characters", request_id, len(text))
-        yield sse(error_event(f"{INTERNAL_ERROR_MESSAGE} (request id {request_id})"))
+        err = _model_failure(exc, request_id) if isinstance(exc, ModelFailure) else internal_error(request_id)
+        yield sse(error_event(err.message, code=err.code))
 
 
 def create_app() -> FastAPI:
@@ -161,6 +246,7 @@ def create_app() -> FastAPI:
     app.state.registry = None
     app.state.api_keys = []
     app.state.max_upload_bytes = DEFAULT_MAX_UPLOAD_BYTES
+    app.state.limits = Limits()
     install_error_handlers(app)
     app.add_middleware(MaxBodySizeMiddleware, max_bytes=lambda: app.state.max_upload_bytes)
     app.add_middleware(ApiKeyMiddleware, keys=lambda: app.state.api_keys)

@@ -106,6 +106,14 @@ class AlignJob:
     num_frames: int
 
 
+class ModelFailure(RuntimeError):
+    """The model could not decode a window (``reason`` is e.g. ``out_of_memory``)."""
+
+    def __init__(self, reason: str, at_seconds: float = 0.0):
+        super().__init__(f"decoding the window at {at_seconds:.1f} s failed: {reason}")
+        self.reason = reason
+
+
 def _byte_decoder() -> dict[str, int]:
     """GPT-2's byte-level BPE alphabet, reversed: printable symbol -> the byte it encodes."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
@@ -344,7 +352,7 @@ class WindowLoop:
                 job = WindowJob(chunk, all_tokens[prompt_reset_since:], options.task, state.language, temperature)
                 result = yield job
                 if result.error:
-                    raise RuntimeError(f"window at {time_offset:.1f} s failed: {result.error}")
+                    raise ModelFailure(result.error, time_offset)
                 state.language = state.language or result.language
                 too_repetitive = result.compression_ratio > options.compression_ratio_threshold
                 too_unlikely = result.avg_logprob < options.logprob_threshold
