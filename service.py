@@ -13,6 +13,7 @@ from openstt.api.app import create_app
 from openstt.batching import AlignRequest, WindowReply, WindowRequest, call_with_reconnect, decode_batch
 from openstt.bootstrap import load_models, load_settings, prepare_models, start_api
 from openstt.settings import env_int
+from openstt.shutdown import Activity, defer_sigterm_until_idle
 
 # Long audio takes long: BentoML's 60 s default would cut off a 20-minute file on CPU. The app
 # enforces OPEN_STT_REQUEST_TIMEOUT itself (with an OpenAI-style 504); BentoML's plain-text one
@@ -31,18 +32,23 @@ class OpenSTTModels:
     def __init__(self) -> None:
         self.registry = load_models()
         self.engines = self.registry.engines()
+        # keep serving windows to in-flight transcriptions after SIGTERM (see openstt/shutdown.py)
+        self.activity = Activity()
+        defer_sigterm_until_idle(self.activity, max_wait=REQUEST_TIMEOUT_S)
 
     # max_latency_ms is the budget for one batch; a small one makes BentoML shed load with 503s.
     @bentoml.api(batchable=True, max_batch_size=MAX_BATCH_WINDOWS, max_latency_ms=REQUEST_TIMEOUT_S * 1000)
     def decode_windows(self, requests: list[WindowRequest]) -> list[WindowReply]:
-        return decode_batch(self.engines, requests)
+        with self.activity:
+            return decode_batch(self.engines, requests)
 
     @bentoml.api
     def align(self, request: AlignRequest) -> list[list[dict]]:
         from openstt.engines.whisper_decoding import AlignJob
 
         job = AlignJob(request.audio, request.language, request.task, request.segment_tokens, request.num_frames)
-        words = self.engines[request.model].core.align(job)
+        with self.activity:
+            words = self.engines[request.model].core.align(job)
         return [[{"word": w.word, "start": w.start, "end": w.end} for w in seg] for seg in words]
 
     @bentoml.api

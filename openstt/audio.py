@@ -48,10 +48,10 @@ def _read_soundfile(f: BinaryIO, max_duration: float) -> np.ndarray | None:
         return None
     try:
         with sf.SoundFile(f) as snd:
+            if snd.frames > max_duration * snd.samplerate:  # from the header, before reading anything
+                raise _too_long(max_duration)
             if snd.samplerate != SAMPLE_RATE:
                 return None
-            if snd.frames > max_duration * SAMPLE_RATE:  # checked from the header, before reading
-                raise _too_long(max_duration)
             data = snd.read(dtype="float32", always_2d=True)
     except AudioError:
         raise
@@ -73,6 +73,8 @@ def _read_pyav(f: BinaryIO, max_duration: float) -> np.ndarray:
         if not container.streams.audio:
             raise _invalid_format()
         stream = container.streams.audio[0]
+        if container.duration is not None and container.duration / 1_000_000 > max_duration:
+            raise _too_long(max_duration)  # declared length; the decoded length is enforced below too
         # Keep every channel through resampling and average them ourselves: down-mixing must
         # not depend on FFmpeg's matrix or drop a channel that carries the speech.
         resampler = av.AudioResampler(format="fltp", rate=SAMPLE_RATE)

@@ -39,15 +39,21 @@ def _cue_text(segment: Segment) -> str:
     return " ".join(segment.text.strip().replace("-->", "->").split())
 
 
+def _cues(segments: list[Segment]) -> list[tuple[Segment, str]]:
+    # a cue without text would leave a blank line where its text belongs, ending it early
+    return [(s, text) for s in segments if (text := _cue_text(s))]
+
+
 def to_srt(segments: list[Segment]) -> str:
     return "".join(
-        f"{i}\n{_timestamp(s.start, ',')} --> {_timestamp(s.end, ',')}\n{_cue_text(s)}\n\n"
-        for i, s in enumerate(segments, start=1)
+        f"{i}\n{_timestamp(s.start, ',')} --> {_timestamp(s.end, ',')}\n{text}\n\n"
+        for i, (s, text) in enumerate(_cues(segments), start=1)
     )
 
 
 def to_vtt(segments: list[Segment]) -> str:
-    cues = "".join(f"{_timestamp(s.start, '.')} --> {_timestamp(s.end, '.')}\n{_cue_text(s)}\n\n" for s in segments)
+    cues = "".join(f"{_timestamp(s.start, '.')} --> {_timestamp(s.end, '.')}\n{text}\n\n"
+                   for s, text in _cues(segments))
     return "WEBVTT\n\n" + cues
 
 

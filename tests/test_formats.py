@@ -79,3 +79,65 @@ def test_usage_forms():
 def test_sse_frame():
     assert sse({"type": "transcript.text.delta", "delta": "héllo"}) == \
         'data: {"type":"transcript.text.delta","delta":"héllo"}\n\n'
+
+
+# -- properties, for any segments the decoder could produce (hypothesis) --------------------------
+
+import re  # noqa: E402
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+CUE_TIME = re.compile(r"^(\d{2,}):(\d{2}):(\d{2})[,.](\d{3}) --> (\d{2,}):(\d{2}):(\d{2})[,.](\d{3})$")
+
+
+@st.composite
+def segment_lists(draw):
+    n = draw(st.integers(0, 8))
+    t = 0.0
+    out = []
+    for i in range(n):
+        t += draw(st.floats(0, 4000, allow_nan=False))
+        length = draw(st.floats(0, 30, allow_nan=False))
+        text = draw(st.text(min_size=0, max_size=40))
+        out.append(Segment(i, 0, round(t, 3), round(t + length, 3), text, [], 0.0, -0.1, 1.0, 0.0))
+        t += length
+    return out
+
+
+def _seconds(parts) -> float:
+    h, m, s, ms = (int(p) for p in parts)
+    return h * 3600 + m * 60 + s + ms / 1000
+
+
+@settings(max_examples=300, deadline=None)
+@given(segment_lists())
+def test_srt_structure_holds_for_any_text(segments):
+    body = to_srt(segments)
+    kept = [s for s in segments if " ".join(s.text.strip().replace("-->", "->").split())]
+    if not kept:
+        assert body == ""
+        return
+    assert body.endswith("\n\n")
+    cues = body[:-2].split("\n\n")
+    assert len(cues) == len(kept)
+    for number, (cue, seg) in enumerate(zip(cues, kept), start=1):
+        lines = cue.split("\n")
+        assert lines[0] == str(number) and len(lines) == 3 and lines[2].strip()
+        m = CUE_TIME.match(lines[1])
+        assert m and "," in lines[1]
+        assert abs(_seconds(m.groups()[:4]) - seg.start) < 0.0006 and abs(_seconds(m.groups()[4:]) - seg.end) < 0.0006
+        assert "-->" not in lines[2]
+
+
+@settings(max_examples=300, deadline=None)
+@given(segment_lists())
+def test_vtt_structure_holds_for_any_text(segments):
+    body = to_vtt(segments)
+    assert body.startswith("WEBVTT\n\n")
+    cues = [c for c in body[len("WEBVTT\n\n"):].split("\n\n") if c]
+    kept = [s for s in segments if " ".join(s.text.strip().replace("-->", "->").split())]
+    assert len(cues) == len(kept)
+    for cue in cues:
+        timing, text = cue.split("\n")
+        assert CUE_TIME.match(timing) and "." in timing and text.strip() and "-->" not in text

@@ -240,6 +240,33 @@ async def _events(run: TranscriptionRun, req: AudioRequest, model: str, request_
         yield sse(error_event(err.message, code=err.code))
 
 
+def _audio_openapi(task: str) -> dict:
+    """The multipart form in the OpenAPI document (the route parses it by hand; see forms.py)."""
+    props: dict = {
+        "file": {"type": "string", "format": "binary"},
+        "model": {"type": "string", "example": "whisper-1"},
+        "prompt": {"type": "string"},
+        "response_format": {"type": "string", "enum": ["json", "text", "srt", "verbose_json", "vtt"]},
+        "temperature": {"type": "number", "minimum": 0, "maximum": 1},
+    }
+    if task == "transcribe":
+        props.update({
+            "language": {"type": "string", "example": "en"},
+            "timestamp_granularities[]": {"type": "array", "items": {"type": "string", "enum": ["word", "segment"]}},
+            "include[]": {"type": "array", "items": {"type": "string", "enum": ["logprobs"]}},
+            "stream": {"type": "boolean"},
+        })
+    error = {"description": "OpenAI error envelope", "content": {"application/json": {"schema": {
+        "type": "object", "required": ["error"], "properties": {"error": {"type": "object", "required": [
+            "message", "type", "param", "code"]}}}}}}
+    return {
+        "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+            "type": "object", "required": ["file", "model"], "properties": props}}}},
+        "responses": {"200": {"description": "Transcript (json, text/plain formats, or text/event-stream)"},
+                      **{code: error for code in ("400", "401", "404", "413", "429", "503", "504")}},
+    }
+
+
 def create_app() -> FastAPI:
     """Build the app; attach ``app.state.registry`` (and ``api_keys``, ``max_upload_bytes``) to serve."""
     app = FastAPI(title="open-stt", version="0.1.0", docs_url="/docs", redoc_url=None)
@@ -274,11 +301,11 @@ def create_app() -> FastAPI:
                               code="model_not_found") from None
         return JSONResponse(_model_object(model_id, registry.created(name)))
 
-    @app.post("/v1/audio/transcriptions")
+    @app.post("/v1/audio/transcriptions", openapi_extra=_audio_openapi("transcribe"))
     async def transcriptions(request: Request) -> Response:
         return await _transcribe(request, "transcribe")
 
-    @app.post("/v1/audio/translations")
+    @app.post("/v1/audio/translations", openapi_extra=_audio_openapi("translate"))
     async def translations(request: Request) -> Response:
         return await _transcribe(request, "translate")
 

@@ -1,0 +1,311 @@
+"""Hostile and clumsy clients: the bad-input matrix, overload, timeouts, model failures, a bounded
+load test, and graceful shutdown. The server must answer every one with a clear 4xx (or a
+retryable 429/503) in OpenAI's envelope, and keep transcribing afterwards."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import openai
+import psutil
+import pytest
+import soundfile as sf
+from fastapi.testclient import TestClient
+
+from openstt.api.app import Limits, create_app
+from openstt.catalog import CATALOG
+from openstt.engines.base import Engine, Segment, TranscribeOptions, TranscriptionRun
+from openstt.engines.whisper_decoding import LoopState, ModelFailure
+from openstt.evaluation import ASTERISK_SOUNDS, english_clip, wer
+from openstt.registry import ModelRegistry
+from tests.conftest import API_KEY, REPORT, Server, clip, encode, free_port, normalize, server_env
+
+FOX = "The quick brown fox jumps over the lazy dog."
+
+
+def silent_flac(hours: float, rate: int = 8000) -> bytes:
+    buf = io.BytesIO()
+    with sf.SoundFile(buf, mode="w", samplerate=rate, channels=1, format="FLAC", subtype="PCM_16") as f:
+        block = np.zeros(rate * 600, np.int16)
+        for _ in range(int(hours * 6)):
+            f.write(block)
+    return buf.getvalue()
+
+
+def fox_mp3() -> bytes:
+    audio, _ = sf.read(clip("en/quick_brown_fox"), dtype="float32")
+    return encode(audio, "mp3", "libmp3lame")
+
+
+# (id, form fields, files, expected status, expected param or message fragment)
+MATRIX = [
+    ("no-file", {"model": "whisper-1"}, None, 400, "file"),
+    ("empty-file", {"model": "whisper-1"}, {"file": ("a.wav", b"")}, 400, "empty"),
+    ("text-as-wav", {"model": "whisper-1"}, {"file": ("notes.wav", b"meeting notes\n" * 100)}, 400,
+     "Invalid file format"),
+    ("header-only-mp3", {"model": "whisper-1"}, {"file": ("cut.mp3", "MP3HEAD")}, 400, None),
+    ("garbage-mp3", {"model": "whisper-1"}, {"file": ("x.mp3", np.random.default_rng(1).bytes(40_000))}, 400, None),
+    ("field-files", {"model": "whisper-1"}, {"files": ("fox.wav", "FOX")}, 400, "file"),
+    ("field-models", {"models": "whisper-1"}, {"file": ("fox.wav", "FOX")}, 400, "model"),
+    ("huge-text-field", {"model": "whisper-1", "prompt": "x" * (5 * 1024 * 1024)}, {"file": ("fox.wav", "FOX")},
+     400, "multipart"),
+    ("50ms", {"model": "whisper-1"}, {"file": ("short.wav", "SHORT")}, 400, "too short"),
+    ("6h-silent-flac", {"model": "whisper-1"}, {"file": ("bomb.flac", "BOMB")}, 400, "longer than"),
+    ("bad-format", {"model": "whisper-1", "response_format": "xml"}, {"file": ("fox.wav", "FOX")}, 400,
+     "response_format"),
+    ("bad-language", {"model": "whisper-1", "language": "xx"}, {"file": ("fox.wav", "FOX")}, 400, "language"),
+    ("bad-temperature", {"model": "whisper-1", "temperature": "-1"}, {"file": ("fox.wav", "FOX")}, 400,
+     "temperature"),
+    ("bad-granularity", {"model": "whisper-1", "timestamp_granularities[]": "char"}, {"file": ("fox.wav", "FOX")},
+     400, "timestamp_granularities"),
+    ("unknown-model", {"model": "whisper-huge"}, {"file": ("fox.wav", "FOX")}, 404, "model"),
+    ("oversized", {"model": "whisper-1"}, {"file": ("big.wav", "BIG")}, 413, "Maximum content size"),
+]
+
+
+def materialise(files: dict | None) -> dict | None:
+    if files is None:
+        return None
+    out = {}
+    for key, (name, data) in files.items():
+        data = {
+            "FOX": lambda: clip("en/quick_brown_fox").read_bytes(),
+            "MP3HEAD": lambda: fox_mp3()[:100],
+            "SHORT": lambda: encode(np.zeros(800, np.float32), "wav", "pcm_s16le"),
+            "BOMB": lambda: silent_flac(6),
+            "BIG": lambda: b"\0" * (26 * 1024 * 1024),
+        }.get(data, lambda d=data: d)() if isinstance(data, str) else data
+        out[key] = (name, data)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", MATRIX, ids=[c[0] for c in MATRIX])
+def test_bad_input_matrix(server, case):
+    _, data, files, status, expect = case
+    with httpx.Client(base_url=server.base, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120) as c:
+        files = materialise(files)
+        if files is None:
+            r = c.post("/v1/audio/transcriptions", files={k: (None, v) for k, v in data.items()})
+        else:
+            r = c.post("/v1/audio/transcriptions", data=data, files=files)
+        assert r.status_code == status, r.text[:500]
+        err = r.json()["error"]
+        assert set(err) == {"message", "type", "param", "code"}
+        if expect:
+            assert expect == err["param"] or expect in err["message"], err
+        # the server is unharmed
+        good = c.post("/v1/audio/transcriptions", data={"model": "whisper-1"},
+                      files={"file": ("fox.wav", clip("en/quick_brown_fox").read_bytes())})
+        assert good.status_code == 200 and good.json()["text"] == FOX
+
+
+@pytest.mark.slow
+def test_truncated_mp3_and_silence(server):
+    client = openai.OpenAI(base_url=server.base + "/v1", api_key=API_KEY, max_retries=0)
+    data = fox_mp3()
+    partial = client.audio.transcriptions.create(model="whisper-tiny.en", file=("cut.mp3", data[: len(data) // 2]))
+    assert normalize(partial.text).startswith("the quick brown")  # what survived the cut is transcribed
+    silence = encode(np.zeros(10 * 16000, np.float32), "wav", "pcm_s16le")
+    for model in ("whisper-tiny.en", "whisper-base"):
+        r = client.audio.transcriptions.create(model=model, file=("silence.wav", silence),
+                                               response_format="verbose_json")
+        assert r.text == "" and r.segments == []  # no hallucinated "you" / "Thank you."
+
+
+# -- overload, deadlines and model failures (in-process; engines here are fault injectors) --------
+
+
+class _Gate(Engine):
+    """Blocks every transcription until released: used to fill the server's admission slots."""
+
+    gate = threading.Event()
+
+    def start(self, audio, options: TranscribeOptions) -> TranscriptionRun:
+        def segments():
+            self.gate.wait(30)
+            yield Segment(0, 0, 0.0, 1.0, " done", [1], 0.0, -0.1, 1.0, 0.0)
+
+        return TranscriptionRun(state=LoopState("en"), duration=1.0, segments=segments())
+
+
+class _Failing(Engine):
+    def __init__(self, spec, reason: str):
+        super().__init__(spec)
+        self.reason = reason
+
+    def start(self, audio, options: TranscribeOptions) -> TranscriptionRun:
+        def segments():
+            raise ModelFailure(self.reason, 0.0)
+            yield  # pragma: no cover
+
+        return TranscriptionRun(state=LoopState("en"), duration=1.0, segments=segments())
+
+
+def _app(engine: Engine, **limits) -> TestClient:
+    app = create_app()
+    app.state.registry = ModelRegistry([engine], engine.name)
+    app.state.limits = Limits(**limits)
+    return TestClient(app)
+
+
+def _post(client: TestClient, **data):
+    return client.post("/v1/audio/transcriptions", data={"model": "whisper-1", **data},
+                       files={"file": ("fox.wav", clip("en/quick_brown_fox").read_bytes())})
+
+
+def test_overload_gets_429_with_retry_after():
+    _Gate.gate.clear()
+    with _app(_Gate(CATALOG["whisper-tiny"]), max_in_flight=2) as client:
+        with ThreadPoolExecutor(2) as pool:
+            first = [pool.submit(_post, client) for _ in range(2)]
+            deadline = time.monotonic() + 10
+            while client.app.state.limits.in_flight < 2 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            busy = _post(client)
+            assert busy.status_code == 429 and busy.headers["retry-after"] == "2"
+            assert busy.json()["error"]["type"] == "rate_limit_error"
+            _Gate.gate.set()
+            assert [f.result().status_code for f in first] == [200, 200]
+        assert client.app.state.limits.in_flight == 0
+        assert _post(client).status_code == 200  # slots were given back
+        assert _post(client, stream="true").status_code == 200
+        assert client.app.state.limits.in_flight == 0  # streams give theirs back too
+
+
+def test_deadline_gives_504_that_the_sdk_will_not_retry():
+    _Gate.gate.clear()
+    with _app(_Gate(CATALOG["whisper-tiny"]), request_timeout=0.5) as client:
+        r = _post(client)
+        _Gate.gate.set()
+    assert r.status_code == 504 and r.headers["x-should-retry"] == "false"
+    assert r.json()["error"]["code"] == "timeout"
+
+
+@pytest.mark.parametrize("reason, status", [("out_of_memory", 503), ("RuntimeError", 500)])
+def test_model_failures(reason, status):
+    with _app(_Failing(CATALOG["whisper-tiny"], reason)) as client:
+        r = _post(client)
+        assert r.status_code == status
+        err = r.json()["error"]
+        assert err["type"] == "server_error"
+        if status == 503:
+            assert err["code"] == "model_out_of_memory" and r.headers["retry-after"]
+        else:
+            assert "request id req_" in err["message"] and reason not in err["message"]
+        stream = _post(client, stream="true")
+        assert '"type":"error"' in stream.text
+
+
+# -- bounded load test ----------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not ASTERISK_SOUNDS.exists(), reason="asterisk-core-sounds-en-wav not installed")
+def test_bounded_load(server):
+    """200 requests, 16 at a time, mixed lengths: no 5xx, every transcript right, memory bounded."""
+    ten, ten_ref = english_clip(10)
+    twenty, twenty_ref = english_clip(20)
+    clips = [
+        (clip("en/quick_brown_fox").read_bytes(), FOX, "exact"),
+        (clip("en/hello_world").read_bytes(), "Hello world.", "exact"),
+        (encode(ten, "flac", "flac"), ten_ref, "wer"),
+        (encode(twenty, "mp3", "libmp3lame"), twenty_ref, "wer"),
+    ]
+    pid = server.proc.pid
+    peak = 0
+    stop = threading.Event()
+
+    def sample():
+        nonlocal peak
+        while not stop.is_set():
+            try:
+                root = psutil.Process(pid)
+                peak = max(peak, sum(p.memory_info().rss for p in [root, *root.children(recursive=True)]))
+            except psutil.Error:
+                pass
+            time.sleep(0.25)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    latencies: list[float] = []
+    failures: list[str] = []
+
+    def one(i: int):
+        data, ref, check = clips[i % len(clips)]
+        started = time.perf_counter()
+        r = httpx.post(server.base + "/v1/audio/transcriptions", headers={"Authorization": f"Bearer {API_KEY}"},
+                       data={"model": "whisper-tiny.en"}, files={"file": (f"c{i}", data)}, timeout=300)
+        latencies.append(time.perf_counter() - started)
+        if r.status_code != 200:
+            failures.append(f"{i}: {r.status_code} {r.text[:200]}")
+        elif check == "exact" and normalize(r.json()["text"]) != normalize(ref):
+            failures.append(f"{i}: wrong text {r.json()['text']!r}")
+        elif check == "wer" and wer(ref, r.json()["text"]) > 0.25:
+            failures.append(f"{i}: WER {wer(ref, r.json()['text']):.2f}")
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(one, range(200)))
+    wall = time.perf_counter() - started
+    stop.set()
+    sampler.join()
+    assert not failures, failures[:5]
+    assert peak < 6 * 2**30, f"peak RSS {peak / 2**20:.0f} MB"
+    REPORT["load_test"] = {"requests": 200, "concurrency": 16, "errors": len(failures), "wall_seconds": round(wall, 1),
+                           "p50_seconds": round(float(np.percentile(latencies, 50)), 2),
+                           "p95_seconds": round(float(np.percentile(latencies, 95)), 2),
+                           "peak_rss_mb": round(peak / 2**20)}
+
+
+# -- graceful shutdown ----------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not ASTERISK_SOUNDS.exists(), reason="asterisk-core-sounds-en-wav not installed")
+def test_sigterm_lets_in_flight_requests_finish(hf_cache, tmp_path):
+    port = free_port()
+    env = server_env(hf_cache, tmp_path, OPEN_STT_MODELS="whisper-tiny.en")
+    cli = str(Path(sys.executable).with_name("open-stt-server"))
+    srv = Server([cli, "--port", str(port)], env, port, tmp_path / "term.log")
+    audio, ref = english_clip(60)
+    result: dict = {}
+
+    def transcribe():
+        r = httpx.post(srv.base + "/v1/audio/transcriptions", data={"model": "whisper-tiny.en"},
+                       files={"file": ("long.flac", encode(audio, "flac", "flac"))}, timeout=300)
+        result["status"], result["text"] = r.status_code, r.text
+
+    worker = threading.Thread(target=transcribe)
+    worker.start()
+    time.sleep(2.0)  # the request is being decoded now
+    os.kill(srv.proc.pid, signal.SIGTERM)
+    worker.join(timeout=300)
+    code = srv.proc.wait(timeout=120)
+    assert result.get("status") == 200, result
+    import json
+
+    assert wer(ref, json.loads(result["text"])["text"]) < 0.2
+    assert code == 0
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(srv.base + "/health", timeout=2)  # and it is really gone
+
+
+
+def test_activity_clock():
+    from openstt.shutdown import Activity
+
+    activity = Activity()
+    with activity:
+        assert activity.idle_for() == 0.0  # busy is never idle
+    time.sleep(0.05)
+    assert activity.idle_for() >= 0.05
