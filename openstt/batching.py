@@ -18,6 +18,7 @@ import numpy as np
 
 from openstt.engines.base import Engine, TranscribeOptions, TranscriptionRun, Word
 from openstt.engines.whisper_decoding import AlignJob, DecodeResult, LoopState, WindowJob, adrive
+from openstt.metrics import metrics
 
 log = logging.getLogger("openstt.batching")
 
@@ -95,7 +96,10 @@ def decode_batch(engines: dict[str, Engine], requests: list[WindowRequest]) -> l
                     log.exception("window for %s failed", model)
                     results.append(DecodeResult([], [], 0.0, 0.0, 0.0, job.temperature, job.language or "en",
                                                 error=failure_reason(exc)))
-        log.debug("decoded batch of %d windows for %s in %.2f s", len(jobs), model, time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        log.debug("decoded batch of %d windows for %s in %.2f s", len(jobs), model, elapsed)
+        metrics().batch_windows.labels(model).observe(len(jobs))
+        metrics().window_seconds.labels(model).observe(elapsed)
         for i, result in zip(indices, results):
             replies[i] = _reply(result)
     return replies  # type: ignore[return-value]

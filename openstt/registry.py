@@ -51,6 +51,9 @@ class ModelRegistry:
             spec = CATALOG[name]
             path = resolve_model(spec, download=settings.download)
             engine = load_engine(spec, path, placement)
+            from openstt.metrics import metrics
+
+            metrics().model_load_seconds.labels(name).set(getattr(engine, "load_seconds", 0.0))
             log.info("loaded %s from %s on %s (%s, %s attention, quantize=%s, %d threads) in %.1f s", name, path,
                      placement.device, placement.dtype, placement.attn_implementation, placement.quantize,
                      torch.get_num_threads(), getattr(engine, "load_seconds", 0.0))

@@ -30,6 +30,7 @@ from openstt.audio import AudioError, decode_audio
 from openstt.engines.base import TranscribeOptions, TranscriptionRun, UnsupportedRequest
 from openstt.engines.whisper_decoding import ModelFailure
 from openstt.formats import delta_event, done_event, error_event, render, sse, token_usage
+from openstt.metrics import metrics
 from openstt.registry import ModelRegistry, UnknownModel
 
 log = logging.getLogger("openstt.api")
@@ -55,23 +56,40 @@ class Limits:
     request_timeout: float = 3600.0
     in_flight: int = 0
 
-    def try_acquire(self) -> Slot | None:
+    def try_acquire(self, route: str) -> Slot | None:
         if self.in_flight >= self.max_in_flight:
             return None
         self.in_flight += 1  # single-threaded event loop: no lock needed
-        return Slot(self)
+        return Slot(self, route)
 
 
 class Slot:
-    """One admitted transcription; releasing twice is harmless."""
+    """One admitted transcription, and what is learnt about it for the metrics. Released exactly
+    once, however the request ends (releasing twice is harmless)."""
 
-    def __init__(self, limits: Limits):
-        self.limits, self.released = limits, False
+    def __init__(self, limits: Limits, route: str):
+        self.limits, self.route, self.released = limits, route, False
+        self.started = time.perf_counter()
+        self.model, self.status, self.audio_seconds, self.reason = "unknown", 200, 0.0, None
+        metrics().in_flight.labels(route).inc()
+
+    def fail(self, status: int, reason: str | None) -> None:
+        self.status, self.reason = status, reason or "error"
 
     def release(self) -> None:
-        if not self.released:
-            self.released = True
-            self.limits.in_flight -= 1
+        if self.released:
+            return
+        self.released = True
+        self.limits.in_flight -= 1
+        m, elapsed = metrics(), time.perf_counter() - self.started
+        m.in_flight.labels(self.route).dec()
+        m.requests.labels(self.route, self.model, str(self.status)).inc()
+        m.latency.labels(self.route, self.model).observe(elapsed)
+        if self.status == 200:
+            m.audio_seconds.labels(self.route, self.model).inc(self.audio_seconds)
+            m.processing_seconds.labels(self.route, self.model).inc(elapsed)
+        if self.reason:
+            m.failures.labels(self.route, self.reason).inc()
 
 
 class _SlotStreamingResponse(StreamingResponse):
@@ -132,7 +150,9 @@ def _options(req: AudioRequest) -> TranscribeOptions:
 
 
 def _client_error(exc: Exception) -> OpenAIError:
-    return bad_request(exc.message, param=exc.param, code=exc.code)
+    err = bad_request(exc.message, param=exc.param, code=exc.code)
+    err.reason = exc.code or ("invalid_file_format" if isinstance(exc, AudioError) else "unsupported_request")
+    return err
 
 
 def _model_failure(exc: ModelFailure, request_id: str | None) -> OpenAIError:
@@ -145,15 +165,23 @@ def _model_failure(exc: ModelFailure, request_id: str | None) -> OpenAIError:
 async def _transcribe(request: Request, task: str) -> Response:
     registry = _registry(request)
     limits: Limits = request.app.state.limits
-    slot = limits.try_acquire()
+    route = "transcriptions" if task == "transcribe" else "translations"
+    slot = limits.try_acquire(route)
     if slot is None:
+        metrics().requests.labels(route, "unknown", "429").inc()
+        metrics().failures.labels(route, "rate_limit_exceeded").inc()
         # Shed load instead of queueing without bound; the SDK waits for Retry-After and retries.
         raise OpenAIError(429, f"The server is busy ({limits.max_in_flight} transcriptions in progress). "
                           "Retry shortly.", type="rate_limit_error", code="rate_limit_exceeded",
                           headers={"retry-after": "2"})
     try:
         response = await _transcribe_admitted(request, registry, limits, task, slot)
+    except OpenAIError as err:
+        slot.fail(err.status, err.reason)
+        slot.release()
+        raise
     except BaseException:
+        slot.fail(500, "internal_error")
         slot.release()
         raise
     if not isinstance(response, StreamingResponse):
@@ -168,12 +196,14 @@ async def _transcribe_admitted(request: Request, registry: ModelRegistry, limits
         engine = registry.get(req.model)
     except UnknownModel as exc:
         raise model_not_found(exc.name, exc.available) from None
+    slot.model = engine.name
     _check_capabilities(req, engine)
     request_id = request_id_of(request)
     started = time.perf_counter()
     try:
         # Decoding and inference run in worker threads so the event loop (and /health) stay free.
         audio = await run_in_threadpool(decode_audio, req.file.file, max_duration=limits.max_audio_seconds)
+        slot.audio_seconds = len(audio) / 16000
         run = await run_in_threadpool(engine.start, audio, _options(req))
     except (AudioError, UnsupportedRequest) as exc:
         raise _client_error(exc) from None
@@ -181,7 +211,7 @@ async def _transcribe_admitted(request: Request, registry: ModelRegistry, limits
         await req.file.close()
 
     if req.stream:
-        events = _events(run, req, engine.name, request_id, started, limits)
+        events = _events(run, req, engine.name, request_id, started, limits, slot)
         return _SlotStreamingResponse(events, slot=slot, media_type="text/event-stream",
                                       headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     try:
@@ -215,7 +245,7 @@ def _log_done(request_id: str | None, req: AudioRequest, model: str, duration: f
 
 
 async def _events(run: TranscriptionRun, req: AudioRequest, model: str, request_id, started,
-                  limits: Limits) -> AsyncIterator[str]:
+                  limits: Limits, slot: Slot) -> AsyncIterator[str]:
     """SSE: one ``transcript.text.delta`` per decoded segment, then ``transcript.text.done``."""
     with_logprobs = "logprobs" in req.include
     text, tokens, logprobs = "", 0, []
@@ -237,6 +267,7 @@ async def _events(run: TranscriptionRun, req: AudioRequest, model: str, request_
         # Headers are gone already: report in-band, as the SDK expects (it raises openai.APIError).
         log.exception("%s stream failed after %d characters", request_id, len(text))
         err = _model_failure(exc, request_id) if isinstance(exc, ModelFailure) else internal_error(request_id)
+        slot.fail(err.status, err.code or "internal_error")
         yield sse(error_event(err.message, code=err.code))
 
 

@@ -1,0 +1,45 @@
+"""Prometheus metrics for speech-to-text, served on BentoML's ``/metrics``.
+
+BentoML runs prometheus_client in multiprocess mode with one directory shared by every worker of
+every service, so series recorded in the model service (batches, load time) and in the API service
+(requests, audio) all appear on the public ``/metrics``. Metric objects are created on first use,
+after the worker has set ``PROMETHEUS_MULTIPROC_DIR``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+# Long audio takes minutes: the default buckets (up to 10 s) would put every long request in +Inf.
+LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800, 3600)
+BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
+
+
+class SttMetrics:
+    def __init__(self) -> None:
+        from prometheus_client import Counter, Gauge, Histogram
+
+        self.requests = Counter("openstt_requests_total", "Transcription/translation requests by outcome",
+                                ["route", "model", "status"])
+        self.audio_seconds = Counter("openstt_audio_seconds_total", "Seconds of audio transcribed",
+                                     ["route", "model"])
+        self.processing_seconds = Counter("openstt_processing_seconds_total",
+                                          "Wall seconds spent on transcriptions (divide by audio seconds for RTF)",
+                                          ["route", "model"])
+        self.latency = Histogram("openstt_request_duration_seconds", "Request latency, upload to full response",
+                                 ["route", "model"], buckets=LATENCY_BUCKETS)
+        self.in_flight = Gauge("openstt_requests_in_flight", "Transcriptions admitted and not finished",
+                               ["route"], multiprocess_mode="livesum")
+        self.batch_windows = Histogram("openstt_batch_windows", "30 s windows decoded together in one batch",
+                                       ["model"], buckets=BATCH_BUCKETS)
+        self.window_seconds = Histogram("openstt_batch_duration_seconds", "Time to decode one batch",
+                                        ["model"], buckets=LATENCY_BUCKETS)
+        self.model_load_seconds = Gauge("openstt_model_load_seconds", "Time to load a model at startup",
+                                        ["model"], multiprocess_mode="max")
+        self.failures = Counter("openstt_decode_failures_total", "Requests refused or failed, by reason",
+                                ["route", "reason"])
+
+
+@functools.cache
+def metrics() -> SttMetrics:
+    return SttMetrics()

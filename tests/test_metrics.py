@@ -1,0 +1,63 @@
+"""STT metrics on BentoML's /metrics of a real server: names, labels and plausible values."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+import soundfile as sf
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import API_KEY, REPORT, clip
+
+pytestmark = pytest.mark.slow
+
+
+def scrape(server) -> dict[tuple[str, tuple], float]:
+    text = httpx.get(server.base + "/metrics", timeout=10).text
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return out
+
+
+def value(samples, name: str, **labels) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def test_stt_metrics_after_requests(server):
+    before = scrape(server)
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    durations = 0.0
+    for name in ("en/quick_brown_fox", "en/hello_world"):
+        info = sf.info(clip(name))
+        durations += info.frames / info.samplerate
+        r = httpx.post(server.base + "/v1/audio/transcriptions", headers=headers, data={"model": "whisper-tiny.en"},
+                       files={"file": ("a.wav", clip(name).read_bytes())}, timeout=60)
+        assert r.status_code == 200
+    bad = httpx.post(server.base + "/v1/audio/transcriptions", headers=headers, data={"model": "whisper-tiny.en"},
+                     files={"file": ("a.wav", b"not audio at all" * 10)}, timeout=60)
+    assert bad.status_code == 400
+    after = scrape(server)
+
+    labels = {"route": "transcriptions", "model": "whisper-tiny.en"}
+    audio = value(after, "openstt_audio_seconds_total", **labels) - value(before, "openstt_audio_seconds_total", **labels)
+    assert abs(audio - durations) < 0.01  # exactly the clips' durations
+    processing = (value(after, "openstt_processing_seconds_total", **labels)
+                  - value(before, "openstt_processing_seconds_total", **labels))
+    assert 0 < processing < 30
+    ok = ("openstt_requests_total", {**labels, "status": "200"})
+    assert value(after, ok[0], **ok[1]) - value(before, ok[0], **ok[1]) == 2
+    failed = {"route": "transcriptions", "model": "whisper-tiny.en", "status": "400"}
+    assert value(after, "openstt_requests_total", **failed) - value(before, "openstt_requests_total", **failed) == 1
+    reason = {"route": "transcriptions", "reason": "invalid_file_format"}
+    assert (value(after, "openstt_decode_failures_total", **reason)
+            - value(before, "openstt_decode_failures_total", **reason)) == 1
+    # latency histogram has buckets reaching long audio
+    assert ("openstt_request_duration_seconds_bucket", tuple(sorted({**labels, "le": "3600.0"}.items()))) in after
+    # recorded in the model service process, visible on the public /metrics
+    batches = value(after, "openstt_batch_windows_count", model="whisper-tiny.en")
+    assert batches >= 2
+    assert value(after, "openstt_model_load_seconds", model="whisper-tiny.en") > 0
+    assert value(after, "openstt_requests_in_flight", route="transcriptions") == 0
+    REPORT["metric_names"] = sorted({name for name, _ in after if name.startswith("openstt_")})
