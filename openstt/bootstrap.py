@@ -33,7 +33,7 @@ def load_settings() -> Settings:
 
 def prepare_models(settings: Settings) -> None:
     """Make sure every configured model is in the cache (downloading it if allowed)."""
-    configure_logging(settings.python_log_level)
+    configure_logging(settings.python_log_level, settings.log_format)
     from openstt.device import Placement
     from openstt.engines import FAMILIES
 
@@ -54,7 +54,7 @@ def prepare_models(settings: Settings) -> None:
 def load_models() -> ModelRegistry:
     """Load every configured model's weights (the model service, or a single-process server)."""
     settings = load_settings()
-    configure_logging(settings.python_log_level)
+    configure_logging(settings.python_log_level, settings.log_format)
     started = time.perf_counter()
     try:
         registry = ModelRegistry.load(settings)
@@ -77,15 +77,18 @@ def attach(app: FastAPI, registry: ModelRegistry, settings: Settings | None = No
                               max_audio_seconds=settings.max_audio_seconds,
                               request_timeout=settings.request_timeout)
     app.state.registry = registry
-    log.info("open-stt API ready: models=%s default=%s cache=%s auth=%s max_upload=%d port=%s",
-             ",".join(registry.names()), registry.default, cache_dir(), "on" if settings.api_key else "off",
-             settings.max_upload_bytes, settings.port)
+    log.info("open-stt ready on port %s: models=%s default=%s cache=%s auth=%s limits: upload=%d B audio=%gs "
+             "concurrent=%d timeout=%ds batch=%d windows; try it at /ui, metrics at /metrics", settings.port,
+             ",".join(registry.names()), registry.default, cache_dir(),
+             f"on ({len(settings.api_key)} key(s))" if settings.api_key else "off", settings.max_upload_bytes,
+             settings.max_audio_seconds, settings.max_concurrent_requests, settings.request_timeout,
+             settings.max_batch_windows)
 
 
 def start_api(app: FastAPI, decode, align) -> ModelRegistry:
     """API side of the two-service layout: tokenizers here, weights in the model service."""
     settings = load_settings()
-    configure_logging(settings.python_log_level)
+    configure_logging(settings.python_log_level, settings.log_format)
     registry = ModelRegistry.load_frontends(settings, decode, align)
     attach(app, registry, settings)
     return registry

@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", metavar="KEY",
                    help="require 'Authorization: Bearer KEY'; comma-separate several (OPEN_STT_API_KEY)")
     p.add_argument("--log-level", help="trace|debug|info|warn|error (OPEN_STT_LOG_LEVEL; RUST_LOG also honoured)")
+    p.add_argument("--log-format", choices=["text", "json"], help="log lines as text or JSON (OPEN_STT_LOG_FORMAT)")
     g = p.add_argument_group("inference")
     g.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"],
                    help="weights/activations precision (OPEN_STT_DTYPE; auto: bf16/fp16 on GPU, fp32 on CPU)")
@@ -60,6 +61,7 @@ def apply_flags(args: argparse.Namespace, env: dict[str, str]) -> dict[str, str]
         "OPEN_STT_FORCE_CPU": "true" if args.force_cpu else None,
         "OPEN_STT_DOWNLOAD": "true" if args.download else None,
         "OPEN_STT_API_KEY": args.api_key, "OPEN_STT_LOG_LEVEL": args.log_level,
+        "OPEN_STT_LOG_FORMAT": args.log_format,
         "OPEN_STT_DTYPE": args.dtype, "OPEN_STT_ATTN_IMPLEMENTATION": args.attn_implementation,
         "OPEN_STT_QUANTIZE": args.quantize, "OPEN_STT_TORCH_THREADS": args.torch_threads,
         "OPEN_STT_MAX_BATCH_WINDOWS": args.max_batch_windows, "OPEN_STT_REQUEST_TIMEOUT": args.request_timeout,

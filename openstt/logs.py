@@ -6,15 +6,26 @@ import logging
 import sys
 
 
-def configure_logging(level: int) -> None:
-    """Set open-stt's log level; add a stderr handler only when nothing upstream prints.
+def configure_logging(level: int, fmt: str = "text") -> None:
+    """Set open-stt's log level and format.
 
-    Under ``bentoml serve`` the root logger already has BentoML's handler, so adding one here
-    would print every line twice.
+    ``text``: lines go through BentoML's handler (a stderr handler is added only when nothing
+    upstream prints, to avoid doubled lines). ``json``: one JSON object per line on stdout, with
+    the structured fields of request lines (request_id, model, audio_seconds, ...) as keys.
     """
     logger = logging.getLogger("openstt")
     logger.setLevel(level)
-    if not logging.getLogger().handlers and not logger.handlers:
+    if fmt == "json":
+        from pythonjsonlogger.json import JsonFormatter
+
+        if not any(getattr(h, "_openstt_json", False) for h in logger.handlers):
+            handler = logging.StreamHandler(sys.stdout)
+            handler.setFormatter(JsonFormatter("%(asctime)s %(levelname)s %(name)s %(message)s",
+                                               rename_fields={"levelname": "level", "asctime": "time"}))
+            handler._openstt_json = True  # type: ignore[attr-defined]
+            logger.addHandler(handler)
+        logger.propagate = False
+    elif not logging.getLogger().handlers and not logger.handlers:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         logger.addHandler(handler)

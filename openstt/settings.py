@@ -54,6 +54,7 @@ class Settings(BaseSettings):
     # Several keys (comma-separated) allow rotation without downtime.
     api_key: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
     log_level: str | None = Field(None, validate_default=True)
+    log_format: Literal["text", "json"] = "text"
     # Whole request body, like OpenAI's 25 MiB; 0 disables the check.
     max_upload_bytes: int = Field(25 * 1024 * 1024, ge=0)
     # Inference: precision, attention kernel, CPU int8 quantisation, threads.

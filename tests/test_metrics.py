@@ -41,7 +41,8 @@ def test_stt_metrics_after_requests(server):
     after = scrape(server)
 
     labels = {"route": "transcriptions", "model": "whisper-tiny.en"}
-    audio = value(after, "openstt_audio_seconds_total", **labels) - value(before, "openstt_audio_seconds_total", **labels)
+    audio = (value(after, "openstt_audio_seconds_total", **labels)
+             - value(before, "openstt_audio_seconds_total", **labels))
     assert abs(audio - durations) < 0.01  # exactly the clips' durations
     processing = (value(after, "openstt_processing_seconds_total", **labels)
                   - value(before, "openstt_processing_seconds_total", **labels))

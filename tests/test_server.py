@@ -151,7 +151,7 @@ def test_plain_bentoml_serve_reads_env(hf_cache, tmp_path):
     """`bentoml serve` without the CLI, configured only through OPEN_STT_* variables."""
     port = free_port()
     env = server_env(hf_cache, tmp_path, OPEN_STT_MODELS="whisper-tiny.en", OPEN_STT_QUANTIZE="int8",
-                     OPEN_STT_TORCH_THREADS="1", OPEN_STT_MAX_BATCH_WINDOWS="4")
+                     OPEN_STT_TORCH_THREADS="1", OPEN_STT_MAX_BATCH_WINDOWS="4", OPEN_STT_LOG_FORMAT="json")
     root = Path(__file__).resolve().parent.parent
     bentoml = str(Path(sys.executable).with_name("bentoml"))
     srv = Server([bentoml, "serve", "service:OpenSTT", "--working-dir", str(root), "--port", str(port)], env, port,
@@ -163,7 +163,13 @@ def test_plain_bentoml_serve_reads_env(hf_cache, tmp_path):
         assert srv.stop() == 0
     log = srv.log.read_text()
     assert "quantize=int8, 1 threads" in log  # the inference options reached the model service
-    assert "transcribe model=whisper-tiny.en" in log
+    import json
+
+    records = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+    request = next(r for r in records if r.get("request_id"))  # JSON logs with structured fields
+    assert request["model"] == "whisper-tiny.en" and request["status"] == 200 and request["level"] == "INFO"
+    assert request["audio_seconds"] > 2.5 and request["rtf"] > 0
+    assert "quick" not in json.dumps(records)  # transcripts are never logged
 
 
 def test_plain_bentoml_serve_fails_fast_on_bad_config(hf_cache, tmp_path):

@@ -11,9 +11,10 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from openstt.api.errors import (
@@ -240,8 +241,12 @@ def _log_done(request_id: str | None, req: AudioRequest, model: str, duration: f
         f" chunking={req.chunking_strategy if isinstance(req.chunking_strategy, str) else req.chunking_strategy}"
         if req.chunking_strategy else "",
     ])
+    rtf = elapsed / duration if duration else 0.0
     log.info("%s %s model=%s audio=%.2fs format=%s%s took=%.2fs rtf=%.3f", request_id, req.task, model, duration,
-             req.response_format, extras, elapsed, elapsed / duration if duration else 0.0)
+             req.response_format, extras, elapsed, rtf,
+             extra={"request_id": request_id, "task": req.task, "model": model, "audio_seconds": round(duration, 3),
+                    "format": req.response_format, "stream": req.stream, "status": 200,
+                    "latency_seconds": round(elapsed, 3), "rtf": round(rtf, 4)})
 
 
 async def _events(run: TranscriptionRun, req: AudioRequest, model: str, request_id, started,
@@ -315,6 +320,11 @@ def create_app() -> FastAPI:
         if getattr(request.app.state, "registry", None) is None or not await _models_ready(request.app):
             return JSONResponse({"status": "loading"}, status_code=503)
         return JSONResponse({"status": "ok"})
+
+    @app.get("/ui", include_in_schema=False)
+    async def try_it() -> HTMLResponse:
+        # A plain page calling the public API; it asks for the key itself, so it is served openly.
+        return HTMLResponse((Path(__file__).resolve().parent.parent / "ui" / "index.html").read_text("utf-8"))
 
     @app.get("/v1/models")
     async def list_models(request: Request) -> JSONResponse:

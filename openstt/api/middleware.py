@@ -18,7 +18,7 @@ from openstt.api.errors import OpenAIError
 log = logging.getLogger("openstt.api")
 
 # Paths that stay open when a key is set: load balancers and probes carry no credentials.
-OPEN_PATHS = frozenset({"/health"})
+OPEN_PATHS = frozenset({"/health", "/ui"})
 
 MISSING_KEY_MESSAGE = (
     "You didn't provide an API key. You need to provide your API key in an Authorization header using "
