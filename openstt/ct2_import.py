@@ -119,6 +119,11 @@ def convert_weights(variables: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         linear(f"{dst}.fc2", f"{src}/ffn/linear_1")
         norm(f"{dst}.final_layer_norm", f"{src}/ffn/layer_norm")
 
+    def self_attention(dst: str, src: str) -> None:
+        fused(f"{dst}.self_attn", f"{src}/self_attention/linear_0", ["q_proj", "k_proj", "v_proj"])
+        linear(f"{dst}.self_attn.out_proj", f"{src}/self_attention/linear_1")
+        norm(f"{dst}.self_attn_layer_norm", f"{src}/self_attention/layer_norm")
+
     enc, dec = "model.encoder", "model.decoder"
     linear(f"{enc}.conv1", "encoder/conv1")
     linear(f"{enc}.conv2", "encoder/conv2")
@@ -126,9 +131,7 @@ def convert_weights(variables: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     norm(f"{enc}.layer_norm", "encoder/layer_norm")
     for i in range(_layer_count(v, "encoder")):
         src, dst = f"encoder/layer_{i}", f"{enc}.layers.{i}"
-        fused(f"{dst}.self_attn", f"{src}/self_attention/linear_0", ["q_proj", "k_proj", "v_proj"])
-        linear(f"{dst}.self_attn.out_proj", f"{src}/self_attention/linear_1")
-        norm(f"{dst}.self_attn_layer_norm", f"{src}/self_attention/layer_norm")
+        self_attention(dst, src)
         ffn(dst, src)
 
     out[f"{dec}.embed_tokens.weight"] = v["decoder/embeddings/weight"]
@@ -136,9 +139,7 @@ def convert_weights(variables: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     norm(f"{dec}.layer_norm", "decoder/layer_norm")
     for i in range(_layer_count(v, "decoder")):
         src, dst = f"decoder/layer_{i}", f"{dec}.layers.{i}"
-        fused(f"{dst}.self_attn", f"{src}/self_attention/linear_0", ["q_proj", "k_proj", "v_proj"])
-        linear(f"{dst}.self_attn.out_proj", f"{src}/self_attention/linear_1")
-        norm(f"{dst}.self_attn_layer_norm", f"{src}/self_attention/layer_norm")
+        self_attention(dst, src)
         linear(f"{dst}.encoder_attn.q_proj", f"{src}/attention/linear_0")
         fused(f"{dst}.encoder_attn", f"{src}/attention/linear_1", ["k_proj", "v_proj"])
         linear(f"{dst}.encoder_attn.out_proj", f"{src}/attention/linear_2")
