@@ -42,6 +42,7 @@ class ModelRegistry:
         from openstt.device import Placement
         from openstt.engines import load_engine
         from openstt.hub import resolve_model
+        from openstt.metrics import metrics
 
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
@@ -51,8 +52,6 @@ class ModelRegistry:
             spec = CATALOG[name]
             path = resolve_model(spec, download=settings.download)
             engine = load_engine(spec, path, placement)
-            from openstt.metrics import metrics
-
             metrics().model_load_seconds.labels(name).set(getattr(engine, "load_seconds", 0.0))
             log.info("loaded %s from %s on %s (%s, %s attention, quantize=%s, %d threads) in %.1f s", name, path,
                      placement.device, placement.dtype, placement.attn_implementation, placement.quantize,

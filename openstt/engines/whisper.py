@@ -7,7 +7,6 @@ and the distil models. Decoding is Whisper's reference procedure (``whisper_deco
 
 from __future__ import annotations
 
-import logging
 import time
 from pathlib import Path
 
@@ -19,8 +18,6 @@ from openstt.device import Placement, quantize_int8
 from openstt.engines.base import Engine, TranscribeOptions, TranscriptionRun, UnsupportedRequest
 from openstt.engines.whisper_decoding import LoopState, TokenTable, WhisperCore, WindowLoop, drive
 from openstt.engines.word_timing import CrossAttentionAligner
-
-log = logging.getLogger(__name__)
 
 
 def check_request(name: str, multilingual: bool, options: TranscribeOptions) -> None:
