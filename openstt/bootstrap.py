@@ -71,7 +71,7 @@ def attach(app: FastAPI, registry: ModelRegistry, settings: Settings | None = No
     settings = settings or load_settings()
     app.state.api_keys = [k.get_secret_value() for k in settings.api_key]
     app.state.max_upload_bytes = settings.max_upload_bytes
-    from openstt.api.app import Limits
+    from openstt.api.limits import Limits
 
     app.state.limits = Limits(max_in_flight=settings.max_concurrent_requests,
                               max_audio_seconds=settings.max_audio_seconds,

@@ -21,7 +21,8 @@ import pytest
 import soundfile as sf
 from fastapi.testclient import TestClient
 
-from openstt.api.app import Limits, create_app
+from openstt.api.app import create_app
+from openstt.api.limits import Limits
 from openstt.catalog import CATALOG
 from openstt.engines.base import Engine, Segment, TranscribeOptions, TranscriptionRun
 from openstt.engines.whisper_decoding import LoopState, ModelFailure
