@@ -44,7 +44,7 @@ class OpenSTTModels:
 
     @bentoml.api
     def align(self, request: AlignRequest) -> list[list[dict]]:
-        from openstt.engines.whisper_decoding import AlignJob
+        from openstt.engines.jobs import AlignJob
 
         job = AlignJob(request.audio, request.language, request.task, request.segment_tokens, request.num_frames)
         with self.activity:

@@ -1,10 +1,10 @@
 """Cross-request batching: the messages between the API service and the model service, the
 batch function, and the engine the API side uses to drive transcriptions through it.
 
-Every transcription is a sequence of 30-second windows (``WindowLoop``). The API process runs
-that loop per request and sends each window to the model service; BentoML's adaptive batching
-gathers the windows of all concurrent requests into one ``decode_windows`` call, which decodes
-each model's windows in one encoder and one decoder pass.
+Every transcription is a sequence of windows (Whisper's 30 s ``WindowLoop``, Voxtral's
+``ChunkLoop``). The API process runs that loop per request and sends each window to the model
+service; BentoML's adaptive batching gathers the windows of all concurrent requests into one
+``decode_windows`` call, which decodes each model's windows in one batched pass.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import bentoml
 import numpy as np
 
 from openstt.engines.base import Engine, TranscribeOptions, TranscriptionRun, Word
-from openstt.engines.whisper_decoding import AlignJob, DecodeResult, LoopState, WindowJob, adrive
+from openstt.engines.jobs import AlignJob, DecodeResult, LoopState, WindowJob, adrive
 from openstt.metrics import metrics
 
 log = logging.getLogger("openstt.batching")
@@ -105,21 +105,21 @@ def decode_batch(engines: dict[str, Engine], requests: list[WindowRequest]) -> l
     return replies  # type: ignore[return-value]
 
 
-class BatchedWhisperEngine(Engine):
-    """The API side of a Whisper model served by the model service: runs each request's window
-    loop here and sends the windows to be batched there."""
+class BatchedEngine(Engine):
+    """The API side of a model served by the model service: runs each request's transcription
+    loop here (``frontend``: tokenizer + loop of any family) and sends its windows to be batched
+    there."""
 
     def __init__(self, spec, frontend, decode: Callable[[WindowRequest], Awaitable[WindowReply]],
                  align: Callable[[AlignRequest], Awaitable[list[list[dict]]]]):
         super().__init__(spec)
         self.frontend, self._decode, self._align = frontend, decode, align
         self.multilingual = frontend.multilingual
+        self.supports_word_timestamps = frontend.supports_word_timestamps
 
     def start(self, audio: np.ndarray, options: TranscribeOptions) -> TranscriptionRun:
-        from openstt.engines.whisper import check_request
-
-        check_request(self.name, self.multilingual, options)
-        state = LoopState(language=options.language or (None if self.multilingual else "en"))
+        self.frontend.check(options)
+        state = self.frontend.new_state(options)
 
         async def decode(job: WindowJob) -> DecodeResult:
             reply = await self._decode(WindowRequest(model=self.name, audio=job.audio, prompt=job.prompt,

@@ -35,16 +35,12 @@ def prepare_models(settings: Settings) -> None:
     """Make sure every configured model is in the cache (downloading it if allowed)."""
     configure_logging(settings.python_log_level, settings.log_format)
     from openstt.device import Placement
-    from openstt.engines import FAMILIES
 
     try:
         Placement.from_settings(settings)
     except ValueError as exc:
         raise StartupError(str(exc)) from None
     for name in settings.models:
-        spec = CATALOG[name]
-        if spec.family not in FAMILIES:
-            raise StartupError(f"model '{name}' needs the {spec.family} engine, which this version does not have yet.")
         try:
             resolve_model(CATALOG[name], download=settings.download)
         except ModelNotAvailable as exc:

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-WHISPER_FILES = ("*.json", "*.safetensors", "*.txt", "*.tiktoken")
-VOXTRAL_FILES = ("*.json", "*.safetensors", "*.txt", "tekken.json")
+# What to fetch of each repo: transformers' safetensors only. Hub repos also hold other copies of
+# the weights (whisper-large-v3's fp32 shards, Voxtral's consolidated.safetensors for
+# mistral-inference, pytorch_model.bin, flax, ggml) that would double or triple the download.
+WHISPER_FILES = ("*.json", "model.safetensors", "model-*-of-*.safetensors", "*.txt", "*.tiktoken")
+VOXTRAL_FILES = ("*.json", "model.safetensors", "model-*-of-*.safetensors")  # *.json includes tekken.json
 
 
 @dataclass(frozen=True)
@@ -16,11 +19,16 @@ class ModelSpec:
     english_only: bool = False
     allow_patterns: tuple[str, ...] = WHISPER_FILES
     # A snapshot counts as complete when each pattern matches at least one file.
-    required_files: tuple[str, ...] = field(default=("config.json", "*.safetensors"))
+    required_files: tuple[str, ...] = field(default=("config.json", "model*.safetensors"))
 
 
 def _whisper(name: str, repo_id: str) -> ModelSpec:
     return ModelSpec(name, repo_id, "whisper", english_only=name.endswith(".en"))
+
+
+def _voxtral(name: str, repo_id: str) -> ModelSpec:
+    return ModelSpec(name, repo_id, "voxtral", allow_patterns=VOXTRAL_FILES,
+                     required_files=("config.json", "model*.safetensors", "tekken.json", "preprocessor_config.json"))
 
 
 CATALOG: dict[str, ModelSpec] = {
@@ -34,8 +42,8 @@ CATALOG: dict[str, ModelSpec] = {
         _whisper("whisper-distil-medium.en", "distil-whisper/distil-medium.en"),
         _whisper("whisper-distil-large-v2", "distil-whisper/distil-large-v2"),
         _whisper("whisper-distil-large-v3", "distil-whisper/distil-large-v3"),
-        ModelSpec("voxtral-mini", "mistralai/Voxtral-Mini-3B-2507", "voxtral", allow_patterns=VOXTRAL_FILES),
-        ModelSpec("voxtral-small", "mistralai/Voxtral-Small-24B-2507", "voxtral", allow_patterns=VOXTRAL_FILES),
+        _voxtral("voxtral-mini", "mistralai/Voxtral-Mini-3B-2507"),
+        _voxtral("voxtral-small", "mistralai/Voxtral-Small-24B-2507"),
     ]
 }
 

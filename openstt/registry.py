@@ -51,7 +51,7 @@ class ModelRegistry:
         for name in settings.models:
             spec = CATALOG[name]
             path = resolve_model(spec, download=settings.download)
-            engine = load_engine(spec, path, placement)
+            engine = load_engine(spec, path, placement, chunk_seconds=settings.voxtral_chunk_seconds)
             metrics().model_load_seconds.labels(name).set(getattr(engine, "load_seconds", 0.0))
             log.info("loaded %s from %s on %s (%s, %s attention, quantize=%s, %d threads) in %.1f s", name, path,
                      placement.device, placement.dtype, placement.attn_implementation, placement.quantize,
@@ -63,15 +63,16 @@ class ModelRegistry:
     def load_frontends(cls, settings: Settings, decode, align) -> ModelRegistry:
         """The API side when a model service holds the weights: tokenizers only, windows sent
         to ``decode``/``align`` (the batching model service)."""
-        from openstt.batching import BatchedWhisperEngine
-        from openstt.engines.whisper import WhisperFrontend
+        from openstt.batching import BatchedEngine
+        from openstt.engines import load_frontend
         from openstt.hub import resolve_model
 
         engines = []
         for name in settings.models:
             spec = CATALOG[name]
-            frontend = WhisperFrontend(spec, resolve_model(spec, download=False))
-            engines.append(BatchedWhisperEngine(spec, frontend, decode, align))
+            frontend = load_frontend(spec, resolve_model(spec, download=False),
+                                     chunk_seconds=settings.voxtral_chunk_seconds)
+            engines.append(BatchedEngine(spec, frontend, decode, align))
         return cls(engines, settings.default_model or settings.models[0])
 
     def engines(self) -> dict[str, Engine]:

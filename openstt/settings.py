@@ -63,6 +63,9 @@ class Settings(BaseSettings):
     quantize: Literal["none", "int8"] = "none"
     torch_threads: int | None = Field(None, ge=1)
     max_batch_windows: int = Field(16, ge=1, le=256)
+    # Voxtral has no timestamps: audio is cut at quiet moments into chunks of at most this
+    # length, one segment each (its encoder reads 30 s windows; up to 30 minutes per chunk).
+    voxtral_chunk_seconds: float = Field(30.0, ge=5, le=1800)
     # Per-request deadline for a transcription; BentoML's own is set a minute later.
     request_timeout: int = Field(3600, ge=10)
     # Longest decoded audio accepted (guards against decompression bombs), and how many

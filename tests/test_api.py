@@ -9,7 +9,7 @@ from fastapi.testclient import TestClient
 from openstt.api.app import create_app
 from openstt.catalog import CATALOG
 from openstt.engines.base import Engine, Segment, TranscribeOptions, TranscriptionRun
-from openstt.engines.whisper_decoding import LoopState
+from openstt.engines.jobs import LoopState
 from openstt.registry import ModelRegistry
 from tests.conftest import clip
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from openstt.audio import decode_audio
-from openstt.batching import BatchedWhisperEngine, WindowRequest, decode_batch
+from openstt.batching import BatchedEngine, WindowRequest, decode_batch
 from openstt.catalog import CATALOG
 from openstt.engines import TranscribeOptions
 from openstt.engines.whisper import WhisperFrontend
@@ -57,13 +57,13 @@ def test_batched_engine_matches_in_process_engine(tiny_en_engine, hf_cache, opti
         return (await asyncio.to_thread(decode_batch, engines, [req]))[0]
 
     async def align(req):
-        from openstt.engines.whisper_decoding import AlignJob
+        from openstt.engines.jobs import AlignJob
 
         words = tiny_en_engine.core.align(AlignJob(req.audio, req.language, req.task, req.segment_tokens,
                                                    req.num_frames))
         return [[{"word": w.word, "start": w.start, "end": w.end} for w in seg] for seg in words]
 
-    engine = BatchedWhisperEngine(spec, frontend, decode, align)
+    engine = BatchedEngine(spec, frontend, decode, align)
     audio = decode_audio(clip("en/quick_brown_fox").read_bytes())
     remote = asyncio.run(engine.start(audio, options).acollect())
     local = tiny_en_engine.transcribe(audio, options)

@@ -25,7 +25,7 @@ from openstt.api.app import create_app
 from openstt.api.limits import Limits
 from openstt.catalog import CATALOG
 from openstt.engines.base import Engine, Segment, TranscribeOptions, TranscriptionRun
-from openstt.engines.whisper_decoding import LoopState, ModelFailure
+from openstt.engines.jobs import LoopState, ModelFailure
 from openstt.evaluation import ASTERISK_SOUNDS, english_clip, wer
 from openstt.registry import ModelRegistry
 from tests.conftest import API_KEY, REPORT, Server, clip, encode, free_port, normalize, server_env

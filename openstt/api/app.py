@@ -29,7 +29,7 @@ from openstt.api.limits import Limits, Slot, SlotStreamingResponse
 from openstt.api.middleware import ApiKeyMiddleware, MaxBodySizeMiddleware, RequestIdMiddleware
 from openstt.audio import AudioError, decode_audio
 from openstt.engines.base import TranscribeOptions, TranscriptionRun, UnsupportedRequest
-from openstt.engines.whisper_decoding import ModelFailure
+from openstt.engines.jobs import ModelFailure
 from openstt.formats import delta_event, done_event, error_event, render, sse, token_usage
 from openstt.metrics import metrics
 from openstt.registry import ModelRegistry, UnknownModel

@@ -16,7 +16,8 @@ from transformers import GenerationConfig, WhisperForConditionalGeneration, Whis
 from openstt.audio import SAMPLE_RATE
 from openstt.device import Placement, quantize_int8
 from openstt.engines.base import Engine, TranscribeOptions, TranscriptionRun, UnsupportedRequest
-from openstt.engines.whisper_decoding import LoopState, TokenTable, WhisperCore, WindowLoop, drive
+from openstt.engines.jobs import LoopState, drive
+from openstt.engines.whisper_decoding import TokenTable, WhisperCore, WindowLoop
 from openstt.engines.word_timing import CrossAttentionAligner
 
 
@@ -36,6 +37,8 @@ class WhisperFrontend:
     """The request side of a Whisper model: tokenizer and procedure, no weights. The API process
     uses it to run transcriptions whose windows a (possibly remote) ``WhisperCore`` decodes."""
 
+    supports_word_timestamps = True
+
     def __init__(self, spec, path: Path):
         self.spec = spec
         processor = WhisperProcessor.from_pretrained(path)
@@ -46,6 +49,12 @@ class WhisperFrontend:
         self.multilingual = bool(getattr(gen, "is_multilingual", False)) and not spec.english_only
         self.table = TokenTable.from_model(processor.tokenizer, gen, vocab_size)
         self.loop = WindowLoop(processor.tokenizer, self.table, self.multilingual)
+
+    def check(self, options: TranscribeOptions) -> None:
+        check_request(self.spec.name, self.multilingual, options)
+
+    def new_state(self, options: TranscribeOptions) -> LoopState:
+        return LoopState(language=options.language or (None if self.multilingual else "en"))
 
 
 class WhisperEngine(Engine):

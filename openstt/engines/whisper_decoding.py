@@ -10,9 +10,8 @@ transformers provides the weights, the encoder and a KV-cached decoder step.
 from __future__ import annotations
 
 import threading
-import zlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Generator
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -20,6 +19,7 @@ from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
 from openstt.audio import SAMPLE_RATE
 from openstt.engines.base import Segment, TokenLogprob, TranscribeOptions, Word
+from openstt.engines.jobs import AlignJob, DecodeResult, LoopState, ModelFailure, WindowJob, compression_ratio
 
 HOP_LENGTH = 160
 N_FRAMES = 3000  # mel frames in one 30 s window
@@ -70,50 +70,6 @@ class TokenTable:
         )
 
 
-@dataclass
-class WindowJob:
-    """One 30-second window to decode: what a transcription asks of the model, and the unit that
-    is batched across requests."""
-
-    audio: np.ndarray  # at most 30 s of 16 kHz float32
-    prompt: list[int]  # previous text tokens (context)
-    task: str
-    language: str | None  # None: detect it from this window
-    temperature: float
-
-
-@dataclass
-class DecodeResult:
-    tokens: list[int]  # sampled tokens without eot (text and timestamps)
-    token_logprobs: list[float]
-    avg_logprob: float
-    sum_logprob: float
-    no_speech_prob: float
-    temperature: float
-    language: str
-    compression_ratio: float = 0.0
-    error: str | None = None  # set when this item failed; its batch-mates are unaffected
-
-
-@dataclass
-class AlignJob:
-    """Word timing for the segments of one decoded window."""
-
-    audio: np.ndarray
-    language: str
-    task: str
-    segment_tokens: list[list[int]]  # text tokens of each segment
-    num_frames: int
-
-
-class ModelFailure(RuntimeError):
-    """The model could not decode a window (``reason`` is e.g. ``out_of_memory``)."""
-
-    def __init__(self, reason: str, at_seconds: float = 0.0):
-        super().__init__(f"decoding the window at {at_seconds:.1f} s failed: {reason}")
-        self.reason = reason
-
-
 def _byte_decoder() -> dict[str, int]:
     """GPT-2's byte-level BPE alphabet, reversed: printable symbol -> the byte it encodes."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
@@ -128,11 +84,6 @@ def _byte_decoder() -> dict[str, int]:
 
 
 _BYTE_DECODER = _byte_decoder()
-
-
-def compression_ratio(text: str) -> float:
-    data = text.encode("utf-8")
-    return len(data) / len(zlib.compress(data)) if data else 0.0
 
 
 class WhisperCore:
@@ -420,46 +371,3 @@ class WindowLoop:
             if not options.condition_on_previous_text or result.temperature > 0.5:
                 # a hot (likely bad) window must not poison the context of the next one
                 prompt_reset_since = len(all_tokens)
-
-
-@dataclass
-class LoopState:
-    """What a running transcription has learnt so far (the language, once detected)."""
-
-    language: str | None = None
-    extra: dict = field(default_factory=dict)
-
-
-def drive(loop: Generator, core: WhisperCore) -> Iterator[Segment]:
-    """Run a ``WindowLoop`` in-process, answering its requests with ``core`` directly."""
-    reply = None
-    while True:
-        try:
-            item = loop.send(reply)
-        except StopIteration:
-            return
-        reply = None
-        if isinstance(item, WindowJob):
-            reply = core.decode_windows([item])[0]
-        elif isinstance(item, AlignJob):
-            reply = core.align(item)
-        else:
-            yield item
-
-
-async def adrive(loop: Generator, decode: Callable[[WindowJob], Awaitable[DecodeResult]],
-                 align: Callable[[AlignJob], Awaitable[list[list[Word]]]]) -> AsyncIterator[Segment]:
-    """Run a ``WindowLoop`` against an asynchronous (e.g. batching, remote) model service."""
-    reply = None
-    while True:
-        try:
-            item = loop.send(reply)
-        except StopIteration:
-            return
-        reply = None
-        if isinstance(item, WindowJob):
-            reply = await decode(item)
-        elif isinstance(item, AlignJob):
-            reply = await align(item)
-        else:
-            yield item

@@ -1,0 +1,118 @@
+"""What a transcription asks of a model, and the drivers that answer it.
+
+Every engine splits a transcription in two: a sans-IO *loop* (a generator that yields a
+``WindowJob`` or ``AlignJob`` whenever it needs the model and yields finished ``Segment``s in
+between) and a *core* that holds the weights and answers jobs in batches. ``drive`` connects the
+two in one process; ``adrive`` sends the jobs to the batching model service (``openstt.batching``).
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from openstt.engines.base import Segment, Word
+
+
+@dataclass
+class WindowJob:
+    """One window of audio to decode (at most 30 s for Whisper, one chunk for Voxtral): what a
+    transcription asks of the model, and the unit that is batched across requests."""
+
+    audio: np.ndarray  # at most 30 s of 16 kHz float32
+    prompt: list[int]  # previous text tokens (context)
+    task: str
+    language: str | None  # None: detect it from this window
+    temperature: float
+
+
+@dataclass
+class DecodeResult:
+    tokens: list[int]  # sampled tokens without eot (text and timestamps)
+    token_logprobs: list[float]
+    avg_logprob: float
+    sum_logprob: float
+    no_speech_prob: float
+    temperature: float
+    language: str
+    compression_ratio: float = 0.0
+    error: str | None = None  # set when this item failed; its batch-mates are unaffected
+
+
+@dataclass
+class AlignJob:
+    """Word timing for the segments of one decoded window."""
+
+    audio: np.ndarray
+    language: str
+    task: str
+    segment_tokens: list[list[int]]  # text tokens of each segment
+    num_frames: int
+
+
+class ModelFailure(RuntimeError):
+    """The model could not decode a window (``reason`` is e.g. ``out_of_memory``)."""
+
+    def __init__(self, reason: str, at_seconds: float = 0.0):
+        super().__init__(f"decoding the window at {at_seconds:.1f} s failed: {reason}")
+        self.reason = reason
+
+
+def compression_ratio(text: str) -> float:
+    data = text.encode("utf-8")
+    return len(data) / len(zlib.compress(data)) if data else 0.0
+
+
+class Core(Protocol):
+    """The model side of an engine: decodes windows of any requests together."""
+
+    def decode_windows(self, jobs: list[WindowJob]) -> list[DecodeResult]: ...
+
+    def align(self, job: AlignJob) -> list[list[Word]]: ...
+
+
+@dataclass
+class LoopState:
+    """What a running transcription has learnt so far (the language, once detected)."""
+
+    language: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def drive(loop: Generator, core: Core) -> Iterator[Segment]:
+    """Run a transcription loop in-process, answering its requests with ``core`` directly."""
+    reply = None
+    while True:
+        try:
+            item = loop.send(reply)
+        except StopIteration:
+            return
+        reply = None
+        if isinstance(item, WindowJob):
+            reply = core.decode_windows([item])[0]
+        elif isinstance(item, AlignJob):
+            reply = core.align(item)
+        else:
+            yield item
+
+
+async def adrive(loop: Generator, decode: Callable[[WindowJob], Awaitable[DecodeResult]],
+                 align: Callable[[AlignJob], Awaitable[list[list[Word]]]]) -> AsyncIterator[Segment]:
+    """Run a transcription loop against an asynchronous (e.g. batching, remote) model service."""
+    reply = None
+    while True:
+        try:
+            item = loop.send(reply)
+        except StopIteration:
+            return
+        reply = None
+        if isinstance(item, WindowJob):
+            reply = await decode(item)
+        elif isinstance(item, AlignJob):
+            reply = await align(item)
+        else:
+            yield item
