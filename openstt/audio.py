@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 from typing import BinaryIO
 
-import av
 import numpy as np
 import soundfile as sf
 
@@ -63,6 +62,8 @@ def _read_soundfile(f: BinaryIO, max_duration: float) -> np.ndarray | None:
 
 
 def _read_pyav(f: BinaryIO, max_duration: float) -> np.ndarray:
+    import av  # FFmpeg is loaded only by processes that decode uploads, and only when needed
+
     try:
         container = av.open(f, mode="r", metadata_errors="ignore")
     except (av.error.InvalidDataError, av.error.EOFError, ValueError):
