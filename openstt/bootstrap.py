@@ -37,14 +37,29 @@ def prepare_models(settings: Settings) -> None:
     from openstt.device import Placement
 
     try:
-        Placement.from_settings(settings)
+        placement = Placement.from_settings(settings)
     except ValueError as exc:
         raise StartupError(str(exc)) from None
+    check_memory(settings, placement)  # before any download: refusing a 48 GB model must not fetch it first
     for name in settings.models:
         try:
             resolve_model(CATALOG[name], download=settings.download)
         except ModelNotAvailable as exc:
             raise StartupError(str(exc)) from None
+
+
+def check_memory(settings: Settings, placement) -> None:
+    """Log the configured models' memory estimate; refuse (``memory_check=auto``) what cannot fit."""
+    from openstt.memory import NotEnoughMemory, check
+
+    try:
+        check([CATALOG[name] for name in settings.models], placement.device.type,
+              str(placement.dtype).removeprefix("torch."), settings.quantize, settings.max_batch_windows,
+              settings.memory_check)
+    except NotEnoughMemory as exc:
+        raise StartupError(str(exc)) from None
+    except Exception as exc:  # guidance only: a failing estimate never stops a server that may well fit
+        log.warning("memory: check skipped (%s)", exc)
 
 
 def load_models() -> ModelRegistry:

@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per-request deadline, upload included (OPEN_STT_REQUEST_TIMEOUT, default 3600)")
     g.add_argument("--max-batch-windows", type=int, metavar="N",
                    help="30 s windows decoded together across requests (OPEN_STT_MAX_BATCH_WINDOWS, default 16)")
+    p.add_argument("--memory-check", choices=["auto", "warn", "off"],
+                   help="estimate the models' memory at start; auto refuses what cannot fit, warn only warns "
+                        "(OPEN_STT_MEMORY_CHECK, default auto)")
     return p
 
 
@@ -65,6 +68,7 @@ def apply_flags(args: argparse.Namespace, env: dict[str, str]) -> dict[str, str]
         "OPEN_STT_DTYPE": args.dtype, "OPEN_STT_ATTN_IMPLEMENTATION": args.attn_implementation,
         "OPEN_STT_QUANTIZE": args.quantize, "OPEN_STT_TORCH_THREADS": args.torch_threads,
         "OPEN_STT_MAX_BATCH_WINDOWS": args.max_batch_windows, "OPEN_STT_REQUEST_TIMEOUT": args.request_timeout,
+        "OPEN_STT_MEMORY_CHECK": args.memory_check,
     }
     env.update({k: str(v) for k, v in values.items() if v is not None})
     return env

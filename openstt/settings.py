@@ -72,6 +72,8 @@ class Settings(BaseSettings):
     # transcriptions may be in flight before new ones get 429 + Retry-After.
     max_audio_seconds: float = Field(7200, gt=0)
     max_concurrent_requests: int = Field(64, ge=1)
+    # At startup: refuse models that cannot fit in the device's memory (auto), only warn, or skip.
+    memory_check: Literal["auto", "warn", "off"] = "auto"
 
     @field_validator("models", "api_key", mode="before")
     @classmethod
