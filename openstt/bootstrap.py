@@ -69,8 +69,8 @@ def load_models() -> ModelRegistry:
 def weights_manager(registry: ModelRegistry):
     """The model service's runtime loading and unloading of weights into ``registry``."""
     from openstt.device import Placement
-    from openstt.model_manager import WeightsManager
     from openstt.metrics import metrics
+    from openstt.model_manager import WeightsManager
 
     settings = load_settings()
     metrics().models_loaded.set(len(registry.names()))

@@ -43,13 +43,11 @@ DISABLED_MESSAGE = (
 def free_memory() -> None:
     """Give the memory of dropped weights back: Python objects, the CUDA cache, glibc's heap."""
     gc.collect()
-    try:
+    with contextlib.suppress(Exception):  # best effort
         import torch
 
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    except Exception:  # noqa: BLE001 - best effort
-        pass
     with contextlib.suppress(Exception):
         import ctypes
 
@@ -241,7 +239,7 @@ class ModelManager:
             await asyncio.sleep(self.check_interval())
             try:
                 await self.unload_idle()
-            except Exception:  # noqa: BLE001 - keep checking; the next round retries
+            except Exception:
                 log.exception("idle unloading failed")
 
     def start(self) -> None:

@@ -206,7 +206,7 @@ def managed():
 
 
 def test_routes(managed):
-    c, app, service = managed
+    c, app, _ = managed
     r = c.post("/v1/models/openai/whisper-base")
     assert r.status_code == 200, r.text
     assert r.json()["id"] == "openai/whisper-base" and r.json()["object"] == "model"
