@@ -7,11 +7,20 @@ environment variables (``open-stt-server`` sets them from its flags).
 
 from __future__ import annotations
 
+import asyncio
+
 import bentoml
 
 from openstt.api.app import create_app
-from openstt.batching import AlignRequest, WindowReply, WindowRequest, call_with_reconnect, decode_batch
-from openstt.bootstrap import load_models, load_settings, prepare_models, start_api
+from openstt.batching import (
+    AlignRequest,
+    WindowReply,
+    WindowRequest,
+    align_request,
+    call_with_reconnect,
+    decode_batch,
+)
+from openstt.bootstrap import load_models, load_settings, prepare_models, start_api, weights_manager
 from openstt.settings import env_int
 from openstt.shutdown import Activity, defer_sigterm_until_idle
 
@@ -27,11 +36,12 @@ app = create_app()
 
 @bentoml.service(name="OpenSTTModels", workers=1, traffic={"timeout": REQUEST_TIMEOUT_S})
 class OpenSTTModels:
-    """Loads every configured model once and decodes windows from all requests in batches."""
+    """Loads every configured model once and decodes windows from all requests in batches;
+    models can be loaded and unloaded at runtime (``load_model``/``unload_model``)."""
 
     def __init__(self) -> None:
         self.registry = load_models()
-        self.engines = self.registry.engines()
+        self.weights = weights_manager(self.registry)
         # keep serving windows to in-flight transcriptions after SIGTERM (see openstt/shutdown.py)
         self.activity = Activity()
         defer_sigterm_until_idle(self.activity, max_wait=REQUEST_TIMEOUT_S)
@@ -40,16 +50,21 @@ class OpenSTTModels:
     @bentoml.api(batchable=True, max_batch_size=MAX_BATCH_WINDOWS, max_latency_ms=REQUEST_TIMEOUT_S * 1000)
     def decode_windows(self, requests: list[WindowRequest]) -> list[WindowReply]:
         with self.activity:
-            return decode_batch(self.engines, requests)
+            return decode_batch(self.registry.engines(), requests)
 
     @bentoml.api
     def align(self, request: AlignRequest) -> list[list[dict]]:
-        from openstt.engines.jobs import AlignJob
-
-        job = AlignJob(request.audio, request.language, request.task, request.segment_tokens, request.num_frames)
         with self.activity:
-            words = self.engines[request.model].core.align(job)
-        return [[{"word": w.word, "start": w.start, "end": w.end} for w in seg] for seg in words]
+            return align_request(self.registry.engine(request.model), request)
+
+    # Async, loading in a thread of its own: the sync APIs' single worker thread keeps decoding.
+    @bentoml.api
+    async def load_model(self, name: str) -> dict:
+        return await asyncio.to_thread(self.weights.load, name)
+
+    @bentoml.api
+    async def unload_model(self, name: str) -> dict:
+        return await asyncio.to_thread(self.weights.unload, name)
 
     @bentoml.api
     def ready(self) -> bool:
@@ -71,8 +86,14 @@ class OpenSTT:
         async def models_ready() -> bool:
             return await call_with_reconnect(lambda: self.models.to_async.ready())
 
+        async def load_model(name: str) -> dict:
+            return await call_with_reconnect(lambda: self.models.to_async.load_model(name))
+
+        async def unload_model(name: str) -> dict:
+            return await call_with_reconnect(lambda: self.models.to_async.unload_model(name))
+
         app.state.models_ready = models_ready
-        self.registry = start_api(app, decode, align)
+        self.registry = start_api(app, decode, align, load_model, unload_model)
 
     @bentoml.on_deployment
     def prepare() -> None:

@@ -17,10 +17,13 @@ import bentoml
 import numpy as np
 
 from openstt.engines.base import Engine, TranscribeOptions, TranscriptionRun, Word
-from openstt.engines.jobs import AlignJob, DecodeResult, LoopState, WindowJob, adrive
+from openstt.engines.jobs import AlignJob, DecodeResult, ModelFailure, WindowJob, adrive
 from openstt.metrics import metrics
 
 log = logging.getLogger("openstt.batching")
+
+# A window's model is not (any more) in the model service: it was unloaded while its request ran.
+MODEL_NOT_LOADED = "model_not_loaded"
 
 
 class WindowRequest(bentoml.IODescriptor):
@@ -79,7 +82,7 @@ def decode_batch(engines: dict[str, Engine], requests: list[WindowRequest]) -> l
         engine = engines.get(model)
         if engine is None:
             for i in indices:
-                replies[i] = WindowReply(error=f"model {model!r} is not loaded in the model service")
+                replies[i] = WindowReply(error=MODEL_NOT_LOADED)  # unloaded while its request ran
             continue
         jobs = [WindowJob(np.asarray(requests[i].audio, dtype=np.float32), requests[i].prompt, requests[i].task,
                           requests[i].language, requests[i].temperature) for i in indices]
@@ -105,6 +108,22 @@ def decode_batch(engines: dict[str, Engine], requests: list[WindowRequest]) -> l
     return replies  # type: ignore[return-value]
 
 
+class ModelNotLoaded(LookupError):
+    """The model service has no such model (any more): it was unloaded while a request ran."""
+
+    def __init__(self, model: str):
+        super().__init__(f"{MODEL_NOT_LOADED}: {model}")
+
+
+def align_request(engine: Engine | None, request: AlignRequest) -> list[list[dict]]:
+    """Model service: word times for the segments of one window, as plain dicts for the wire."""
+    if engine is None:
+        raise ModelNotLoaded(request.model)
+    job = AlignJob(request.audio, request.language, request.task, request.segment_tokens, request.num_frames)
+    words = engine.core.align(job)
+    return [[{"word": w.word, "start": w.start, "end": w.end} for w in seg] for seg in words]
+
+
 class BatchedEngine(Engine):
     """The API side of a model served by the model service: runs each request's transcription
     loop here (``frontend``: tokenizer + loop of any family) and sends its windows to be batched
@@ -128,9 +147,14 @@ class BatchedEngine(Engine):
             return DecodeResult(**reply.model_dump())
 
         async def align(job: AlignJob) -> list[list[Word]]:
-            words = await self._align(AlignRequest(model=self.name, audio=job.audio, language=job.language,
-                                                   task=job.task, segment_tokens=job.segment_tokens,
-                                                   num_frames=job.num_frames))
+            try:
+                words = await self._align(AlignRequest(model=self.name, audio=job.audio, language=job.language,
+                                                       task=job.task, segment_tokens=job.segment_tokens,
+                                                       num_frames=job.num_frames))
+            except Exception as exc:
+                if MODEL_NOT_LOADED in str(exc):  # unloaded while this request ran
+                    raise ModelFailure(MODEL_NOT_LOADED) from None
+                raise
             return [[Word(**w) for w in seg] for seg in words]
 
         segments = adrive(self.frontend.loop.run(audio, options, state), decode, align)

@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from openstt.catalog import CATALOG
 from openstt.hub import ModelNotAvailable, cache_dir, resolve_model
 from openstt.logs import configure_logging
-from openstt.registry import ModelRegistry
+from openstt.registry import ModelRegistry, build_frontend
 from openstt.settings import Settings, format_validation_error
 
 log = logging.getLogger("openstt")
@@ -77,9 +77,23 @@ def load_models() -> ModelRegistry:
     return registry
 
 
-def attach(app: FastAPI, registry: ModelRegistry, settings: Settings | None = None) -> None:
-    """Serve ``registry`` from ``app`` with the configured keys and limits."""
+def weights_manager(registry: ModelRegistry):
+    """The model service's runtime loading and unloading of weights into ``registry``."""
+    from openstt.device import Placement
+    from openstt.metrics import metrics
+    from openstt.model_manager import WeightsManager
+
+    settings = load_settings()
+    metrics().models_loaded.set(len(registry.names()))
+    return WeightsManager(registry, Placement.from_settings(settings), download=settings.download,
+                          chunk_seconds=settings.voxtral_chunk_seconds)
+
+
+def attach(app: FastAPI, registry: ModelRegistry, settings: Settings | None = None, manager=None) -> None:
+    """Serve ``registry`` from ``app`` with the configured keys and limits (and ``manager``, the
+    runtime model management, when the models can be loaded and unloaded)."""
     settings = settings or load_settings()
+    app.state.model_manager = manager
     app.state.api_keys = [k.get_secret_value() for k in settings.api_key]
     app.state.max_upload_bytes = settings.max_upload_bytes
     from openstt.api.limits import Limits
@@ -94,12 +108,29 @@ def attach(app: FastAPI, registry: ModelRegistry, settings: Settings | None = No
              f"on ({len(settings.api_key)} key(s))" if settings.api_key else "off", settings.max_upload_bytes,
              settings.max_audio_seconds, settings.max_concurrent_requests, settings.request_timeout,
              settings.max_batch_windows)
+    if manager is not None:
+        log.info("model management: endpoints %s, idle unload %s", "on" if manager.enabled else "off",
+                 f"after {manager.idle_ttl:g} s" if manager.idle_ttl else "off")
 
 
-def start_api(app: FastAPI, decode, align) -> ModelRegistry:
-    """API side of the two-service layout: tokenizers here, weights in the model service."""
+def start_api(app: FastAPI, decode, align, load_model=None, unload_model=None) -> ModelRegistry:
+    """API side of the two-service layout: tokenizers here, weights in the model service.
+
+    ``load_model``/``unload_model`` call the model service's APIs of those names; with them, models
+    can be loaded and unloaded at runtime (when enabled) and idle ones unloaded (with a TTL)."""
     settings = load_settings()
     configure_logging(settings.python_log_level, settings.log_format)
     registry = ModelRegistry.load_frontends(settings, decode, align)
-    attach(app, registry, settings)
+    manager = None
+    if load_model is not None and unload_model is not None:
+        from openstt.model_manager import ModelManager
+
+        manager = ModelManager(
+            registry, load=load_model, unload=unload_model,
+            frontend=lambda spec: build_frontend(spec, resolve_model(spec, download=False), decode, align,
+                                                 chunk_seconds=settings.voxtral_chunk_seconds),
+            enabled=settings.enable_model_management, idle_ttl=settings.model_idle_ttl)
+    attach(app, registry, settings, manager)
+    if manager is not None:
+        manager.start()  # the idle checker; __init__ runs on the event loop (else the app's lifespan starts it)
     return registry

@@ -35,6 +35,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="require 'Authorization: Bearer KEY'; comma-separate several (OPEN_STT_API_KEY)")
     p.add_argument("--log-level", help="trace|debug|info|warn|error (OPEN_STT_LOG_LEVEL; RUST_LOG also honoured)")
     p.add_argument("--log-format", choices=["text", "json"], help="log lines as text or JSON (OPEN_STT_LOG_FORMAT)")
+    m = p.add_argument_group("model management")
+    m.add_argument("--enable-model-management", action="store_true", default=None,
+                   help="allow POST/DELETE /v1/models/{id} to load/unload models at runtime "
+                        "(OPEN_STT_ENABLE_MODEL_MANAGEMENT, default off)")
+    m.add_argument("--model-idle-ttl", type=float, metavar="SECONDS",
+                   help="unload models (except the default) after this long without a request "
+                        "(OPEN_STT_MODEL_IDLE_TTL, default 0 = never)")
     g = p.add_argument_group("inference")
     g.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"],
                    help="weights/activations precision (OPEN_STT_DTYPE; auto: bf16/fp16 on GPU, fp32 on CPU)")
@@ -69,6 +76,8 @@ def apply_flags(args: argparse.Namespace, env: dict[str, str]) -> dict[str, str]
         "OPEN_STT_QUANTIZE": args.quantize, "OPEN_STT_TORCH_THREADS": args.torch_threads,
         "OPEN_STT_MAX_BATCH_WINDOWS": args.max_batch_windows, "OPEN_STT_REQUEST_TIMEOUT": args.request_timeout,
         "OPEN_STT_MEMORY_CHECK": args.memory_check,
+        "OPEN_STT_ENABLE_MODEL_MANAGEMENT": "true" if args.enable_model_management else None,
+        "OPEN_STT_MODEL_IDLE_TTL": args.model_idle_ttl,
     }
     env.update({k: str(v) for k, v in values.items() if v is not None})
     return env

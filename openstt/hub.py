@@ -21,7 +21,17 @@ log = logging.getLogger(__name__)
 
 
 class ModelNotAvailable(RuntimeError):
-    """A configured model cannot be found or fetched; the message says what to do."""
+    """A configured model cannot be found or fetched; the message says what to do.
+
+    ``public`` is the same advice without filesystem paths or library errors, for HTTP clients
+    (``POST /v1/models/{id}``); ``downloadable`` is False when only the operator can fix it by
+    changing the configuration (not cached and downloading disabled or offline), True when a
+    download was attempted and failed."""
+
+    def __init__(self, message: str, *, public: str | None = None, download_failed: bool = False):
+        super().__init__(message)
+        self.public = public or message
+        self.download_failed = download_failed
 
 
 def cache_dir() -> Path:
@@ -52,26 +62,28 @@ def resolve_model(spec: ModelSpec, *, download: bool, cache: Path | None = None)
                                       allow_patterns=spec.allow_patterns))
         if _complete(path, spec):
             return path
-        reason = f"is only partly in the Hugging Face cache ({path})"
+        where, reason = path, "is only partly in the Hugging Face cache"
     except LocalEntryNotFoundError:
-        reason = f"is not in the Hugging Face cache ({cache})"
+        where, reason = cache, "is not in the Hugging Face cache"
+    model = f"Model '{spec.name}' ({spec.repo_id})"
     if not download:
-        raise ModelNotAvailable(
-            f"Model '{spec.name}' ({spec.repo_id}) {reason}. Start the server with --download "
-            f"(or OPEN_STT_DOWNLOAD=true) to fetch it, or point HF_HOME at a cache that holds it."
-        )
+        advice = ("Start the server with --download (or OPEN_STT_DOWNLOAD=true) to fetch it, or point HF_HOME at a "
+                  "cache that holds it.")
+        raise ModelNotAvailable(f"{model} {reason} ({where}). {advice}", public=f"{model} {reason}. {advice}")
     if hub_offline():
-        raise ModelNotAvailable(
-            f"Model '{spec.name}' ({spec.repo_id}) {reason}, and HF_HUB_OFFLINE is set, so it "
-            f"cannot be downloaded. Unset HF_HUB_OFFLINE or pre-fill the cache."
-        )
+        advice = "so it cannot be downloaded. Unset HF_HUB_OFFLINE or pre-fill the cache."
+        raise ModelNotAvailable(f"{model} {reason} ({where}), and HF_HUB_OFFLINE is set, {advice}",
+                                public=f"{model} {reason}, and HF_HUB_OFFLINE is set, {advice}")
     log.info("downloading %s (%s) into %s", spec.name, spec.repo_id, cache)
     try:
         path = Path(snapshot_download(spec.repo_id, cache_dir=cache, allow_patterns=spec.allow_patterns))
     except Exception as exc:  # network, auth, disk: all end the same way for the operator
-        raise ModelNotAvailable(f"Downloading '{spec.name}' ({spec.repo_id}) failed: {exc}") from exc
+        raise ModelNotAvailable(f"Downloading '{spec.name}' ({spec.repo_id}) failed: {exc}", download_failed=True,
+                                public=f"Downloading '{spec.name}' ({spec.repo_id}) failed; the server log says why."
+                                ) from exc
     if not _complete(path, spec):
-        raise ModelNotAvailable(f"Download of '{spec.name}' ({spec.repo_id}) is missing files: {spec.required_files}")
+        raise ModelNotAvailable(f"Download of '{spec.name}' ({spec.repo_id}) is missing files: {spec.required_files}",
+                                download_failed=True)
     return path
 
 

@@ -34,8 +34,12 @@ class SttMetrics:
                                        ["model"], buckets=BATCH_BUCKETS)
         self.window_seconds = Histogram("openstt_batch_duration_seconds", "Time to decode one batch",
                                         ["model"], buckets=LATENCY_BUCKETS)
-        self.model_load_seconds = Gauge("openstt_model_load_seconds", "Time to load a model at startup",
+        self.model_load_seconds = Gauge("openstt_model_load_seconds", "Time its last load took (at startup or at runtime)",
                                         ["model"], multiprocess_mode="max")
+        self.models_loaded = Gauge("openstt_models_loaded", "Models loaded in the model service",
+                                   multiprocess_mode="livemax")
+        self.model_unloads = Counter("openstt_model_unloads_total", "Models unloaded at runtime, by reason",
+                                     ["model", "reason"])
         self.failures = Counter("openstt_decode_failures_total", "Requests refused or failed, by reason",
                                 ["route", "reason"])
 

@@ -1,12 +1,19 @@
-"""The resident models of one worker, and how request model names map onto them."""
+"""The resident models of one worker, and how request model names map onto them.
+
+Per-model construction goes through two functions, used both at startup and when a model is
+loaded at runtime (``POST /v1/models/{id}``): ``load_weights`` (the model service: weights on a
+device) and ``build_frontend`` (the API process: tokenizer side, windows sent to the model
+service). A new engine family only has to be added there.
+"""
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from openstt.catalog import CATALOG, OPENAI_ALIAS, lookup
+from openstt.catalog import CATALOG, OPENAI_ALIAS, ModelSpec, lookup
 from openstt.engines.base import Engine
 from openstt.settings import Settings
 
@@ -23,12 +30,60 @@ class UnknownModel(LookupError):
 class LoadedModel:
     engine: Engine
     created: int  # unix seconds when it was loaded, as /v1/models reports
+    # Usage, for idle unloading and for draining before an unload (API process).
+    last_used: float = field(default_factory=time.monotonic)
+    in_flight: int = 0
+
+
+class Lease:
+    """One request's use of a model: keeps it from being idle-unloaded until released."""
+
+    def __init__(self, registry: ModelRegistry, name: str, entry: LoadedModel):
+        self.name, self.engine, self._registry, self._entry = name, entry.engine, registry, entry
+        self._released = False
+
+    def release(self) -> None:
+        with self._registry._lock:
+            if self._released:
+                return
+            self._released = True
+            self._entry.in_flight -= 1
+            self._entry.last_used = time.monotonic()
+
+
+def load_weights(spec: ModelSpec, placement, *, download: bool, chunk_seconds: float | None = None) -> Engine:
+    """Model service: find ``spec`` in the HF cache (downloading if allowed) and load its weights."""
+    import torch
+
+    from openstt.engines import load_engine
+    from openstt.hub import resolve_model
+    from openstt.metrics import metrics
+
+    path = resolve_model(spec, download=download)
+    engine = load_engine(spec, path, placement, chunk_seconds=chunk_seconds)
+    metrics().model_load_seconds.labels(spec.name).set(getattr(engine, "load_seconds", 0.0))
+    log.info("loaded %s from %s on %s (%s, %s attention, quantize=%s, %d threads) in %.1f s", spec.name, path,
+             placement.device, placement.dtype, placement.attn_implementation, placement.quantize,
+             torch.get_num_threads(), getattr(engine, "load_seconds", 0.0))
+    return engine
+
+
+def build_frontend(spec: ModelSpec, path, decode, align, *, chunk_seconds: float | None = None) -> Engine:
+    """API process: the request side of a model whose weights live in the model service."""
+    from openstt.batching import BatchedEngine
+    from openstt.engines import load_frontend
+
+    return BatchedEngine(spec, load_frontend(spec, path, chunk_seconds=chunk_seconds), decode, align)
 
 
 class ModelRegistry:
-    """Loaded engines by catalog name, plus the default used by the ``whisper-1`` alias."""
+    """Loaded engines by catalog name, plus the default used by the ``whisper-1`` alias.
+
+    Models may be added and removed at runtime; every access holds a lock, so the model
+    service's decoding threads and its load/unload threads see a consistent set."""
 
     def __init__(self, engines: list[Engine], default: str):
+        self._lock = threading.RLock()
         self._models = {e.name: LoadedModel(e, int(time.time())) for e in engines}
         if default not in self._models:
             raise ValueError(f"default model {default!r} is not loaded")
@@ -40,58 +95,99 @@ class ModelRegistry:
         import torch
 
         from openstt.device import Placement
-        from openstt.engines import load_engine
-        from openstt.hub import resolve_model
-        from openstt.metrics import metrics
 
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
         placement = Placement.from_settings(settings)
-        engines = []
-        for name in settings.models:
-            spec = CATALOG[name]
-            path = resolve_model(spec, download=settings.download)
-            engine = load_engine(spec, path, placement, chunk_seconds=settings.voxtral_chunk_seconds)
-            metrics().model_load_seconds.labels(name).set(getattr(engine, "load_seconds", 0.0))
-            log.info("loaded %s from %s on %s (%s, %s attention, quantize=%s, %d threads) in %.1f s", name, path,
-                     placement.device, placement.dtype, placement.attn_implementation, placement.quantize,
-                     torch.get_num_threads(), getattr(engine, "load_seconds", 0.0))
-            engines.append(engine)
+        engines = [load_weights(CATALOG[name], placement, download=settings.download,
+                                chunk_seconds=settings.voxtral_chunk_seconds) for name in settings.models]
         return cls(engines, settings.default_model or settings.models[0])
 
     @classmethod
     def load_frontends(cls, settings: Settings, decode, align) -> ModelRegistry:
         """The API side when a model service holds the weights: tokenizers only, windows sent
         to ``decode``/``align`` (the batching model service)."""
-        from openstt.batching import BatchedEngine
-        from openstt.engines import load_frontend
         from openstt.hub import resolve_model
 
         engines = []
         for name in settings.models:
             spec = CATALOG[name]
-            frontend = load_frontend(spec, resolve_model(spec, download=False),
-                                     chunk_seconds=settings.voxtral_chunk_seconds)
-            engines.append(BatchedEngine(spec, frontend, decode, align))
+            engines.append(build_frontend(spec, resolve_model(spec, download=False), decode, align,
+                                          chunk_seconds=settings.voxtral_chunk_seconds))
         return cls(engines, settings.default_model or settings.models[0])
 
+    # --- the current set ---------------------------------------------------------------------
+
     def engines(self) -> dict[str, Engine]:
-        return {name: m.engine for name, m in self._models.items()}
+        with self._lock:
+            return {name: m.engine for name, m in self._models.items()}
+
+    def engine(self, name: str) -> Engine | None:
+        """The engine loaded under catalog name ``name``, or None."""
+        with self._lock:
+            entry = self._models.get(name)
+            return entry.engine if entry else None
 
     def names(self) -> list[str]:
-        return list(self._models)
+        with self._lock:
+            return list(self._models)
+
+    def __contains__(self, name: str) -> bool:
+        with self._lock:
+            return name in self._models
 
     def created(self, name: str) -> int:
-        return self._models[name].created
+        with self._lock:
+            return self._models[name].created
+
+    def add(self, engine: Engine) -> LoadedModel:
+        """Make ``engine`` servable (a model loaded at runtime); refuses a name already loaded."""
+        with self._lock:
+            if engine.name in self._models:
+                raise ValueError(f"model {engine.name!r} is already loaded")
+            entry = self._models[engine.name] = LoadedModel(engine, int(time.time()))
+            return entry
+
+    def remove(self, name: str) -> LoadedModel | None:
+        """Stop serving ``name``; returns its entry (None if it was not loaded). The default
+        model cannot be removed: ``whisper-1`` and default requests rely on it."""
+        with self._lock:
+            if name == self.default:
+                raise ValueError(f"model {name!r} is the default model and cannot be unloaded")
+            return self._models.pop(name, None)
+
+    # --- requests ----------------------------------------------------------------------------
 
     def resolve(self, requested: str) -> str:
         """Map a requested id (catalog name, HF repo id or ``whisper-1``) to a loaded model name."""
-        if requested == OPENAI_ALIAS:
-            return "whisper-tiny" if "whisper-tiny" in self._models else self.default
-        spec = lookup(requested)
-        if spec is None or spec.name not in self._models:
-            raise UnknownModel(requested, self.names())
-        return spec.name
+        with self._lock:
+            if requested == OPENAI_ALIAS:
+                return "whisper-tiny" if "whisper-tiny" in self._models else self.default
+            spec = lookup(requested)
+            if spec is None or spec.name not in self._models:
+                raise UnknownModel(requested, self.names())
+            return spec.name
 
     def get(self, requested: str) -> Engine:
-        return self._models[self.resolve(requested)].engine
+        with self._lock:
+            return self._models[self.resolve(requested)].engine
+
+    def acquire(self, requested: str) -> Lease:
+        """Resolve ``requested`` and mark its model in use until the lease is released."""
+        with self._lock:
+            name = self.resolve(requested)
+            entry = self._models[name]
+            entry.in_flight += 1
+            entry.last_used = time.monotonic()
+            return Lease(self, name, entry)
+
+    def in_flight(self, entry: LoadedModel) -> int:
+        with self._lock:
+            return entry.in_flight
+
+    def idle(self, ttl: float, now: float | None = None) -> list[str]:
+        """Models (never the default) with no request in flight and none started for ``ttl`` s."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            return [name for name, m in self._models.items()
+                    if name != self.default and m.in_flight == 0 and now - m.last_used >= ttl]

@@ -74,6 +74,10 @@ class Settings(BaseSettings):
     max_concurrent_requests: int = Field(64, ge=1)
     # At startup: refuse models that cannot fit in the device's memory (auto), only warn, or skip.
     memory_check: Literal["auto", "warn", "off"] = "auto"
+    # Runtime model management: POST/DELETE /v1/models/{id} (off by default), and unloading models
+    # (all but the default) after this many seconds without a request (0: never).
+    enable_model_management: bool = False
+    model_idle_ttl: float = Field(0, ge=0)
 
     @field_validator("models", "api_key", mode="before")
     @classmethod
@@ -92,6 +96,11 @@ class Settings(BaseSettings):
         if unknown:
             raise ValueError(f"unknown model(s) {', '.join(unknown)}. Available: {', '.join(CATALOG)}")
         return list(dict.fromkeys(models))
+
+    @field_validator("model_idle_ttl", mode="before")
+    @classmethod
+    def _empty_is_zero(cls, value: object) -> object:
+        return 0 if isinstance(value, str) and not value.strip() else value
 
     @field_validator("default_model", "torch_threads", mode="before")
     @classmethod

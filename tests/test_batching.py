@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from openstt.audio import decode_audio
-from openstt.batching import BatchedEngine, WindowRequest, decode_batch
+from openstt.batching import MODEL_NOT_LOADED, BatchedEngine, WindowRequest, decode_batch
 from openstt.catalog import CATALOG
 from openstt.engines import TranscribeOptions
 from openstt.engines.whisper import WhisperFrontend
@@ -44,7 +44,7 @@ def test_models_batch_separately_and_failures_stay_local(tiny_en_engine):
     assert sizes == [2, 1, 1, 1]
     assert replies[0].error is None and tiny_en_engine.core.text_of(replies[0].tokens).strip() == FOX
     assert replies[1].error is not None and replies[2].error is None
-    assert "not loaded" in replies[3].error
+    assert replies[3].error == MODEL_NOT_LOADED
 
 
 @pytest.mark.parametrize("options", [TranscribeOptions(), TranscribeOptions(word_timestamps=True, prompt="Foxes.")])

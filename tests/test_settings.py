@@ -140,3 +140,30 @@ def test_cli_exits_with_message(args, env, message, tmp_path):
                           timeout=60)
     assert proc.returncode == 2
     assert message.replace("add --download", "--download") in proc.stderr
+
+
+def test_model_management_settings(monkeypatch):
+    monkeypatch.setenv("OPEN_STT_MODELS", "whisper-tiny.en")
+    s = Settings()
+    assert s.enable_model_management is False and s.model_idle_ttl == 0
+    monkeypatch.setenv("OPEN_STT_MODEL_IDLE_TTL", "")  # compose passes unset variables as ""
+    assert Settings().model_idle_ttl == 0
+    args = build_parser().parse_args(["--enable-model-management", "--model-idle-ttl", "300"])
+    for key, value in apply_flags(args, {}).items():
+        monkeypatch.setenv(key, value)
+    s = Settings()
+    assert s.enable_model_management is True and s.model_idle_ttl == 300
+    monkeypatch.setenv("OPEN_STT_MODEL_IDLE_TTL", "-1")
+    with pytest.raises(ValueError):
+        Settings()
+
+
+def test_missing_model_message_for_clients_has_no_paths(tmp_path):
+    from openstt.catalog import CATALOG
+    from openstt.hub import ModelNotAvailable, resolve_model
+
+    with pytest.raises(ModelNotAvailable) as err:
+        resolve_model(CATALOG["whisper-small"], download=False, cache=tmp_path)
+    assert str(tmp_path) in str(err.value)  # the operator's message says where it looked
+    assert str(tmp_path) not in err.value.public and "--download" in err.value.public
+    assert not err.value.download_failed

@@ -159,7 +159,7 @@ def test_served_end_to_end(voxtral_cache, hf_cache, tmp_path):
             assert out is not None
         srt = client.audio.transcriptions.create(model="voxtral-mini", file=("long.wav", long_wav),
                                                  response_format="srt")
-        assert re.search(r"^2\n00:00:\d\d,\d{3} --> 00:00:\d\d,\d{3}$", srt, re.M)
+        assert re.search(r"^2\n00:00:\d\d,\d{3} --> 00:00:\d\d,\d{3}$", srt, re.MULTILINE)
 
         with pytest.raises(openai.BadRequestError) as err:
             client.audio.transcriptions.create(model="voxtral-mini", file=fox, response_format="verbose_json",

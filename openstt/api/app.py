@@ -7,6 +7,7 @@ settings) to ``app.state`` when its models are ready. Until then, routes answer 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -28,6 +29,7 @@ from openstt.api.forms import AudioRequest, parse_audio_form, read_form
 from openstt.api.limits import Limits, Slot, SlotStreamingResponse
 from openstt.api.middleware import ApiKeyMiddleware, MaxBodySizeMiddleware, RequestIdMiddleware
 from openstt.audio import AudioError, decode_audio
+from openstt.batching import MODEL_NOT_LOADED
 from openstt.engines.base import TranscribeOptions, TranscriptionRun, UnsupportedRequest
 from openstt.engines.jobs import ModelFailure
 from openstt.formats import delta_event, done_event, error_event, render, sse, token_usage
@@ -97,7 +99,10 @@ def _client_error(exc: Exception) -> OpenAIError:
     return err
 
 
-def _model_failure(exc: ModelFailure, request_id: str | None) -> OpenAIError:
+def _model_failure(exc: ModelFailure, request_id: str | None, model: str = "") -> OpenAIError:
+    if exc.reason == MODEL_NOT_LOADED:
+        return OpenAIError(404, f"The model `{model}` was unloaded while this request was in progress.",
+                           param="model", code="model_not_found")
     if exc.reason == "out_of_memory":
         return OpenAIError(503, "The model ran out of memory on this request. Retry later or send shorter audio.",
                            type="server_error", code="model_out_of_memory", headers={"retry-after": "10"})
@@ -135,9 +140,11 @@ async def _transcribe_admitted(request: Request, registry: ModelRegistry, limits
                                slot: Slot) -> Response:
     req: AudioRequest = parse_audio_form(await read_form(request), task=task)
     try:
-        engine = registry.get(req.model)
+        lease = registry.acquire(req.model)  # in use (not idle, drained before an unload) until the slot ends
     except UnknownModel as exc:
         raise model_not_found(exc.name, exc.available) from None
+    slot.on_release(lease.release)
+    engine = lease.engine
     slot.model = engine.name
     _check_capabilities(req, engine)
     request_id = request_id_of(request)
@@ -165,7 +172,7 @@ async def _transcribe_admitted(request: Request, registry: ModelRegistry, limits
                           headers={"x-should-retry": "false"}) from None
     except ModelFailure as exc:
         log.error("%s %s", request_id, exc)
-        raise _model_failure(exc, request_id) from None
+        raise _model_failure(exc, request_id, engine.name) from None
     _log_done(request_id, req, engine.name, transcript.duration, started)
     return render(transcript, req.response_format, task=task, granularities=req.timestamp_granularities,
                   logprobs="logprobs" in req.include)
@@ -212,7 +219,7 @@ async def _events(run: TranscriptionRun, req: AudioRequest, model: str, request_
     except Exception as exc:
         # Headers are gone already: report in-band, as the SDK expects (it raises openai.APIError).
         log.exception("%s stream failed after %d characters", request_id, len(text))
-        err = _model_failure(exc, request_id) if isinstance(exc, ModelFailure) else internal_error(request_id)
+        err = _model_failure(exc, request_id, model) if isinstance(exc, ModelFailure) else internal_error(request_id)
         slot.fail(err.status, err.code or "internal_error")
         yield sse(error_event(err.message, code=err.code))
 
@@ -244,10 +251,33 @@ def _audio_openapi(task: str) -> dict:
     }
 
 
+def _manager(request: Request):
+    """The runtime model management, or a clear 403 when this server does not allow it."""
+    _registry(request)
+    manager = getattr(request.app.state, "model_manager", None)
+    if manager is None or not manager.enabled:
+        from openstt.model_manager import DISABLED_MESSAGE
+
+        raise OpenAIError(403, DISABLED_MESSAGE, code="model_management_disabled")
+    return manager
+
+
+@contextlib.asynccontextmanager
+async def _lifespan(app: FastAPI):
+    manager = getattr(app.state, "model_manager", None)
+    if manager is not None:
+        manager.start()  # the idle checker (already running if the service started it)
+    yield
+    manager = getattr(app.state, "model_manager", None)
+    if manager is not None:
+        await manager.stop()
+
+
 def create_app() -> FastAPI:
     """Build the app; attach ``app.state.registry`` (and ``api_keys``, ``max_upload_bytes``) to serve."""
-    app = FastAPI(title="open-stt", version="0.1.0", docs_url="/docs", redoc_url=None)
+    app = FastAPI(title="open-stt", version="0.1.0", docs_url="/docs", redoc_url=None, lifespan=_lifespan)
     app.state.registry = None
+    app.state.model_manager = None
     app.state.api_keys = []
     app.state.max_upload_bytes = DEFAULT_MAX_UPLOAD_BYTES
     app.state.limits = Limits()
@@ -282,6 +312,19 @@ def create_app() -> FastAPI:
             raise OpenAIError(404, f"The model '{model_id}' does not exist", param="model",
                               code="model_not_found") from None
         return JSONResponse(_model_object(model_id, registry.created(name)))
+
+    @app.post("/v1/models/{model_id:path}")
+    async def load_model(model_id: str, request: Request) -> JSONResponse:
+        """Load a model at runtime (OPEN_STT_ENABLE_MODEL_MANAGEMENT); idempotent."""
+        manager = _manager(request)
+        name = await manager.load(model_id)
+        return JSONResponse(_model_object(model_id, manager.registry.created(name)))
+
+    @app.delete("/v1/models/{model_id:path}")
+    async def unload_model(model_id: str, request: Request) -> JSONResponse:
+        """Unload a model at runtime (OPEN_STT_ENABLE_MODEL_MANAGEMENT); never the default one."""
+        await _manager(request).unload(model_id)
+        return JSONResponse({"id": model_id, "object": "model", "deleted": True})
 
     @app.post("/v1/audio/transcriptions", openapi_extra=_audio_openapi("transcribe"))
     async def transcriptions(request: Request) -> Response:

@@ -35,7 +35,12 @@ class Slot:
         self.limits, self.route, self.released = limits, route, False
         self.started = time.perf_counter()
         self.model, self.status, self.audio_seconds, self.reason = "unknown", 200, 0.0, None
+        self._on_release: list = []
         metrics().in_flight.labels(route).inc()
+
+    def on_release(self, callback) -> None:
+        """Call ``callback()`` when the request ends (e.g. to release its model lease)."""
+        self._on_release.append(callback)
 
     def fail(self, status: int, reason: str | None) -> None:
         self.status, self.reason = status, reason or "error"
@@ -45,6 +50,8 @@ class Slot:
             return
         self.released = True
         self.limits.in_flight -= 1
+        for callback in self._on_release:
+            callback()
         m, elapsed = metrics(), time.perf_counter() - self.started
         m.in_flight.labels(self.route).dec()
         m.requests.labels(self.route, self.model, str(self.status)).inc()

@@ -10,10 +10,7 @@ from openstt.catalog import ModelSpec
 from openstt.device import Placement
 from openstt.engines.base import Engine, TranscribeOptions, Transcript, UnsupportedRequest
 
-# Families with an engine in this version; catalog entries of other families are refused at startup.
-FAMILIES = frozenset({"whisper", "voxtral"})
-
-__all__ = ["FAMILIES", "Engine", "TranscribeOptions", "Transcript", "UnsupportedRequest", "load_engine",
+__all__ = ["Engine", "TranscribeOptions", "Transcript", "UnsupportedRequest", "load_engine",
            "load_frontend"]
 
 

@@ -1,0 +1,258 @@
+"""Loading and unloading models at runtime, in both processes, and unloading idle ones.
+
+``POST /v1/models/{id}`` and ``DELETE /v1/models/{id}`` (with OPEN_STT_ENABLE_MODEL_MANAGEMENT) and
+the idle TTL (OPEN_STT_MODEL_IDLE_TTL) all go through ``ModelManager`` in the API process:
+
+- load: the model service loads the weights (``WeightsManager.load``, downloading only with
+  OPEN_STT_DOWNLOAD), then the API process builds the model's tokenizer-side frontend; only then
+  is the model listed and servable. Concurrent loads of one model share one load (a lock per name).
+- unload: the model leaves the API registry first (new requests get 404 ``model_not_found``),
+  requests already in flight on it may finish (up to ``drain_timeout``), then the model service
+  drops the weights. A request still running after that gets a clean 404 (the model service
+  answers its windows with ``model_not_loaded``).
+- idle TTL: an asyncio task here, in the API process, because that is where requests start and
+  end: a request start counts as use, and a model with requests in flight is never idle (the model
+  service only sees 30-second windows, with gaps between them). The default model is never
+  unloaded, so ``whisper-1`` and default requests keep working.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import logging
+import threading
+import time
+from collections.abc import Awaitable, Callable
+
+from openstt.api.errors import OpenAIError, model_not_found
+from openstt.batching import MODEL_NOT_LOADED  # noqa: F401 - re-exported
+from openstt.catalog import CATALOG, OPENAI_ALIAS, ModelSpec, lookup
+from openstt.engines.base import Engine
+from openstt.registry import ModelRegistry, load_weights
+
+log = logging.getLogger("openstt.models")
+
+DISABLED_MESSAGE = (
+    "Loading and unloading models at runtime is disabled on this server. Start it with "
+    "--enable-model-management (OPEN_STT_ENABLE_MODEL_MANAGEMENT=true) to allow it."
+)
+
+
+def free_memory() -> None:
+    """Give the memory of dropped weights back: Python objects, the CUDA cache, glibc's heap."""
+    gc.collect()
+    with contextlib.suppress(Exception):  # best effort
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+class WeightsManager:
+    """Model service side: loads and drops weights in its registry. Called from worker threads,
+    concurrently with batches being decoded; the registry's lock keeps the set consistent and a
+    per-model lock makes concurrent loads of one model load it once."""
+
+    def __init__(self, registry: ModelRegistry, placement, *, download: bool, chunk_seconds: float | None = None):
+        self.registry, self.placement, self.download = registry, placement, download
+        self.chunk_seconds = chunk_seconds
+        self._guard = threading.Lock()
+        self._locks: dict[str, threading.Lock] = {}
+
+    def _lock(self, name: str) -> threading.Lock:
+        with self._guard:
+            return self._locks.setdefault(name, threading.Lock())
+
+    def load(self, name: str) -> dict:
+        """Load catalog model ``name``. Returns ``{"loaded": bool, "created": int}`` or, when
+        the weights cannot be had, ``{"error": ..., "message": ...}`` (a path-free message)."""
+        from openstt.hub import ModelNotAvailable
+        from openstt.metrics import metrics
+
+        spec = CATALOG.get(name)
+        if spec is None:
+            return {"error": "unknown_model", "message": f"unknown model {name!r}"}
+        with self._lock(name):
+            if name in self.registry:
+                return {"loaded": False, "created": self.registry.created(name)}
+            try:
+                engine = load_weights(spec, self.placement, download=self.download, chunk_seconds=self.chunk_seconds)
+            except ModelNotAvailable as exc:
+                log.warning("cannot load %s: %s", name, exc)
+                return {"error": "download_failed" if exc.download_failed else "not_available",
+                        "message": exc.public}
+            except NotImplementedError as exc:
+                return {"error": "unsupported_family", "message": str(exc)}
+            entry = self.registry.add(engine)
+            metrics().models_loaded.set(len(self.registry.names()))
+            log.info("model %s", engine.describe())
+            return {"loaded": True, "created": entry.created}
+
+    def unload(self, name: str) -> dict:
+        """Drop ``name``'s weights. A batch already decoding with them finishes first (it holds
+        its own reference); later windows for it are answered ``model_not_loaded``."""
+        from openstt.metrics import metrics
+
+        with self._lock(name):
+            try:
+                entry = self.registry.remove(name)
+            except ValueError as exc:
+                return {"unloaded": False, "error": "default_model", "message": str(exc)}
+            if entry is None:
+                return {"unloaded": False}
+            del entry
+            free_memory()
+            metrics().models_loaded.set(len(self.registry.names()))
+            log.info("unloaded %s", name)
+            return {"unloaded": True}
+
+
+class ModelManager:
+    """API process side: runtime load/unload through both processes, and the idle TTL."""
+
+    def __init__(self, registry: ModelRegistry, *, load: Callable[[str], Awaitable[dict]],
+                 unload: Callable[[str], Awaitable[dict]], frontend: Callable[[ModelSpec], Engine],
+                 enabled: bool = False, idle_ttl: float = 0.0, drain_timeout: float = 30.0):
+        """``load``/``unload`` call the model service; ``frontend`` builds a model's API-side
+        engine (blocking; it runs in a thread)."""
+        self.registry, self._load, self._unload, self._frontend = registry, load, unload, frontend
+        self.enabled, self.idle_ttl, self.drain_timeout = enabled, idle_ttl, drain_timeout
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._reaper: asyncio.Task | None = None
+
+    def _lock(self, name: str) -> asyncio.Lock:
+        return self._locks.setdefault(name, asyncio.Lock())
+
+    def _spec(self, model_id: str) -> ModelSpec:
+        if model_id == OPENAI_ALIAS:
+            raise OpenAIError(400, f"'{OPENAI_ALIAS}' is an alias (of '{self.registry.resolve(OPENAI_ALIAS)}' now); "
+                              "load or unload the model it names instead.", param="model", code="invalid_value")
+        spec = lookup(model_id)
+        if spec is None:
+            raise OpenAIError(404, f"The model `{model_id}` does not exist. Models this server can load: "
+                              f"{', '.join(CATALOG)} (or their Hugging Face repo ids).", param="model",
+                              code="model_not_found")
+        return spec
+
+    def _check_enabled(self) -> None:
+        if not self.enabled:
+            raise OpenAIError(403, DISABLED_MESSAGE, code="model_management_disabled")
+
+    # --- load ------------------------------------------------------------------------------
+
+    async def load(self, model_id: str) -> str:
+        """Load ``model_id`` (catalog name or HF repo id) in both processes; returns its name.
+        Already loaded: nothing to do."""
+        self._check_enabled()
+        spec = self._spec(model_id)
+        if spec.name in self.registry:
+            return spec.name
+        async with self._lock(spec.name):
+            if spec.name in self.registry:  # loaded while we waited for the lock
+                return spec.name
+            started = time.perf_counter()
+            reply = await self._load(spec.name)
+            if reply.get("error") == "download_failed":
+                raise OpenAIError(502, reply["message"], type="server_error", code="model_download_failed")
+            if reply.get("error"):
+                raise OpenAIError(400, reply["message"], param="model", code="model_not_available")
+            try:
+                engine = await asyncio.to_thread(self._frontend, spec)
+            except Exception:
+                log.exception("building the frontend of %s failed; unloading its weights again", spec.name)
+                await self._unload(spec.name)
+                raise
+            self.registry.add(engine)
+            log.info("loaded %s at runtime in %.1f s", spec.name, time.perf_counter() - started)
+            return spec.name
+
+    # --- unload ----------------------------------------------------------------------------
+
+    async def unload(self, model_id: str) -> str:
+        """Unload ``model_id`` from both processes (``DELETE /v1/models/{id}``); returns its name."""
+        self._check_enabled()
+        spec = self._spec(model_id)
+        if spec.name == self.registry.default:
+            raise OpenAIError(409, f"Model '{spec.name}' is the default model (OPEN_STT_DEFAULT_MODEL) and serves "
+                              f"'{OPENAI_ALIAS}' and default requests; it cannot be unloaded.", param="model",
+                              code="default_model")
+        async with self._lock(spec.name):
+            if spec.name not in self.registry:
+                raise model_not_found(model_id, self.registry.names())
+            await self._remove(spec.name, reason="request")
+        return spec.name
+
+    async def _remove(self, name: str, *, reason: str) -> None:
+        """Take ``name`` out of service here, let its requests drain, then drop the weights."""
+        entry = self.registry.remove(name)
+        if entry is None:
+            return
+        deadline = time.monotonic() + self.drain_timeout
+        while self.registry.in_flight(entry) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        if busy := self.registry.in_flight(entry):
+            log.warning("unloading %s with %d request(s) still in flight after %.0f s; they will fail", name, busy,
+                        self.drain_timeout)
+        try:
+            await self._unload(name)
+        finally:
+            del entry
+            gc.collect()
+        from openstt.metrics import metrics
+
+        metrics().model_unloads.labels(name, reason).inc()
+        log.info("unloaded %s (%s)", name, reason)
+
+    # --- idle TTL --------------------------------------------------------------------------
+
+    async def unload_idle(self, now: float | None = None) -> list[str]:
+        """Unload every model idle for the TTL (never the default, never one in use)."""
+        if not self.idle_ttl:
+            return []
+        unloaded = []
+        for name in self.registry.idle(self.idle_ttl, now):
+            lock = self._lock(name)
+            if lock.locked():
+                continue  # being loaded or unloaded right now
+            async with lock:
+                if name in self.registry.idle(self.idle_ttl, now):  # still idle, still loaded
+                    log.info("%s idle for %g s: unloading", name, self.idle_ttl)
+                    await self._remove(name, reason="idle")
+                    unloaded.append(name)
+        return unloaded
+
+    def check_interval(self) -> float:
+        return min(max(self.idle_ttl / 4, 0.5), 60.0)
+
+    async def _reap_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.check_interval())
+            try:
+                await self.unload_idle()
+            except Exception:
+                log.exception("idle unloading failed")
+
+    def start(self) -> None:
+        """Start the idle checker on the running event loop (no-op without a TTL, without a
+        running loop, or when already started)."""
+        if not self.idle_ttl or (self._reaper is not None and not self._reaper.done()):
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        self._reaper = loop.create_task(self._reap_forever())
+        log.info("models idle for %g s are unloaded (except the default, %s)", self.idle_ttl, self.registry.default)
+
+    async def stop(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._reaper
+            self._reaper = None
