@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per-request deadline, upload included (OPEN_STT_REQUEST_TIMEOUT, default 3600)")
     g.add_argument("--max-batch-windows", type=int, metavar="N",
                    help="30 s windows decoded together across requests (OPEN_STT_MAX_BATCH_WINDOWS, default 16)")
+    g.add_argument("--voxtral-chunk-seconds", type=float, metavar="S",
+                   help="longest chunk Voxtral transcribes in one pass, one segment each "
+                        "(OPEN_STT_VOXTRAL_CHUNK_SECONDS, default 30)")
     p.add_argument("--memory-check", choices=["auto", "warn", "off"],
                    help="estimate the models' memory at start; auto refuses what cannot fit, warn only warns "
                         "(OPEN_STT_MEMORY_CHECK, default auto)")
@@ -75,7 +78,7 @@ def apply_flags(args: argparse.Namespace, env: dict[str, str]) -> dict[str, str]
         "OPEN_STT_DTYPE": args.dtype, "OPEN_STT_ATTN_IMPLEMENTATION": args.attn_implementation,
         "OPEN_STT_QUANTIZE": args.quantize, "OPEN_STT_TORCH_THREADS": args.torch_threads,
         "OPEN_STT_MAX_BATCH_WINDOWS": args.max_batch_windows, "OPEN_STT_REQUEST_TIMEOUT": args.request_timeout,
-        "OPEN_STT_MEMORY_CHECK": args.memory_check,
+        "OPEN_STT_MEMORY_CHECK": args.memory_check, "OPEN_STT_VOXTRAL_CHUNK_SECONDS": args.voxtral_chunk_seconds,
         "OPEN_STT_ENABLE_MODEL_MANAGEMENT": "true" if args.enable_model_management else None,
         "OPEN_STT_MODEL_IDLE_TTL": args.model_idle_ttl,
     }

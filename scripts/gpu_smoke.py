@@ -3,7 +3,8 @@
 Real large weights cannot be fetched where this project is built, so this builds checkpoints
 with the real architectures and sizes (large-v3: 1.55 B parameters, 128 mel bins; Voxtral Mini:
 ~4.7 B) filled with random weights, saves them, and runs them through ``load_engine`` in bf16 on
-CUDA: load time, one transcription, a batch of windows, peak GPU memory. It proves the code
+CUDA: load time, one transcription, a batch of 16 windows, peak GPU memory next to the
+startup memory estimate. It proves the code
 paths and memory at real shapes — not accuracy (random weights say nothing).
 
     python scripts/gpu_smoke.py --whisper-tokenizer PATH_TO_A_WHISPER_SNAPSHOT --out smoke.json [--clip a.wav]
@@ -29,6 +30,9 @@ from openstt.catalog import CATALOG  # noqa: E402
 from openstt.device import Placement  # noqa: E402
 from openstt.engines import TranscribeOptions, load_engine  # noqa: E402
 from openstt.engines.jobs import WindowJob  # noqa: E402
+from openstt.memory import estimate  # noqa: E402
+
+BATCH = 16  # the default OPEN_STT_MAX_BATCH_WINDOWS
 
 LARGE_V3 = {"d_model": 1280, "encoder_layers": 32, "decoder_layers": 32, "encoder_attention_heads": 20,
             "decoder_attention_heads": 20, "encoder_ffn_dim": 5120, "decoder_ffn_dim": 5120, "num_mel_bins": 128}
@@ -73,7 +77,7 @@ def measure(name: str, path: Path, audio: np.ndarray, options: TranscribeOptions
         torch.cuda.synchronize()
     single = time.perf_counter() - started
     window = audio[: 30 * SAMPLE_RATE]
-    batch = [WindowJob(window, [], "transcribe", "en", 0.0) for _ in range(8)]
+    batch = [WindowJob(window, [], "transcribe", "en", 0.0) for _ in range(BATCH)]
     started = time.perf_counter()
     replies = engine.core.decode_windows(batch)
     if cuda:
@@ -85,8 +89,12 @@ def measure(name: str, path: Path, audio: np.ndarray, options: TranscribeOptions
         "load_seconds": round(loaded, 2), "weights_gb": round(weights / 1e9, 2),
         "audio_seconds": round(len(audio) / SAMPLE_RATE, 2), "transcribe_seconds": round(single, 2),
         "segments": [(s.start, s.end, len(s.tokens)) for s in result.segments],
-        "batch8_seconds": round(batched, 2), "batch8_tokens": [len(r.tokens) for r in replies],
+        "batch": BATCH, "batch_seconds": round(batched, 2), "batch_tokens": [len(r.tokens) for r in replies],
+        "batch_steps_per_second": round(max(len(r.tokens) for r in replies) / batched, 1),
         "peak_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2) if cuda else None,
+        # what the startup memory check would assume for this model at this batch (openstt.memory)
+        "estimate_gb": round(estimate(CATALOG[name], placement.device.type, str(placement.dtype).removeprefix(
+            "torch."), placement.quantize, BATCH, path=path).total / 1e9, 2),
     }
     print(json.dumps(report), flush=True)
     del engine

@@ -192,3 +192,22 @@ def test_served_end_to_end(voxtral_cache, hf_cache, tmp_path):
     assert "'family': 'voxtral'" in log and "'mel_bins': 128" in log and "'chunk_seconds': 20.0" in log
     sizes = [int(n) for n in re.findall(r"decoded batch of (\d+) windows for voxtral-mini", log)]
     assert max(sizes) >= 2, sizes
+
+
+def test_recorded_logprobs_equal_transformers_transition_scores(engine):
+    # the memory-light recorder must give what output_scores + compute_transition_scores give
+    from transformers import LogitsProcessorList
+
+    from openstt.engines.voxtral import ChosenLogprobs
+
+    audio = _noise(7, seed=1)
+    batch = engine.core.inputs([WindowJob(audio, [], "transcribe", "en", 0.0),
+                                WindowJob(audio[: 3 * SAMPLE_RATE], [], "transcribe", None, 0.0)], "transcribe")
+    recorder = ChosenLogprobs()
+    out = engine.model.generate(**batch, max_new_tokens=20, do_sample=False, pad_token_id=11, eos_token_id=2,
+                                logits_processor=LogitsProcessorList([recorder]), return_dict_in_generate=True,
+                                output_scores=True)
+    reference = engine.model.compute_transition_scores(out.sequences, out.scores, normalize_logits=True)
+    mine = recorder.finish(out.sequences, batch["input_ids"].shape[1])
+    assert mine.shape == reference.shape == (2, 20)
+    assert torch.allclose(mine, reference, atol=1e-5)

@@ -128,7 +128,10 @@ class WhisperCore:
         return [codes[int(i)] for i in best]
 
     def _apply_rules(self, logits: torch.Tensor, tokens: torch.Tensor, sample_begin: int) -> None:
-        """Whisper's logit filters: suppressed tokens, blank start, and the timestamp grammar."""
+        """Whisper's logit filters: suppressed tokens, blank start, and the timestamp grammar.
+
+        Written as whole-batch tensor operations: a per-row loop reading token values costs a
+        device synchronisation per row and step, which dominated decoding on a GPU."""
         t = self.table
         ts = t.timestamp_begin
         step = tokens.shape[1] - sample_begin
@@ -136,28 +139,30 @@ class WhisperCore:
             logits[:, t.begin_suppress] = -np.inf
         logits[:, t.suppress] = -np.inf
         logits[:, t.no_timestamps] = -np.inf
-        for k in range(tokens.shape[0]):
-            seq = tokens[k, sample_begin:]
-            last_was_ts = len(seq) >= 1 and int(seq[-1]) >= ts
-            penultimate_was_ts = len(seq) < 2 or int(seq[-2]) >= ts
-            if last_was_ts:
-                if penultimate_was_ts:  # a pair closed a segment: text must follow
-                    logits[k, ts:] = -np.inf
-                else:  # an opening timestamp was just closed by text: timestamp or eot next
-                    logits[k, : t.eot] = -np.inf
-            stamps = seq[seq >= ts]
-            if stamps.numel() > 0:
-                # timestamps never go backwards (and an opened pair may repeat its last stamp)
-                last = int(stamps[-1]) if last_was_ts and not penultimate_was_ts else int(stamps[-1]) + 1
-                logits[k, ts:last] = -np.inf
-        if step == 0:
+        columns = torch.arange(logits.shape[1], device=logits.device)
+        is_ts_column = columns >= ts
+        if step > 0:
+            seq = tokens[:, sample_begin:]
+            last_was_ts = seq[:, -1] >= ts
+            penultimate_was_ts = seq[:, -2] >= ts if step >= 2 else torch.ones_like(last_was_ts)
+            # a pair closed a segment: text must follow; an opening timestamp was just closed by
+            # text: a timestamp or eot next
+            closed = (last_was_ts & penultimate_was_ts)[:, None] & is_ts_column
+            opened = (last_was_ts & ~penultimate_was_ts)[:, None] & (columns < t.eot)
+            # timestamps never go backwards (an opened pair may repeat its last stamp); they only
+            # increase, so the last one is the largest
+            last_stamp = torch.where(seq >= ts, seq, -1).amax(dim=1)
+            bound = torch.where(last_was_ts & ~penultimate_was_ts, last_stamp, last_stamp + 1)
+            backwards = ((last_stamp >= ts)[:, None] & is_ts_column & (columns < bound[:, None]))
+            logits.masked_fill_(closed | opened | backwards, -np.inf)
+        else:
             logits[:, :ts] = -np.inf  # every window starts with a timestamp
             logits[:, ts + MAX_INITIAL_TIMESTAMP_INDEX + 1 :] = -np.inf
         # when all timestamps together are likelier than any single text token, emit a timestamp
         logprobs = torch.log_softmax(logits, dim=-1)
         ts_logprob = torch.logsumexp(logprobs[:, ts:], dim=-1)
         text_max = logprobs[:, :ts].max(dim=-1).values
-        logits[ts_logprob > text_max, :ts] = -np.inf
+        logits.masked_fill_((ts_logprob > text_max)[:, None] & ~is_ts_column, -np.inf)
 
     def decode_windows(self, jobs: list[WindowJob]) -> list[DecodeResult]:
         """Decode many windows (from one or many requests) in one encoder and one decoder pass."""
@@ -195,9 +200,10 @@ class WhisperCore:
         encoder_states = encoded[row_index]
         temperatures = torch.tensor([jobs[j].temperature for j in rows], device=self.device)
         sampled = temperatures > 0
+        any_sampled = bool(sampled.any())
         cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
         sum_logprobs = torch.zeros(n, device=self.device)
-        token_logprobs: list[list[float]] = [[] for _ in range(n)]
+        step_logprobs: list[torch.Tensor] = []  # logprob of each row's token, per step
         no_speech = torch.zeros(n)
         inputs, step_positions = tokens, positions
         max_len = min(self.n_text_ctx, width + self.n_text_ctx // 2)
@@ -212,15 +218,14 @@ class WhisperCore:
             self._apply_rules(logits, tokens, width)
             logprobs = torch.log_softmax(logits, dim=-1)
             next_tokens = logits.argmax(dim=-1)
-            if bool(sampled.any()):
+            if any_sampled:
                 scaled = logits[sampled] / temperatures[sampled, None]
                 next_tokens[sampled] = torch.distributions.Categorical(logits=scaled).sample()
             finished = tokens[:, -1] == t.eot
             current = logprobs[torch.arange(n), next_tokens]
             sum_logprobs += current * ~finished
             next_tokens[finished] = t.eot
-            for k in (~finished).nonzero().flatten().tolist():
-                token_logprobs[k].append(float(current[k]))
+            step_logprobs.append(current)
             tokens = torch.cat([tokens, next_tokens[:, None]], dim=1)
             if bool((next_tokens == t.eot).all()):
                 break
@@ -229,14 +234,17 @@ class WhisperCore:
             step_positions = step_positions[:, -1:] + 1
 
         best: dict[int, DecodeResult] = {}
+        all_tokens = tokens[:, width:].tolist()  # one transfer for the whole batch
+        logprob_rows = torch.stack(step_logprobs, dim=1).tolist() if step_logprobs else [[] for _ in range(n)]
+        sums, no_speech_probs = sum_logprobs.tolist(), no_speech.tolist()
         for k, j in enumerate(rows):
-            seq = tokens[k, width:].tolist()
+            seq = all_tokens[k]
             ended = t.eot in seq
             seq = seq[: seq.index(t.eot)] if ended else seq
             count = len(seq) + (1 if ended else 0)  # Whisper averages over the sampled tokens incl. eot
             candidate = DecodeResult(
-                tokens=seq, token_logprobs=token_logprobs[k][: len(seq)], sum_logprob=float(sum_logprobs[k]),
-                avg_logprob=float(sum_logprobs[k]) / max(count, 1), no_speech_prob=float(no_speech[k]),
+                tokens=seq, token_logprobs=logprob_rows[k][: len(seq)], sum_logprob=sums[k],
+                avg_logprob=sums[k] / max(count, 1), no_speech_prob=no_speech_probs[k],
                 temperature=jobs[j].temperature, language=languages[j],
             )
             score = candidate.sum_logprob / max(len(seq) + 1, 1)
