@@ -86,7 +86,8 @@ def weights_manager(registry: ModelRegistry):
     settings = load_settings()
     metrics().models_loaded.set(len(registry.names()))
     return WeightsManager(registry, Placement.from_settings(settings), download=settings.download,
-                          chunk_seconds=settings.voxtral_chunk_seconds)
+                          chunk_seconds=settings.voxtral_chunk_seconds, memory_check=settings.memory_check,
+                          batch_windows=settings.max_batch_windows)
 
 
 def attach(app: FastAPI, registry: ModelRegistry, settings: Settings | None = None, manager=None) -> None:

@@ -201,6 +201,27 @@ class NotEnoughMemory(RuntimeError):
     """The configured models cannot fit; the message says which and what to do."""
 
 
+def check_runtime_load(spec: ModelSpec, device: str, dtype: str, quantize: str, windows: int, mode: str = "auto",
+                       cap: Capacity | None = None) -> None:
+    """Before loading ``spec`` into a running server: raise NotEnoughMemory (``auto``) when its
+    estimate exceeds what is free now. The models already loaded are in use, so unlike at
+    startup the comparison is with available, not total, memory."""
+    if mode == "off":
+        return
+    e = estimate(spec, device, dtype, quantize, windows)
+    cap = cap or capacity(device)
+    log.info("memory: %s; %.1f GB available on %s", e.describe(), cap.available / GB, device)
+    if e.total <= cap.available:
+        return
+    message = (f"Model '{spec.name}' needs about {e.total / GB:.1f} GB ({e.describe()}) but only "
+               f"{cap.available / GB:.1f} GB of {cap.total / GB:.1f} GB is free on {device}. Unload a model, "
+               f"use a smaller one" + (" or --quantize int8" if device == "cpu" and quantize != "int8" else "")
+               + ", or set OPEN_STT_MEMORY_CHECK=warn to try anyway.")
+    if mode == "auto":
+        raise NotEnoughMemory(message)
+    log.warning("memory: %s", message)
+
+
 def check(specs: list[ModelSpec], device: str, dtype: str, quantize: str, windows: int, mode: str = "auto",
           cap: Capacity | None = None) -> list[Estimate]:
     """Estimate ``specs`` together, log it, and raise NotEnoughMemory (``auto``) when they cannot fit

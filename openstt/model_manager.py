@@ -59,9 +59,10 @@ class WeightsManager:
     concurrently with batches being decoded; the registry's lock keeps the set consistent and a
     per-model lock makes concurrent loads of one model load it once."""
 
-    def __init__(self, registry: ModelRegistry, placement, *, download: bool, chunk_seconds: float | None = None):
+    def __init__(self, registry: ModelRegistry, placement, *, download: bool, chunk_seconds: float | None = None,
+                 memory_check: str = "auto", batch_windows: int = 16):
         self.registry, self.placement, self.download = registry, placement, download
-        self.chunk_seconds = chunk_seconds
+        self.chunk_seconds, self.memory_check, self.batch_windows = chunk_seconds, memory_check, batch_windows
         self._guard = threading.Lock()
         self._locks: dict[str, threading.Lock] = {}
 
@@ -81,6 +82,14 @@ class WeightsManager:
         with self._lock(name):
             if name in self.registry:
                 return {"loaded": False, "created": self.registry.created(name)}
+            from openstt.memory import NotEnoughMemory, check_runtime_load
+
+            try:
+                check_runtime_load(spec, self.placement.device.type, str(self.placement.dtype).removeprefix("torch."),
+                                   self.placement.quantize, self.batch_windows, self.memory_check)
+            except NotEnoughMemory as exc:
+                log.warning("not loading %s: %s", name, exc)
+                return {"error": "insufficient_memory", "message": str(exc)}
             try:
                 engine = load_weights(spec, self.placement, download=self.download, chunk_seconds=self.chunk_seconds)
             except ModelNotAvailable as exc:
@@ -160,6 +169,8 @@ class ModelManager:
             reply = await self._load(spec.name)
             if reply.get("error") == "download_failed":
                 raise OpenAIError(502, reply["message"], type="server_error", code="model_download_failed")
+            if reply.get("error") == "insufficient_memory":
+                raise OpenAIError(400, reply["message"], param="model", code="insufficient_memory")
             if reply.get("error"):
                 raise OpenAIError(400, reply["message"], param="model", code="model_not_available")
             try:

@@ -11,7 +11,7 @@ import pytest
 
 from openstt import memory
 from openstt.catalog import CATALOG
-from openstt.memory import GB, Capacity, NotEnoughMemory, Shape, cgroup_limit, check, estimate
+from openstt.memory import GB, Capacity, NotEnoughMemory, Shape, cgroup_limit, check, check_runtime_load, estimate
 
 
 @pytest.fixture
@@ -156,4 +156,37 @@ def test_cli_memory_check_warn_goes_on(tmp_path):
     proc = _cli("--model", "voxtral-small", "--memory-check", "warn", tmp_path=tmp_path)
     assert proc.returncode == 2  # then stopped by the next check: no engine yet, or no weights in the cache
     assert "may not fit" in proc.stderr and "not enough memory" not in proc.stderr
-    assert "voxtral engine" in proc.stderr or "not in the Hugging Face cache" in proc.stderr
+    assert "not in the Hugging Face cache" in proc.stderr
+
+
+def test_runtime_load_compares_with_free_memory(fake_shape, caplog):
+    spec = CATALOG["whisper-base"]  # ~0.66 GB with 16 windows
+    check_runtime_load(spec, "cpu", "float32", "none", 16, "auto", Capacity("cpu", 64 * GB, 1 * GB))
+    with pytest.raises(NotEnoughMemory) as err:  # plenty in total, but the loaded models hold it
+        check_runtime_load(spec, "cpu", "float32", "none", 16, "auto", Capacity("cpu", 64 * GB, int(0.5 * GB)))
+    assert "'whisper-base' needs about 0.7 GB" in str(err.value) and "0.5 GB of 64.0 GB is free" in str(err.value)
+    assert "Unload a model" in str(err.value) and "--quantize int8" in str(err.value)
+    with caplog.at_level(logging.WARNING, logger="openstt"):
+        check_runtime_load(spec, "cpu", "float32", "none", 16, "warn", Capacity("cpu", 64 * GB, int(0.5 * GB)))
+    assert any("needs about 0.7 GB" in r.getMessage() for r in caplog.records)
+    check_runtime_load(spec, "cpu", "float32", "none", 16, "off", Capacity("cpu", 1, 0))
+
+
+def test_runtime_load_refusal_reaches_the_client_as_a_400(fake_shape, monkeypatch):
+    """The model service answers insufficient_memory without touching the weights."""
+    import torch
+
+    from openstt.device import Placement
+    from openstt.model_manager import WeightsManager
+    from openstt.registry import ModelRegistry
+
+    monkeypatch.setattr(memory, "capacity", lambda device: Capacity(device, 64 * GB, int(0.1 * GB)))
+    monkeypatch.setattr("openstt.model_manager.load_weights", lambda *a, **k: pytest.fail("must not load"))
+
+    class Tiny:
+        name = "whisper-tiny.en"
+
+    weights = WeightsManager(ModelRegistry([Tiny()], "whisper-tiny.en"), Placement(torch.device("cpu"), torch.float32),
+                             download=False)
+    reply = weights.load("whisper-base")
+    assert reply["error"] == "insufficient_memory" and "whisper-base" in reply["message"]

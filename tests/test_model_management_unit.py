@@ -42,6 +42,8 @@ class FakeModelService:
     async def load(self, name: str) -> dict:
         self.loads.append(name)
         await asyncio.sleep(self.delay)
+        if name == "voxtral-small":  # what the model service's memory check answers on a small box
+            return {"error": "insufficient_memory", "message": f"Model '{name}' needs about 97.0 GB ..."}
         if name not in self.cached:
             return {"error": "not_available", "message": f"Model '{name}' is not in the Hugging Face cache. "
                     "Start the server with --download (or OPEN_STT_DOWNLOAD=true) to fetch it."}
@@ -127,6 +129,9 @@ def test_errors():
         run(m.load("whisper-medium"))  # not in the (fake) cache
     assert err.value.status == 400 and err.value.code == "model_not_available" and "--download" in err.value.message
     assert "whisper-medium" not in reg
+    with pytest.raises(Exception) as err:
+        run(m.load("voxtral-small"))
+    assert err.value.status == 400 and err.value.code == "insufficient_memory" and "voxtral-small" not in reg
     with pytest.raises(Exception) as err:
         run(m.unload("whisper-tiny.en"))
     assert err.value.status == 409 and err.value.code == "default_model"
