@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from openstt.catalog import ModelSpec
-from openstt.device import Placement
+from openstt.device import Placement, tune_backends
 from openstt.engines.base import Engine, TranscribeOptions, Transcript, UnsupportedRequest
 
 __all__ = ["Engine", "TranscribeOptions", "Transcript", "UnsupportedRequest", "load_engine",
@@ -19,6 +19,7 @@ def load_engine(spec: ModelSpec, path: Path, device: torch.device | Placement, d
     """Load the weights at ``path`` with the engine of ``spec.family`` (``chunk_seconds``: Voxtral's
     chunk length; Whisper always reads 30 s windows)."""
     placement = device if isinstance(device, Placement) else Placement(device, dtype or torch.float32)
+    tune_backends(placement.device)
     if spec.family == "whisper":
         from openstt.engines.whisper import WhisperEngine
 
