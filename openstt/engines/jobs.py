@@ -15,7 +15,8 @@ from typing import Protocol
 
 import numpy as np
 
-from openstt.engines.base import Segment, Word
+from openstt.audio import SAMPLE_RATE
+from openstt.engines.base import Engine, Segment, TranscribeOptions, TranscriptionRun, Word
 
 
 @dataclass
@@ -60,6 +61,15 @@ class ModelFailure(RuntimeError):
     def __init__(self, reason: str, at_seconds: float = 0.0):
         super().__init__(f"decoding the window at {at_seconds:.1f} s failed: {reason}")
         self.reason = reason
+
+
+# A window whose loudest sample is below -60 dBFS holds no speech. Whisper, fed digital silence,
+# often says "you" or "Thank you." with confidence; such windows are not decoded at all.
+SILENCE_PEAK = 10 ** (-60 / 20)
+
+
+def is_silent(chunk: np.ndarray) -> bool:
+    return not len(chunk) or float(np.abs(chunk).max()) < SILENCE_PEAK
 
 
 def compression_ratio(text: str) -> float:
@@ -116,3 +126,21 @@ async def adrive(loop: Generator, decode: Callable[[WindowJob], Awaitable[Decode
             reply = await align(item)
         else:
             yield item
+
+
+class InProcessEngine(Engine):
+    """An engine that holds its weights: its ``frontend`` (tokenizer + loop, the same object the
+    API process uses in the two-service layout) driven against its own ``core``."""
+
+    frontend: object  # has check(options), new_state(options), loop, supports_word_timestamps
+    core: Core
+
+    @property
+    def supports_word_timestamps(self) -> bool:  # type: ignore[override]
+        return self.frontend.supports_word_timestamps
+
+    def start(self, audio: np.ndarray, options: TranscribeOptions) -> TranscriptionRun:
+        self.frontend.check(options)
+        state = self.frontend.new_state(options)
+        segments = drive(self.frontend.loop.run(audio, options, state), self.core)
+        return TranscriptionRun(state=state, duration=len(audio) / SAMPLE_RATE, segments=segments)

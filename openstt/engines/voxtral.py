@@ -27,9 +27,18 @@ import torch
 
 from openstt.audio import SAMPLE_RATE
 from openstt.device import Placement, quantize_int8
-from openstt.engines.base import Engine, Segment, TokenLogprob, TranscribeOptions, TranscriptionRun, Word
+from openstt.engines.base import Segment, TokenLogprob, TranscribeOptions, Word
 from openstt.engines.chunking import plan_chunks
-from openstt.engines.jobs import AlignJob, DecodeResult, LoopState, ModelFailure, WindowJob, compression_ratio, drive
+from openstt.engines.jobs import (
+    AlignJob,
+    DecodeResult,
+    InProcessEngine,
+    LoopState,
+    ModelFailure,
+    WindowJob,
+    compression_ratio,
+    is_silent,
+)
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +49,6 @@ DEFAULT_CHUNK_SECONDS = 30.0
 TOKENS_PER_SECOND = 12
 MIN_NEW_TOKENS = 32
 TRANSLATE_INSTRUCTION = "Translate this audio into English. Reply with the translation only."
-SILENCE_PEAK = 10 ** (-60 / 20)  # same gate as Whisper: digital silence is not decoded
 UNKNOWN_LANGUAGE = "unknown"  # Voxtral does not report the language it heard
 _LANG_PREFIX = re.compile(r"^lang:([a-z]{2})")
 
@@ -193,7 +201,7 @@ class ChunkLoop:
         next_id = 0
         for start, end in plan_chunks(audio, self.chunk_seconds):
             chunk = audio[start:end]
-            if not len(chunk) or float(np.abs(chunk).max()) < SILENCE_PEAK:
+            if is_silent(chunk):
                 continue
             result = None
             for temperature in options.temperatures():
@@ -238,9 +246,7 @@ class VoxtralFrontend:
         return LoopState(language=options.language or UNKNOWN_LANGUAGE)
 
 
-class VoxtralEngine(Engine):
-    supports_word_timestamps = False
-
+class VoxtralEngine(InProcessEngine):
     def __init__(self, spec, path: Path, placement: Placement, chunk_seconds: float = DEFAULT_CHUNK_SECONDS):
         from transformers import AutoProcessor, VoxtralForConditionalGeneration
 
@@ -263,9 +269,3 @@ class VoxtralEngine(Engine):
                 "attention": self.placement.attn_implementation, "quantize": self.placement.quantize,
                 "mel_bins": self.model.config.audio_config.num_mel_bins,
                 "chunk_seconds": self.frontend.loop.chunk_seconds}
-
-    def start(self, audio: np.ndarray, options: TranscribeOptions) -> TranscriptionRun:
-        self.frontend.check(options)
-        state = self.frontend.new_state(options)
-        segments = drive(self.frontend.loop.run(audio, options, state), self.core)
-        return TranscriptionRun(state=state, duration=len(audio) / SAMPLE_RATE, segments=segments)

@@ -10,13 +10,11 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import numpy as np
 from transformers import GenerationConfig, WhisperForConditionalGeneration, WhisperProcessor
 
-from openstt.audio import SAMPLE_RATE
 from openstt.device import Placement, quantize_int8
-from openstt.engines.base import Engine, TranscribeOptions, TranscriptionRun, UnsupportedRequest
-from openstt.engines.jobs import LoopState, drive
+from openstt.engines.base import TranscribeOptions, UnsupportedRequest
+from openstt.engines.jobs import InProcessEngine, LoopState
 from openstt.engines.whisper_decoding import TokenTable, WhisperCore, WindowLoop
 from openstt.engines.word_timing import CrossAttentionAligner
 
@@ -39,13 +37,15 @@ class WhisperFrontend:
 
     supports_word_timestamps = True
 
-    def __init__(self, spec, path: Path):
-        self.spec = spec
-        processor = WhisperProcessor.from_pretrained(path)
-        gen = GenerationConfig.from_pretrained(path)
+    def __init__(self, spec, path: Path, processor=None, generation_config=None, vocab_size: int | None = None):
+        """Reads the checkpoint's processor and configs at ``path`` unless the caller (the engine,
+        which has them loaded already) passes them."""
         from transformers import AutoConfig
 
-        vocab_size = AutoConfig.from_pretrained(path).vocab_size
+        self.spec = spec
+        processor = processor or WhisperProcessor.from_pretrained(path)
+        gen = generation_config or GenerationConfig.from_pretrained(path)
+        vocab_size = vocab_size or AutoConfig.from_pretrained(path).vocab_size
         self.multilingual = bool(getattr(gen, "is_multilingual", False)) and not spec.english_only
         self.table = TokenTable.from_model(processor.tokenizer, gen, vocab_size)
         self.loop = WindowLoop(processor.tokenizer, self.table, self.multilingual)
@@ -57,7 +57,7 @@ class WhisperFrontend:
         return LoopState(language=options.language or (None if self.multilingual else "en"))
 
 
-class WhisperEngine(Engine):
+class WhisperEngine(InProcessEngine):
     def __init__(self, spec, path: Path, placement: Placement):
         super().__init__(spec)
         started = time.perf_counter()
@@ -69,21 +69,14 @@ class WhisperEngine(Engine):
         if placement.quantize == "int8":
             self.model = quantize_int8(self.model)
         gen = self.model.generation_config
-        self.multilingual = bool(getattr(gen, "is_multilingual", False)) and not spec.english_only
-        table = TokenTable.from_model(processor.tokenizer, gen, self.model.config.vocab_size)
+        self.frontend = WhisperFrontend(spec, path, processor, gen, self.model.config.vocab_size)
+        self.multilingual, table = self.frontend.multilingual, self.frontend.table
         aligner = CrossAttentionAligner(self.model, processor.tokenizer, table,
                                         getattr(gen, "alignment_heads", None) or [])
         self.core = WhisperCore(self.model, processor, table, self.multilingual, device, dtype, aligner)
-        self.loop = WindowLoop(processor.tokenizer, table, self.multilingual)
         self.load_seconds = time.perf_counter() - started
 
     def describe(self) -> dict:
         return {**super().describe(), "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
                 "attention": self.placement.attn_implementation, "quantize": self.placement.quantize,
                 "multilingual": self.multilingual, "mel_bins": self.model.config.num_mel_bins}
-
-    def start(self, audio: np.ndarray, options: TranscribeOptions) -> TranscriptionRun:
-        check_request(self.name, self.multilingual, options)
-        state = LoopState(language=options.language or (None if self.multilingual else "en"))
-        segments = drive(self.loop.run(audio, options, state), self.core)
-        return TranscriptionRun(state=state, duration=len(audio) / SAMPLE_RATE, segments=segments)

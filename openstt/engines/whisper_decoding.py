@@ -19,7 +19,15 @@ from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
 from openstt.audio import SAMPLE_RATE
 from openstt.engines.base import Segment, TokenLogprob, TranscribeOptions, Word
-from openstt.engines.jobs import AlignJob, DecodeResult, LoopState, ModelFailure, WindowJob, compression_ratio
+from openstt.engines.jobs import (
+    AlignJob,
+    DecodeResult,
+    LoopState,
+    ModelFailure,
+    WindowJob,
+    compression_ratio,
+    is_silent,
+)
 
 HOP_LENGTH = 160
 N_FRAMES = 3000  # mel frames in one 30 s window
@@ -27,9 +35,6 @@ FRAME_SECONDS = HOP_LENGTH / SAMPLE_RATE  # 0.01
 TIME_PRECISION = 0.02  # seconds per timestamp token
 BEST_OF = 5  # samples per window when decoding at temperature > 0
 MAX_INITIAL_TIMESTAMP_INDEX = 50  # the first timestamp is at most 1.0 s
-# A window whose loudest sample is below -60 dBFS holds no speech. Whisper, fed digital silence,
-# often says "you" or "Thank you." with confidence; such windows are not decoded at all.
-SILENCE_PEAK = 10 ** (-60 / 20)
 
 
 @dataclass
@@ -302,7 +307,7 @@ class WindowLoop:
             segment_size = min(N_FRAMES, n_frames - seek)
             time_offset = seek * FRAME_SECONDS
             chunk = audio[seek * HOP_LENGTH : (seek + segment_size) * HOP_LENGTH]
-            if not len(chunk) or float(np.abs(chunk).max()) < SILENCE_PEAK:
+            if is_silent(chunk):
                 seek += segment_size
                 continue
 
