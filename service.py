@@ -20,7 +20,7 @@ from openstt.batching import (
     call_with_reconnect,
     decode_batch,
 )
-from openstt.bootstrap import load_models, load_settings, prepare_models, start_api, weights_manager
+from openstt.bootstrap import load_models, prepare_once, start_api, weights_manager
 from openstt.settings import env_int
 from openstt.shutdown import Activity, defer_sigterm_until_idle
 
@@ -100,4 +100,4 @@ class OpenSTT:
         # Runs once in the `bentoml serve` parent before workers start: validate the
         # configuration and fetch missing weights (with --download) a single time, so a bad
         # setup stops the server with a clear message instead of crash-looping workers.
-        prepare_models(load_settings())
+        prepare_once()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 from fastapi import FastAPI
@@ -46,6 +47,17 @@ def prepare_models(settings: Settings) -> None:
             resolve_model(CATALOG[name], download=settings.download)
         except ModelNotAvailable as exc:
             raise StartupError(str(exc)) from None
+
+
+# Set by open-stt-server once it has run prepare_models, so the `bentoml serve` it starts does
+# not repeat the checks (and their log lines).
+PREPARED_ENV = "OPEN_STT_PREPARED"
+
+
+def prepare_once() -> None:
+    """The `bentoml serve` parent's startup check; skipped when open-stt-server already ran it."""
+    if os.environ.get(PREPARED_ENV) != "1":
+        prepare_models(load_settings())
 
 
 def check_memory(settings: Settings, placement) -> None:

@@ -11,7 +11,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from openstt.bootstrap import StartupError, load_settings, prepare_models
+from openstt.bootstrap import PREPARED_ENV, StartupError, load_settings, prepare_models
 from openstt.catalog import CATALOG
 
 
@@ -101,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     except StartupError as exc:
         print(exc.code, file=sys.stderr)
         return 2
+    os.environ[PREPARED_ENV] = "1"
     bentoml = shutil.which("bentoml") or str(Path(sys.executable).with_name("bentoml"))
     cmd = [bentoml, "serve", "service:OpenSTT", "--working-dir", str(service_dir()),
            "--host", settings.host, "--port", str(settings.port)]

@@ -190,6 +190,7 @@ def test_served_end_to_end(voxtral_cache, hf_cache, tmp_path):
         assert srv.stop() == 0
     log = srv.log.read_text()
     assert "'family': 'voxtral'" in log and "'mel_bins': 128" in log and "'chunk_seconds': 20.0" in log
+    assert log.count("memory: total") == 1  # checked by open-stt-server, not again by `bentoml serve`
     sizes = [int(n) for n in re.findall(r"decoded batch of (\d+) windows for voxtral-mini", log)]
     assert max(sizes) >= 2, sizes
 
