@@ -27,7 +27,7 @@ import torch
 
 from openstt.audio import SAMPLE_RATE
 from openstt.device import Placement, quantize_int8
-from openstt.engines.base import Segment, TokenLogprob, TranscribeOptions, Word
+from openstt.engines.base import Segment, TokenLogprob, TranscribeOptions, UnsupportedRequest, Word
 from openstt.engines.chunking import plan_chunks
 from openstt.engines.jobs import (
     AlignJob,
@@ -217,7 +217,9 @@ class ChunkLoop:
             if not text:
                 continue
             yield Segment(
-                id=next_id, seek=start // 160, start=round(start / SAMPLE_RATE, 3), end=round(end / SAMPLE_RATE, 3),
+                # seek is in 10 ms frames, like Whisper's
+                id=next_id, seek=start // (SAMPLE_RATE // 100), start=round(start / SAMPLE_RATE, 3),
+                end=round(end / SAMPLE_RATE, 3),
                 text=" " + text, tokens=result.tokens, temperature=result.temperature,
                 avg_logprob=result.avg_logprob, compression_ratio=result.compression_ratio, no_speech_prob=0.0,
                 logprobs=(self.tokens.logprob_entries(result.tokens, result.token_logprobs)
@@ -240,7 +242,18 @@ class VoxtralFrontend:
         self.loop = ChunkLoop(VoxtralTokens(tokenizer), chunk_seconds)
 
     def check(self, options: TranscribeOptions) -> None:
-        """Every request Voxtral can serve; word timestamps are refused by the API (capability flag)."""
+        """Voxtral's request template takes ISO 639-1 (two-letter) codes only; Whisper's table also
+        has ``haw``, ``yue``, ``jw``... (word timestamps are refused by the API's capability check)."""
+        if options.language is None or options.task == "translate":
+            return
+        from pydantic import TypeAdapter, ValidationError
+        from pydantic_extra_types.language_code import LanguageAlpha2
+
+        try:
+            TypeAdapter(LanguageAlpha2).validate_python(options.language)
+        except ValidationError:
+            raise UnsupportedRequest(f"Model '{self.spec.name}' takes two-letter ISO 639-1 language codes; "
+                                     f"'{options.language}' is not one.", param="language") from None
 
     def new_state(self, options: TranscribeOptions) -> LoopState:
         return LoopState(language=options.language or UNKNOWN_LANGUAGE)
