@@ -25,12 +25,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from openstt.audio import SAMPLE_RATE, decode_audio  # noqa: E402
-from openstt.catalog import CATALOG  # noqa: E402
-from openstt.device import Placement  # noqa: E402
-from openstt.engines import TranscribeOptions, load_engine  # noqa: E402
-from openstt.engines.jobs import WindowJob  # noqa: E402
-from openstt.memory import estimate  # noqa: E402
+from openstt.audio import SAMPLE_RATE, decode_audio
+from openstt.catalog import CATALOG
+from openstt.device import Placement
+from openstt.engines import TranscribeOptions, load_engine
+from openstt.engines.jobs import WindowJob
+from openstt.memory import estimate
 
 BATCH = 16  # the default OPEN_STT_MAX_BATCH_WINDOWS
 
