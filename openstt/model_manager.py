@@ -27,8 +27,8 @@ import time
 from collections.abc import Awaitable, Callable
 
 from openstt.api.errors import OpenAIError, model_not_found
-from openstt.batching import MODEL_NOT_LOADED  # noqa: F401 - re-exported
 from openstt.catalog import CATALOG, OPENAI_ALIAS, ModelSpec, lookup
+from openstt.device import release_freed_memory
 from openstt.engines.base import Engine
 from openstt.registry import ModelRegistry, load_weights
 
@@ -38,20 +38,6 @@ DISABLED_MESSAGE = (
     "Loading and unloading models at runtime is disabled on this server. Start it with "
     "--enable-model-management (OPEN_STT_ENABLE_MODEL_MANAGEMENT=true) to allow it."
 )
-
-
-def free_memory() -> None:
-    """Give the memory of dropped weights back: Python objects, the CUDA cache, glibc's heap."""
-    gc.collect()
-    with contextlib.suppress(Exception):  # best effort
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    with contextlib.suppress(Exception):
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 class WeightsManager:
@@ -116,7 +102,7 @@ class WeightsManager:
             if entry is None:
                 return {"unloaded": False}
             del entry
-            free_memory()
+            release_freed_memory()
             metrics().models_loaded.set(len(self.registry.names()))
             log.info("unloaded %s", name)
             return {"unloaded": True}
