@@ -21,12 +21,16 @@ import numpy as np
 import pytest
 
 from openstt.ct2_import import bundled_exports, convert_export
+from openstt.evaluation import ASTERISK_SOUNDS
 from openstt.hub import install_snapshot
 
 SAMPLES = Path(importlib.util.find_spec("pytest_audioeval").submodule_search_locations[0]) / "samples" / "audio"
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 API_KEY = "sk-test-0123456789abcdef"
-REPORT: dict = {}  # numbers worth keeping from the end-to-end run, written to test-artifacts/
+REPORT: dict = {}
+# Long real speech (Debian's asterisk prompts): tests that need it skip, saying why, without it.
+needs_asterisk = pytest.mark.skipif(not ASTERISK_SOUNDS.exists(), reason="asterisk-core-sounds-en-wav not installed "
+                                    "(scripts/setup installs it when run as root)")  # numbers worth keeping from the end-to-end run, written to test-artifacts/
 
 
 def clip(name: str) -> Path:

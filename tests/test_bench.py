@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from openstt.evaluation import ASTERISK_SOUNDS
+from tests.conftest import needs_asterisk
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not ASTERISK_SOUNDS.exists(), reason="asterisk-core-sounds-en-wav not installed")
+@needs_asterisk
 def test_bench_smoke(hf_cache, tmp_path):
     out = tmp_path / "bench.json"
     env = {"HF_HUB_CACHE": str(hf_cache), "PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin"}

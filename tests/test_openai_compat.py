@@ -25,7 +25,7 @@ from openai.types.audio import (
     TranslationVerbose,
 )
 
-from tests.conftest import API_KEY, REPORT, clip, encode, normalize
+from tests.conftest import API_KEY, REPORT, clip, encode, needs_asterisk, normalize
 
 pytestmark = pytest.mark.slow
 
@@ -299,11 +299,10 @@ def test_b44_chunking_strategy_strings(raw, value):
     assert r.status_code == 200
 
 
+@needs_asterisk
 def test_b45_sse_framing_and_incremental_delivery(raw):
-    from openstt.evaluation import ASTERISK_SOUNDS, long_english_clip
+    from openstt.evaluation import long_english_clip
 
-    if not ASTERISK_SOUNDS.exists():
-        pytest.skip("asterisk-core-sounds-en-wav not installed (scripts/setup installs it when run as root)")
     audio, _ = long_english_clip(75)
     data = encode(audio, "flac", "flac")
     started = time.perf_counter()

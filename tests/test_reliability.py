@@ -26,9 +26,9 @@ from openstt.api.limits import Limits
 from openstt.catalog import CATALOG
 from openstt.engines.base import Engine, Segment, TranscribeOptions, TranscriptionRun
 from openstt.engines.jobs import LoopState, ModelFailure
-from openstt.evaluation import ASTERISK_SOUNDS, english_clip, wer
+from openstt.evaluation import english_clip, wer
 from openstt.registry import ModelRegistry
-from tests.conftest import API_KEY, REPORT, Server, clip, encode, free_port, normalize, server_env
+from tests.conftest import API_KEY, REPORT, Server, clip, encode, free_port, needs_asterisk, normalize, server_env
 
 FOX = "The quick brown fox jumps over the lazy dog."
 
@@ -211,7 +211,7 @@ def test_model_failures(reason, status):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not ASTERISK_SOUNDS.exists(), reason="asterisk-core-sounds-en-wav not installed")
+@needs_asterisk
 def test_bounded_load(server):
     """200 requests, 16 at a time, mixed lengths: no 5xx, every transcript right, memory bounded."""
     ten, ten_ref = english_clip(10)
@@ -272,7 +272,7 @@ def test_bounded_load(server):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not ASTERISK_SOUNDS.exists(), reason="asterisk-core-sounds-en-wav not installed")
+@needs_asterisk
 def test_sigterm_lets_in_flight_requests_finish(hf_cache, tmp_path):
     port = free_port()
     env = server_env(hf_cache, tmp_path, OPEN_STT_MODELS="whisper-tiny.en")

@@ -15,7 +15,18 @@ import openai
 import pytest
 import soundfile as sf
 
-from tests.conftest import API_KEY, REPORT, Server, clip, encode, free_port, normalize, reference, server_env
+from tests.conftest import (
+    API_KEY,
+    REPORT,
+    Server,
+    clip,
+    encode,
+    free_port,
+    needs_asterisk,
+    normalize,
+    reference,
+    server_env,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -182,13 +193,12 @@ def test_plain_bentoml_serve_fails_fast_on_bad_config(hf_cache, tmp_path):
     assert "unknown model(s) whisper-huge" in proc.stdout + proc.stderr
 
 
+@needs_asterisk
 def test_health_answers_while_a_long_transcription_runs(server):
     import threading
 
-    from openstt.evaluation import ASTERISK_SOUNDS, long_english_clip
+    from openstt.evaluation import long_english_clip
 
-    if not ASTERISK_SOUNDS.exists():
-        pytest.skip("asterisk-core-sounds-en-wav not installed")
     audio, _ = long_english_clip(60)
     data = encode(audio, "flac", "flac")
     done = threading.Event()

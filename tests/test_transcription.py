@@ -12,10 +12,7 @@ from openstt.catalog import CATALOG
 from openstt.engines import TranscribeOptions, load_engine
 from openstt.engines.jobs import compression_ratio
 from openstt.evaluation import ASTERISK_SOUNDS, asterisk_prompts, long_english_clip, longest_prompts, wer
-from tests.conftest import REPORT, clip, normalize
-
-needs_asterisk = pytest.mark.skipif(not ASTERISK_SOUNDS.exists(), reason="asterisk-core-sounds-en-wav not installed "
-                                    "(scripts/setup installs it when run as root)")
+from tests.conftest import REPORT, clip, needs_asterisk, normalize
 
 
 def audio_of(name: str) -> np.ndarray:

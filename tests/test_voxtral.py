@@ -28,7 +28,7 @@ from openstt.engines.chunking import plan_chunks
 from openstt.engines.jobs import WindowJob
 from openstt.evaluation import english_clip, long_english_clip
 from openstt.hub import install_snapshot, resolve_model
-from tests.conftest import Server, clip, encode, free_port, server_env
+from tests.conftest import Server, clip, encode, free_port, needs_asterisk, server_env
 from tests.voxtral_checkpoint import build_voxtral
 
 SPEC = CATALOG["voxtral-mini"]
@@ -65,6 +65,7 @@ def test_chunks_end_at_the_pause_nearest_the_limit():
     assert plan_chunks(audio[: 10 * SAMPLE_RATE], 30) == [(0, 10 * SAMPLE_RATE)]
 
 
+@needs_asterisk
 def test_chunks_of_real_speech_cut_in_quiet_moments():
     audio, _ = long_english_clip(60)
     frame = SAMPLE_RATE // 10
@@ -89,6 +90,7 @@ def test_processor_template_and_features_come_from_the_checkpoint(engine):
     assert "Translate this audio into English" in tokenizer.decode(translate["input_ids"][0].tolist())
 
 
+@needs_asterisk
 def test_long_audio_becomes_one_segment_per_chunk(engine):
     audio, _ = english_clip(50)
     result = engine.transcribe(audio, TranscribeOptions(language="en", token_logprobs=True))
@@ -101,6 +103,7 @@ def test_long_audio_becomes_one_segment_per_chunk(engine):
     assert all(entry.bytes for entry in result.segments[0].logprobs)
 
 
+@needs_asterisk
 def test_batched_chunks_match_one_by_one(engine):
     audio, _ = long_english_clip(30)
     jobs = [WindowJob(audio[: 8 * SAMPLE_RATE], [], "transcribe", "en", 0.0),
@@ -136,6 +139,7 @@ def test_languages_outside_iso_639_1_are_refused_before_decoding(engine):
 
 
 @pytest.mark.slow
+@needs_asterisk
 def test_served_end_to_end(voxtral_cache, hf_cache, tmp_path):
     """voxtral-mini next to whisper-tiny.en in one real server, driven through the SDK and raw HTTP."""
     port = free_port()
