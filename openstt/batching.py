@@ -35,6 +35,7 @@ class WindowRequest(bentoml.IODescriptor):
     task: str
     language: str | None = None
     temperature: float = 0.0
+    languages: list[str] = []
 
 
 class WindowReply(bentoml.IODescriptor):
@@ -85,7 +86,7 @@ def decode_batch(engines: dict[str, Engine], requests: list[WindowRequest]) -> l
                 replies[i] = WindowReply(error=MODEL_NOT_LOADED)  # unloaded while its request ran
             continue
         jobs = [WindowJob(np.asarray(requests[i].audio, dtype=np.float32), requests[i].prompt, requests[i].task,
-                          requests[i].language, requests[i].temperature) for i in indices]
+                          requests[i].language, requests[i].temperature, requests[i].languages) for i in indices]
         started = time.perf_counter()
         try:
             results = engine.core.decode_windows(jobs)
@@ -143,7 +144,7 @@ class BatchedEngine(Engine):
         async def decode(job: WindowJob) -> DecodeResult:
             reply = await self._decode(WindowRequest(model=self.name, audio=job.audio, prompt=job.prompt,
                                                      task=job.task, language=job.language,
-                                                     temperature=job.temperature))
+                                                     temperature=job.temperature, languages=job.languages))
             return DecodeResult(**reply.model_dump())
 
         async def align(job: AlignJob) -> list[list[Word]]:

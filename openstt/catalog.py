@@ -75,6 +75,10 @@ CATALOG: dict[str, ModelSpec] = {
 
 # OpenAI's model id. Served by whisper-tiny when loaded, else by the default model.
 OPENAI_ALIAS = "whisper-1"
+# OpenAI's other transcription model ids (openai.types.AudioModel), which clients hard-code. Unless
+# OPEN_STT_MODEL_ALIASES maps them elsewhere, the default model answers them.
+OPENAI_MODEL_IDS = ("gpt-4o-transcribe", "gpt-4o-mini-transcribe", "gpt-4o-mini-transcribe-2025-12-15",
+                    "gpt-transcribe", "gpt-4o-transcribe-diarize")
 
 
 def lookup(name: str) -> ModelSpec | None:

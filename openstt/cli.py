@@ -26,8 +26,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", action="append", metavar="NAME",
                    help="model to load; repeat for several (OPEN_STT_MODELS=a,b). Required.")
     p.add_argument("--default-model", metavar="NAME",
-                   help="model for requests naming whisper-1 when whisper-tiny is not loaded "
-                        "(OPEN_STT_DEFAULT_MODEL, default: the first model)")
+                   help="model used when a request names none, or names OpenAI's gpt-4o-transcribe & co. "
+                        "(or whisper-1 without whisper-tiny loaded) (OPEN_STT_DEFAULT_MODEL, default: the first model)")
+    p.add_argument("--model-alias", action="append", metavar="ALIAS=MODEL",
+                   help="let requests name MODEL as ALIAS, e.g. gpt-4o-transcribe=whisper-large-v3-turbo; "
+                        "repeatable (OPEN_STT_MODEL_ALIASES=a=m1,b=m2)")
     p.add_argument("--force-cpu", action="store_true", default=None, help="never use a GPU (OPEN_STT_FORCE_CPU)")
     p.add_argument("--download", action="store_true", default=None,
                    help="download models missing from the Hugging Face cache (OPEN_STT_DOWNLOAD)")
@@ -71,6 +74,7 @@ def apply_flags(args: argparse.Namespace, env: dict[str, str]) -> dict[str, str]
         "OPEN_STT_PORT": args.port, "OPEN_STT_HOST": args.host,
         "OPEN_STT_MODELS": ",".join(args.model) if args.model else None,
         "OPEN_STT_DEFAULT_MODEL": args.default_model,
+        "OPEN_STT_MODEL_ALIASES": ",".join(args.model_alias) if args.model_alias else None,
         "OPEN_STT_FORCE_CPU": "true" if args.force_cpu else None,
         "OPEN_STT_DOWNLOAD": "true" if args.download else None,
         "OPEN_STT_API_KEY": args.api_key, "OPEN_STT_LOG_LEVEL": args.log_level,

@@ -67,7 +67,7 @@ def segment_dict(s: Segment) -> dict:
             "no_speech_prob": s.no_speech_prob}
 
 
-def to_verbose_json(transcript: Transcript, *, task: str, granularities: list[str]) -> dict:
+def to_verbose_json(transcript: Transcript, *, task: str, granularities: list[str], model: str | None = None) -> dict:
     body: dict = {
         "task": task,
         # translations always report the output language
@@ -81,11 +81,13 @@ def to_verbose_json(transcript: Transcript, *, task: str, granularities: list[st
         body["words"] = [{"word": w.word, "start": w.start, "end": w.end} for w in transcript.words]
     if task == "transcribe":
         body["usage"] = usage(transcript.duration)
+    if model:  # beyond OpenAI's schema (the SDK keeps extra fields): the model that answered, never an alias
+        body["model"] = model
     return body
 
 
 def render(transcript: Transcript, response_format: str, *, task: str = "transcribe",
-           granularities: list[str] = ("segment",), logprobs: bool = False) -> Response:
+           granularities: list[str] = ("segment",), logprobs: bool = False, model: str | None = None) -> Response:
     if response_format == "text":
         # Raw body with one trailing newline, as OpenAI sends it; the SDK returns it verbatim.
         return PlainTextResponse(transcript.text + "\n", media_type=TEXT_MEDIA_TYPE)
@@ -94,7 +96,7 @@ def render(transcript: Transcript, response_format: str, *, task: str = "transcr
     if response_format == "vtt":
         return PlainTextResponse(to_vtt(transcript.segments), media_type=TEXT_MEDIA_TYPE)
     if response_format == "verbose_json":
-        return JSONResponse(to_verbose_json(transcript, task=task, granularities=list(granularities)))
+        return JSONResponse(to_verbose_json(transcript, task=task, granularities=list(granularities), model=model))
     if response_format == "json":
         body: dict = {"text": transcript.text}
         if logprobs:

@@ -125,8 +125,9 @@ class ModelManager:
         return self._locks.setdefault(name, asyncio.Lock())
 
     def _spec(self, model_id: str) -> ModelSpec:
-        if model_id == OPENAI_ALIAS:
-            raise OpenAIError(400, f"'{OPENAI_ALIAS}' is an alias (of '{self.registry.resolve(OPENAI_ALIAS)}' now); "
+        target = self.registry.alias_target(model_id)
+        if target is not None:
+            raise OpenAIError(400, f"'{model_id}' is an alias (of '{target}' now); "
                               "load or unload the model it names instead.", param="model", code="invalid_value")
         spec = lookup(model_id)
         if spec is None:

@@ -13,7 +13,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from openstt.catalog import CATALOG, OPENAI_ALIAS, ModelSpec, lookup
+from openstt.catalog import CATALOG, OPENAI_ALIAS, OPENAI_MODEL_IDS, ModelSpec, lookup
 from openstt.engines.base import Engine
 from openstt.settings import Settings
 
@@ -21,9 +21,9 @@ log = logging.getLogger(__name__)
 
 
 class UnknownModel(LookupError):
-    def __init__(self, name: str, available: list[str]):
+    def __init__(self, name: str, available: list[str], alias_of: str | None = None):
         super().__init__(name)
-        self.name, self.available = name, available
+        self.name, self.available, self.alias_of = name, available, alias_of
 
 
 @dataclass
@@ -77,17 +77,19 @@ def build_frontend(spec: ModelSpec, path, decode, align, *, chunk_seconds: float
 
 
 class ModelRegistry:
-    """Loaded engines by catalog name, plus the default used by the ``whisper-1`` alias.
+    """Loaded engines by catalog name, the default model (for requests without a model and for
+    OpenAI's ids), and the configured aliases (``OPEN_STT_MODEL_ALIASES``: alias -> catalog name).
 
     Models may be added and removed at runtime; every access holds a lock, so the model
     service's decoding threads and its load/unload threads see a consistent set."""
 
-    def __init__(self, engines: list[Engine], default: str):
+    def __init__(self, engines: list[Engine], default: str, aliases: dict[str, str] | None = None):
         self._lock = threading.RLock()
         self._models = {e.name: LoadedModel(e, int(time.time())) for e in engines}
         if default not in self._models:
             raise ValueError(f"default model {default!r} is not loaded")
         self.default = default
+        self.aliases = dict(aliases or {})
 
     @classmethod
     def load(cls, settings: Settings) -> ModelRegistry:
@@ -101,7 +103,7 @@ class ModelRegistry:
         placement = Placement.from_settings(settings)
         engines = [load_weights(CATALOG[name], placement, download=settings.download,
                                 chunk_seconds=settings.voxtral_chunk_seconds) for name in settings.models]
-        return cls(engines, settings.default_model or settings.models[0])
+        return cls(engines, settings.default_model or settings.models[0], settings.model_aliases)
 
     @classmethod
     def load_frontends(cls, settings: Settings, decode, align) -> ModelRegistry:
@@ -114,7 +116,7 @@ class ModelRegistry:
             spec = CATALOG[name]
             engines.append(build_frontend(spec, resolve_model(spec, download=False), decode, align,
                                           chunk_seconds=settings.voxtral_chunk_seconds))
-        return cls(engines, settings.default_model or settings.models[0])
+        return cls(engines, settings.default_model or settings.models[0], settings.model_aliases)
 
     # --- the current set ---------------------------------------------------------------------
 
@@ -158,11 +160,28 @@ class ModelRegistry:
 
     # --- requests ----------------------------------------------------------------------------
 
-    def resolve(self, requested: str) -> str:
-        """Map a requested id (catalog name, HF repo id or ``whisper-1``) to a loaded model name."""
+    def alias_target(self, requested: str) -> str | None:
+        """The model an alias names (configured, ``whisper-1`` or another OpenAI id), else None."""
         with self._lock:
+            if requested in self.aliases:
+                return self.aliases[requested]
             if requested == OPENAI_ALIAS:
                 return "whisper-tiny" if "whisper-tiny" in self._models else self.default
+            if requested in OPENAI_MODEL_IDS:
+                return self.default
+            return None
+
+    def resolve(self, requested: str | None) -> str:
+        """Map a requested id (catalog name, HF repo id or alias; None: the default model) to a
+        loaded model name."""
+        with self._lock:
+            if not requested:
+                return self.default
+            target = self.alias_target(requested)
+            if target is not None:
+                if target not in self._models:  # a configured alias whose model was unloaded
+                    raise UnknownModel(requested, self.names(), alias_of=target)
+                return target
             spec = lookup(requested)
             if spec is None or spec.name not in self._models:
                 raise UnknownModel(requested, self.names())
@@ -172,7 +191,7 @@ class ModelRegistry:
         with self._lock:
             return self._models[self.resolve(requested)].engine
 
-    def acquire(self, requested: str) -> Lease:
+    def acquire(self, requested: str | None) -> Lease:
         """Resolve ``requested`` and mark its model in use until the lease is released."""
         with self._lock:
             name = self.resolve(requested)

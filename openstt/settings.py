@@ -10,7 +10,7 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from openstt.catalog import CATALOG
+from openstt.catalog import CATALOG, lookup
 
 LOG_LEVELS = ("trace", "debug", "info", "warning", "warn", "error", "critical", "off")
 
@@ -49,6 +49,9 @@ class Settings(BaseSettings):
     host: str = "0.0.0.0"
     models: Annotated[list[str], NoDecode] = Field(default_factory=list)
     default_model: str | None = None
+    # Extra model ids that requests may name, each answered by a served model, e.g.
+    # "gpt-4o-transcribe=whisper-large-v3-turbo,gpt-4o-mini-transcribe=whisper-base".
+    model_aliases: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
     force_cpu: bool = False
     download: bool = False
     # Several keys (comma-separated) allow rotation without downtime.
@@ -97,6 +100,21 @@ class Settings(BaseSettings):
             raise ValueError(f"unknown model(s) {', '.join(unknown)}. Available: {', '.join(CATALOG)}")
         return list(dict.fromkeys(models))
 
+    @field_validator("model_aliases", mode="before")
+    @classmethod
+    def _alias_pairs(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        aliases: dict[str, str] = {}
+        for item in _split_csv(value):
+            alias, sep, target = (part.strip() for part in item.partition("="))
+            if not sep or not alias or not target:
+                raise ValueError(f"alias {item!r} must look like alias=model (e.g. gpt-4o-transcribe=whisper-base)")
+            if alias in aliases:
+                raise ValueError(f"alias {alias!r} is given twice")
+            aliases[alias] = target
+        return aliases
+
     @field_validator("model_idle_ttl", mode="before")
     @classmethod
     def _empty_is_zero(cls, value: object) -> object:
@@ -137,6 +155,21 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"default model '{self.default_model}' is not among the served models ({', '.join(self.models)})"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _aliases(self) -> Settings:
+        resolved = {}
+        for alias, target in self.model_aliases.items():
+            spec = lookup(target)
+            if spec is None or spec.name not in self.models:
+                raise ValueError(f"OPEN_STT_MODEL_ALIASES: alias {alias!r} names {target!r}, which is not a served "
+                                 f"model (served: {', '.join(self.models)})")
+            if alias in CATALOG or lookup(alias) is not None:
+                raise ValueError(f"OPEN_STT_MODEL_ALIASES: alias {alias!r} is itself a model name; an alias may "
+                                 "not hide a model")
+            resolved[alias] = spec.name
+        self.model_aliases = resolved
         return self
 
     @property

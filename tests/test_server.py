@@ -107,7 +107,9 @@ def test_stereo_upload(sdk):
 
 def test_models(sdk):
     models = list(sdk.models.list())
-    assert [m.id for m in models] == ["whisper-tiny.en", "whisper-base"]  # the flags, not OPEN_STT_MODELS
+    # the flags, not OPEN_STT_MODELS; then the configured alias
+    assert [m.id for m in models] == ["whisper-tiny.en", "whisper-base", "gpt-4o-mini-transcribe"]
+    assert models[2].alias_of == "whisper-base" and not hasattr(models[0], "alias_of")
     assert models[0].object == "model" and isinstance(models[0].created, int) and models[0].owned_by
     assert sdk.models.retrieve("openai/whisper-tiny.en").id == "openai/whisper-tiny.en"
     assert sdk.models.retrieve("whisper-1").id == "whisper-1"

@@ -42,13 +42,11 @@ def bad_request(message: str, *, param: str | None = None, code: str | None = "i
     return OpenAIError(400, message, param=param, code=code)
 
 
-def model_not_found(name: str, available: list[str]) -> OpenAIError:
-    return OpenAIError(
-        404,
-        f"The model `{name}` does not exist or you do not have access to it. "
-        f"Models served here: {', '.join(available)}.",
-        param="model", code="model_not_found",
-    )
+def model_not_found(name: str, available: list[str], alias_of: str | None = None) -> OpenAIError:
+    reason = (f"is an alias of `{alias_of}`, which is not loaded now" if alias_of
+              else "does not exist or you do not have access to it")
+    return OpenAIError(404, f"The model `{name}` {reason}. Models served here: {', '.join(available)}.",
+                       param="model", code="model_not_found")
 
 
 def internal_error(request_id: str | None) -> OpenAIError:

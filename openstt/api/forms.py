@@ -22,16 +22,22 @@ INCLUDES = ("logprobs",)
 GRANULARITIES = ("word", "segment")
 # Starlette's default 1 MiB cap on text parts is too small for long prompts; files are unaffected.
 MAX_TEXT_PART = 4 * 1024 * 1024
+# keywords[] become decoder prompt context, which holds about 220 tokens in all (see the engine's
+# own token budget); these bounds only refuse what could never fit.
+MAX_KEYWORDS = 50
+MAX_KEYWORD_CHARS = 100
 
 
 @dataclass
 class AudioRequest:
     file: UploadFile
-    model: str
+    model: str | None  # None: the default model (the original server's contract)
     task: str = "transcribe"
     response_format: str = "json"
     language: str | None = None
+    languages: list[str] = field(default_factory=list)  # detection candidates (transcriptions)
     prompt: str | None = None
+    keywords: list[str] = field(default_factory=list)
     temperature: float = 0.0
     stream: bool = False
     timestamp_granularities: list[str] = field(default_factory=lambda: ["segment"])
@@ -61,7 +67,9 @@ def _text(form: FormData, name: str) -> str | None:
     return value.strip() or None  # the SDK sends "" for explicit empty strings: treat as absent
 
 
-def _list(form: FormData, name: str) -> list[str]:
+def _list(form: FormData, name: str, *, split_commas: bool = True) -> list[str]:
+    """A list field as the SDK sends it (``name[]`` repeated) or as other clients do (bare
+    repeated ``name``, a JSON array, or a comma list unless the items are free text)."""
     raw = [v for key in (f"{name}[]", name) for v in form.getlist(key) if isinstance(v, str)]
     items: list[str] = []
     for value in raw:
@@ -71,10 +79,32 @@ def _list(form: FormData, name: str) -> list[str]:
                 parsed = json.loads(value)
             except json.JSONDecodeError:
                 raise bad_request(f"'{name}' is not a valid JSON array: {value!r}", param=name) from None
-            items.extend(str(v) for v in parsed)
-        else:
+            items.extend(str(v).strip() for v in (parsed if isinstance(parsed, list) else [parsed]))
+        elif split_commas:
             items.extend(v.strip() for v in value.split(","))
+        else:
+            items.append(value)
     return [i for i in items if i]
+
+
+def _language(value: str | None, param: str) -> str | None:
+    try:
+        return normalize_language(value)
+    except ValueError:
+        raise bad_request(f"Invalid language '{value}'. Language parameter must be specified in ISO-639-1 format.",
+                          param=param, code="invalid_language_format") from None
+
+
+def _keywords(form: FormData) -> list[str]:
+    keywords = list(dict.fromkeys(_list(form, "keywords", split_commas=False)))
+    if len(keywords) > MAX_KEYWORDS:
+        raise bad_request(f"Too many keywords: {len(keywords)}; at most {MAX_KEYWORDS} are allowed.",
+                          param="keywords")
+    long = next((k for k in keywords if len(k) > MAX_KEYWORD_CHARS), None)
+    if long is not None:
+        raise bad_request(f"Keyword too long: {len(long)} characters; at most {MAX_KEYWORD_CHARS} are allowed.",
+                          param="keywords")
+    return keywords
 
 
 def _bool(form: FormData, name: str) -> bool:
@@ -96,9 +126,7 @@ def parse_audio_form(form: FormData, *, task: str) -> AudioRequest:
     if not isinstance(upload, UploadFile):
         raise bad_request("'file' must be a file upload (multipart part with a filename).", param="file")
 
-    model = _text(form, "model")
-    if model is None:
-        raise bad_request("you must provide a model parameter", param="model", code="missing_required_parameter")
+    model = _text(form, "model")  # optional: absent or empty means the default model
 
     response_format = (_text(form, "response_format") or "json").lower()
     if response_format not in RESPONSE_FORMATS:
@@ -114,16 +142,17 @@ def parse_audio_form(form: FormData, *, task: str) -> AudioRequest:
     if not 0.0 <= temperature <= 1.0:  # also rejects NaN
         raise bad_request("Invalid value for 'temperature': expected a number between 0 and 1.", param="temperature")
 
-    language = None
+    language, languages = None, []
     if task == "transcribe":
-        raw_language = _text(form, "language")
-        try:
-            language = normalize_language(raw_language)
-        except ValueError:
-            raise bad_request(
-                f"Invalid language '{raw_language}'. Language parameter must be specified in ISO-639-1 format.",
-                param="language", code="invalid_language_format",
-            ) from None
+        language = _language(_text(form, "language"), "language")
+        languages = list(dict.fromkeys(_language(v, "languages") for v in _list(form, "languages")))
+        if language is not None and languages and language not in languages:
+            raise bad_request(f"'language' ({language}) is not among 'languages[]' ({', '.join(languages)}).",
+                              param="language")
+        if len(languages) == 1:  # one possible language: no detection needed
+            language = languages[0]
+        if language is not None:
+            languages = []
 
     granularities = _list(form, "timestamp_granularities") or ["segment"]
     bad = [g for g in granularities if g not in GRANULARITIES]
@@ -139,7 +168,7 @@ def parse_audio_form(form: FormData, *, task: str) -> AudioRequest:
 
     return AudioRequest(
         file=upload, model=model, task=task, response_format=response_format, language=language,
-        prompt=_text(form, "prompt"), temperature=temperature,
+        languages=languages, prompt=_text(form, "prompt"), keywords=_keywords(form), temperature=temperature,
         stream=_bool(form, "stream") if task == "transcribe" else False,
         timestamp_granularities=list(dict.fromkeys(granularities)),
         include=include, chunking_strategy=_chunking_strategy(form),

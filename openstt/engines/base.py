@@ -18,7 +18,9 @@ TEMPERATURE_STEP = 0.2
 class TranscribeOptions:
     task: str = "transcribe"  # or "translate" (to English)
     language: str | None = None  # ISO-639-1; None means detect
+    languages: tuple[str, ...] = ()  # when detecting: the candidates (empty: any language)
     prompt: str | None = None
+    keywords: tuple[str, ...] = ()  # words or phrases to bias decoding towards (prompt context)
     temperature: float = 0.0
     word_timestamps: bool = False
     token_logprobs: bool = False  # keep per-token logprobs (include[]=logprobs)

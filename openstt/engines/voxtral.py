@@ -243,7 +243,15 @@ class VoxtralFrontend:
 
     def check(self, options: TranscribeOptions) -> None:
         """Voxtral's request template takes ISO 639-1 (two-letter) codes only; Whisper's table also
-        has ``haw``, ``yue``, ``jw``... (word timestamps are refused by the API's capability check)."""
+        has ``haw``, ``yue``, ``jw``... (word timestamps are refused by the API's capability check).
+        Its template has no prompt slot and it does not report a detected language, so it cannot
+        take keywords or a set of possible languages (a single one arrives as ``language``)."""
+        if options.keywords:
+            raise UnsupportedRequest(f"Model '{self.spec.name}' cannot take keywords; use a Whisper model.",
+                                     param="keywords")
+        if options.languages:
+            raise UnsupportedRequest(f"Model '{self.spec.name}' cannot restrict detection to several languages; "
+                                     "pass one language.", param="languages")
         if options.language is None or options.task == "translate":
             return
         from pydantic import TypeAdapter, ValidationError

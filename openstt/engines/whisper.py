@@ -29,6 +29,9 @@ def check_request(name: str, multilingual: bool, options: TranscribeOptions) -> 
     if options.language not in (None, "en"):
         raise UnsupportedRequest(
             f"Model '{name}' is English-only; language '{options.language}' is not supported.", param="language")
+    if options.languages and "en" not in options.languages:
+        raise UnsupportedRequest(f"Model '{name}' is English-only; none of languages {', '.join(options.languages)} "
+                                 "is supported.", param="languages")
 
 
 class WhisperFrontend:
@@ -37,7 +40,7 @@ class WhisperFrontend:
 
     supports_word_timestamps = True
 
-    def __init__(self, spec, path: Path, processor=None, generation_config=None, vocab_size: int | None = None):
+    def __init__(self, spec, path: Path, processor=None, generation_config=None, config=None):
         """Reads the checkpoint's processor and configs at ``path`` unless the caller (the engine,
         which has them loaded already) passes them."""
         from transformers import AutoConfig
@@ -45,13 +48,24 @@ class WhisperFrontend:
         self.spec = spec
         processor = processor or WhisperProcessor.from_pretrained(path)
         gen = generation_config or GenerationConfig.from_pretrained(path)
-        vocab_size = vocab_size or AutoConfig.from_pretrained(path).vocab_size
+        config = config or AutoConfig.from_pretrained(path)
         self.multilingual = bool(getattr(gen, "is_multilingual", False)) and not spec.english_only
-        self.table = TokenTable.from_model(processor.tokenizer, gen, vocab_size)
-        self.loop = WindowLoop(processor.tokenizer, self.table, self.multilingual)
+        self.table = TokenTable.from_model(processor.tokenizer, gen, config.vocab_size)
+        # the prompt may fill half the decoder's context, as in openai/whisper
+        self.loop = WindowLoop(processor.tokenizer, self.table, self.multilingual,
+                               max_prompt_tokens=config.max_target_positions // 2 - 1)
 
     def check(self, options: TranscribeOptions) -> None:
         check_request(self.spec.name, self.multilingual, options)
+        unknown = [c for c in options.languages if self.multilingual and c not in self.table.lang_to_id]
+        if unknown:
+            raise UnsupportedRequest(f"Model '{self.spec.name}' does not know language(s) {', '.join(unknown)}.",
+                                     param="languages")
+        if options.keywords:
+            used, budget = len(self.loop.keyword_tokens(options.keywords)), self.loop.max_keyword_tokens
+            if used > budget:
+                raise UnsupportedRequest(f"keywords take {used} tokens; at most {budget} fit in the model's "
+                                         "prompt. Send fewer or shorter keywords.", param="keywords")
 
     def new_state(self, options: TranscribeOptions) -> LoopState:
         return LoopState(language=options.language or (None if self.multilingual else "en"))
@@ -69,7 +83,7 @@ class WhisperEngine(InProcessEngine):
         if placement.quantize == "int8":
             self.model = quantize_int8(self.model)
         gen = self.model.generation_config
-        self.frontend = WhisperFrontend(spec, path, processor, gen, self.model.config.vocab_size)
+        self.frontend = WhisperFrontend(spec, path, processor, gen, self.model.config)
         self.multilingual, table = self.frontend.multilingual, self.frontend.table
         aligner = CrossAttentionAligner(self.model, processor.tokenizer, table,
                                         getattr(gen, "alignment_heads", None) or [])

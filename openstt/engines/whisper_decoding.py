@@ -123,13 +123,18 @@ class WhisperCore:
             return [t.sot]
         return [t.sot, t.lang_to_id[language], t.translate if task == "translate" else t.transcribe]
 
-    def detect_languages(self, encoded: torch.Tensor) -> list[str]:
-        """Most likely language of each window, from the logits after <|startoftranscript|>."""
+    def detect_languages(self, encoded: torch.Tensor, candidates: list[list[str]] | None = None) -> list[str]:
+        """Most likely language of each window, from the logits after <|startoftranscript|>; a
+        row's ``candidates`` (``languages[]``), when given, are the only languages it may pick."""
         codes = list(self.table.lang_to_id)
         ids = torch.tensor([self.table.lang_to_id[c] for c in codes], device=self.device)
         tokens = torch.full((encoded.shape[0], 1), self.table.sot, device=self.device)
         hidden = self.model.model.decoder(input_ids=tokens, encoder_hidden_states=encoded).last_hidden_state
-        best = self._logits(hidden[:, -1])[:, ids].argmax(dim=-1)
+        scores = self._logits(hidden[:, -1])[:, ids]
+        if candidates and any(candidates):
+            allowed = torch.tensor([[not row or c in row for c in codes] for row in candidates], device=self.device)
+            scores = scores.masked_fill(~allowed, -np.inf)
+        best = scores.argmax(dim=-1)
         return [codes[int(i)] for i in best]
 
     def _apply_rules(self, logits: torch.Tensor, tokens: torch.Tensor, sample_begin: int) -> None:
@@ -177,7 +182,8 @@ class WhisperCore:
             languages = [j.language or ("en" if not self.multilingual else None) for j in jobs]
             unknown = [i for i, lang in enumerate(languages) if lang is None]
             if unknown:
-                for i, lang in zip(unknown, self.detect_languages(encoded[unknown])):
+                candidates = [[c for c in jobs[i].languages if c in self.table.lang_to_id] for i in unknown]
+                for i, lang in zip(unknown, self.detect_languages(encoded[unknown], candidates)):
                     languages[i] = lang
             results = self._decode_rows(encoded, jobs, languages)
         for r in results:
@@ -275,8 +281,17 @@ class WindowLoop:
     and expects the answer sent back; it yields finished ``Segment``s in between. A driver supplies
     the answers: in-process (``drive``), or through the batching model service (``adrive``)."""
 
-    def __init__(self, tokenizer, table: TokenTable, multilingual: bool):
+    def __init__(self, tokenizer, table: TokenTable, multilingual: bool, max_prompt_tokens: int = 223):
         self.tokenizer, self.table, self.multilingual = tokenizer, table, multilingual
+        self.max_prompt_tokens = max_prompt_tokens
+        # keywords may take half the prompt; the previous text keeps the rest
+        self.max_keyword_tokens = max_prompt_tokens // 2
+
+    def keyword_tokens(self, keywords: tuple[str, ...]) -> list[int]:
+        """Keywords as prompt text, like faster-whisper's ``hotwords``: one comma-separated list."""
+        if not keywords:
+            return []
+        return self.tokenizer.encode(" " + ", ".join(keywords), add_special_tokens=False)
 
     def text_of(self, tokens: list[int]) -> str:
         return self.tokenizer.decode([tok for tok in tokens if tok < self.table.eot])
@@ -302,6 +317,10 @@ class WindowLoop:
         if options.prompt:
             all_tokens.extend(self.tokenizer.encode(" " + options.prompt.strip(), add_special_tokens=False))
         prompt_reset_since = 0
+        # Keywords lead every window's prompt (a context reset never drops them); the previous
+        # text, the caller's prompt first, fills the rest of the budget.
+        keywords = self.keyword_tokens(options.keywords)
+        context_budget = self.max_prompt_tokens - len(keywords)
         next_id = 0
         while seek < n_frames:
             segment_size = min(N_FRAMES, n_frames - seek)
@@ -313,7 +332,9 @@ class WindowLoop:
 
             result = None
             for temperature in options.temperatures():
-                job = WindowJob(chunk, all_tokens[prompt_reset_since:], options.task, state.language, temperature)
+                context = all_tokens[prompt_reset_since:][-context_budget:] if context_budget > 0 else []
+                job = WindowJob(chunk, keywords + context, options.task, state.language, temperature,
+                                list(options.languages))
                 result = yield job
                 if result.error:
                     raise ModelFailure(result.error, time_offset)
