@@ -56,6 +56,15 @@ def test_alias_setting_parses_and_resolves_repo_ids(clean_env):
     clean_env.setenv("OPEN_STT_MODELS", "whisper-tiny.en,whisper-base")
     clean_env.setenv("OPEN_STT_MODEL_ALIASES", " gpt-4o-transcribe = openai/whisper-base , my-fast=whisper-tiny.en")
     assert Settings().model_aliases == {"gpt-4o-transcribe": "whisper-base", "my-fast": "whisper-tiny.en"}
+    clean_env.setenv("OPEN_STT_MODEL_ALIASES", "")  # compose passes unset variables as ""
+    assert Settings().model_aliases == {}
+
+
+def test_alias_flag_reaches_the_environment():
+    from openstt.cli import apply_flags, build_parser
+
+    args = build_parser().parse_args(["--model-alias", "a=whisper-base", "--model-alias", "b=whisper-tiny.en"])
+    assert apply_flags(args, {})["OPEN_STT_MODEL_ALIASES"] == "a=whisper-base,b=whisper-tiny.en"
 
 
 @pytest.mark.parametrize(
