@@ -138,6 +138,15 @@ def test_languages_outside_iso_639_1_are_refused_before_decoding(engine):
     engine.frontend.check(TranscribeOptions(task="translate", language="haw"))  # the chat template takes none
 
 
+def test_keywords_and_language_sets_are_refused(engine):
+    # the template has no prompt slot and Voxtral does not report a detected language
+    for options, param in [(TranscribeOptions(keywords=("Digium",)), "keywords"),
+                           (TranscribeOptions(languages=("fr", "es")), "languages")]:
+        with pytest.raises(UnsupportedRequest) as err:
+            engine.transcribe(_noise(2), options)
+        assert err.value.param == param
+
+
 @pytest.mark.slow
 @needs_asterisk
 def test_served_end_to_end(voxtral_cache, hf_cache, tmp_path):
@@ -182,6 +191,11 @@ def test_served_end_to_end(voxtral_cache, hf_cache, tmp_path):
         with pytest.raises(openai.BadRequestError) as err:
             client.audio.transcriptions.create(model="voxtral-mini", file=fox, language="haw")
         assert err.value.body["param"] == "language"
+        with pytest.raises(openai.BadRequestError) as err:
+            client.audio.transcriptions.create(model="voxtral-mini", file=fox, keywords=["Digium"])
+        assert err.value.body["param"] == "keywords"
+        # one possible language is a language hint, which Voxtral takes
+        assert client.audio.transcriptions.create(model="voxtral-mini", file=fox, languages=["en"]).text is not None
 
         translated = client.audio.translations.create(model="voxtral-mini", file=fox, response_format="verbose_json")
         assert translated.language == "english" and translated.segments
