@@ -42,6 +42,8 @@ class SttMetrics:
                                      ["model", "reason"])
         self.failures = Counter("openstt_decode_failures_total", "Requests refused or failed, by reason",
                                 ["route", "reason"])
+        self.cancelled = Counter("openstt_requests_cancelled_total",
+                                 "Transcriptions stopped because their client disconnected", ["route", "model"])
 
 
 @functools.cache

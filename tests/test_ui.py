@@ -61,7 +61,7 @@ def test_page_is_served_without_a_key(server):
 def test_transcribe_a_clip_with_segments(browser, server):
     By, EC, WebDriverWait = open_page(browser, server)
     models = [o.text for o in browser.find_elements(By.CSS_SELECTOR, "#model option")]
-    assert models == ["whisper-tiny.en", "whisper-base"]
+    assert models == ["whisper-tiny.en", "whisper-base", "gpt-4o-mini-transcribe → whisper-base"]
     browser.find_element(By.ID, "file").send_keys(str(clip("en/quick_brown_fox")))
     browser.find_element(By.ID, "words").click()
     browser.find_element(By.ID, "go").click()

@@ -170,7 +170,12 @@ def test_served_end_to_end(voxtral_cache, hf_cache, tmp_path):
                                                response_format="verbose_json", language="en",
                                                timestamp_granularities=["segment"])
         assert r.language == "english" and r.duration == pytest.approx(len(long_audio) / SAMPLE_RATE, abs=0.01)
-        assert len(r.segments) >= 2 and r.segments[0].start == 0 and r.segments[-1].end == pytest.approx(r.duration, abs=1e-3)
+        # Segment times are the chunk bounds, absolute. Random weights may say nothing at all for a
+        # chunk (e.g. when a fallback samples only whitespace), which then has no segment: the last
+        # segment ends at the end of the audio or at an earlier chunk bound past the first.
+        assert len(r.segments) >= 2 and r.segments[0].start == 0
+        assert all(a.end <= b.start for a, b in zip(r.segments, r.segments[1:]))
+        assert r.segments[-1].end == pytest.approx(r.duration, abs=1e-3) or 20 < r.segments[-1].end < r.duration
         assert r.text.strip() == "".join(s.text for s in r.segments).strip()
 
         undetected = client.audio.transcriptions.create(model="mistralai/Voxtral-Mini-3B-2507", file=fox,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -26,11 +27,18 @@ from openstt.api.errors import (
     request_id_of,
 )
 from openstt.api.forms import AudioRequest, parse_audio_form, read_form
-from openstt.api.limits import Limits, Slot, SlotStreamingResponse
+from openstt.api.limits import (
+    CLIENT_CLOSED_REQUEST,
+    ClientDisconnected,
+    Limits,
+    Slot,
+    SlotStreamingResponse,
+    unless_disconnected,
+)
 from openstt.api.middleware import ApiKeyMiddleware, MaxBodySizeMiddleware, RequestIdMiddleware
 from openstt.audio import AudioError, decode_audio
 from openstt.batching import MODEL_NOT_LOADED
-from openstt.engines.base import TranscribeOptions, TranscriptionRun, UnsupportedRequest
+from openstt.engines.base import Segment, TranscribeOptions, TranscriptionRun, UnsupportedRequest
 from openstt.engines.jobs import ModelFailure
 from openstt.formats import delta_event, done_event, error_event, render, sse, token_usage
 from openstt.metrics import metrics
@@ -65,8 +73,10 @@ async def _models_ready(app: FastAPI) -> bool:
     return ready
 
 
-def _model_object(model_id: str, created: int) -> dict:
-    return {"id": model_id, "object": "model", "created": created, "owned_by": OWNER}
+def _model_object(model_id: str, created: int, alias_of: str | None = None) -> dict:
+    """OpenAI's model object; an alias also says which model answers it (``alias_of``)."""
+    body = {"id": model_id, "object": "model", "created": created, "owned_by": OWNER}
+    return {**body, "alias_of": alias_of} if alias_of else body
 
 
 def _check_capabilities(req: AudioRequest, engine) -> None:
@@ -87,7 +97,8 @@ def _check_capabilities(req: AudioRequest, engine) -> None:
 
 def _options(req: AudioRequest) -> TranscribeOptions:
     return TranscribeOptions(
-        task=req.task, language=req.language, prompt=req.prompt, temperature=req.temperature,
+        task=req.task, language=req.language, languages=tuple(req.languages), prompt=req.prompt,
+        keywords=tuple(req.keywords), temperature=req.temperature,
         word_timestamps=req.response_format == "verbose_json" and "word" in req.timestamp_granularities,
         token_logprobs="logprobs" in req.include,
     )
@@ -121,8 +132,13 @@ async def _transcribe(request: Request, task: str) -> Response:
         raise OpenAIError(429, f"The server is busy ({limits.max_in_flight} transcriptions in progress). "
                           "Retry shortly.", type="rate_limit_error", code="rate_limit_exceeded",
                           headers={"retry-after": "2"})
+    slot.request_id = request_id_of(request)
     try:
         response = await _transcribe_admitted(request, registry, limits, task, slot)
+    except ClientDisconnected:
+        slot.cancel()
+        slot.release()
+        return Response(status_code=CLIENT_CLOSED_REQUEST)  # for the access log: the server drops it
     except OpenAIError as err:
         slot.fail(err.status, err.reason)
         slot.release()
@@ -142,7 +158,7 @@ async def _transcribe_admitted(request: Request, registry: ModelRegistry, limits
     try:
         lease = registry.acquire(req.model)  # in use (not idle, drained before an unload) until the slot ends
     except UnknownModel as exc:
-        raise model_not_found(exc.name, exc.available) from None
+        raise model_not_found(exc.name, exc.available, exc.alias_of) from None
     slot.on_release(lease.release)
     engine = lease.engine
     slot.model = engine.name
@@ -164,7 +180,9 @@ async def _transcribe_admitted(request: Request, registry: ModelRegistry, limits
         return SlotStreamingResponse(events, slot=slot, media_type="text/event-stream",
                                       headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     try:
-        transcript = await asyncio.wait_for(run.acollect(), timeout=limits.request_timeout)
+        collect = asyncio.wait_for(_tracked(run, slot).acollect(), timeout=limits.request_timeout)
+        # The form has been read, so the next message from the client can only be its disconnect.
+        transcript = await unless_disconnected(collect, request.receive)
     except asyncio.TimeoutError:
         # Deterministic for this audio: tell the SDK not to retry it.
         raise OpenAIError(504, f"Transcription did not finish within {limits.request_timeout} s. Send shorter "
@@ -173,16 +191,40 @@ async def _transcribe_admitted(request: Request, registry: ModelRegistry, limits
     except ModelFailure as exc:
         log.error("%s %s", request_id, exc)
         raise _model_failure(exc, request_id, engine.name) from None
+    finally:
+        await _stop(run)
     _log_done(request_id, req, engine.name, transcript.duration, started)
     return render(transcript, req.response_format, task=task, granularities=req.timestamp_granularities,
-                  logprobs="logprobs" in req.include)
+                  logprobs="logprobs" in req.include, model=engine.name)
+
+
+def _tracked(run: TranscriptionRun, slot: Slot) -> TranscriptionRun:
+    """The same run, noting on the slot how far it got (for the line logged if its client leaves)."""
+
+    async def segments() -> AsyncIterator[Segment]:
+        async for segment in run.aiter():
+            slot.progress = segment.end
+            yield segment
+
+    return dataclasses.replace(run, segments=segments())
+
+
+async def _stop(run: TranscriptionRun) -> None:
+    """Close a run's window loop however its consumer left it (finished, failed, cancelled), so
+    that no further window is sent and nothing waits for the garbage collector."""
+    aclose = getattr(run.segments, "aclose", None)  # in-process runs are plain iterators, maybe in a thread
+    if aclose is not None:
+        await aclose()
 
 
 def _log_done(request_id: str | None, req: AudioRequest, model: str, duration: float, started: float) -> None:
     """The one info line per request. Never the transcript, the prompt or the key."""
     elapsed = time.perf_counter() - started
     extras = "".join([
+        f" requested={req.model}" if req.model and req.model != model else "",
         f" language={req.language}" if req.language else "",
+        f" languages={','.join(req.languages)}" if req.languages else "",
+        f" keywords={len(req.keywords)}" if req.keywords else "",
         f" temperature={req.temperature}" if req.temperature else "",
         " stream" if req.stream else "",
         f" granularities={','.join(req.timestamp_granularities)}" if req.response_format == "verbose_json" else "",
@@ -207,6 +249,7 @@ async def _events(run: TranscriptionRun, req: AudioRequest, model: str, request_
         async for segment in run.aiter():
             if time.monotonic() > deadline:
                 raise TimeoutError(f"stream exceeded {limits.request_timeout} s")
+            slot.progress = segment.end
             delta = segment.text.lstrip() if not text else segment.text
             if not delta:
                 continue
@@ -222,13 +265,17 @@ async def _events(run: TranscriptionRun, req: AudioRequest, model: str, request_
         err = _model_failure(exc, request_id, model) if isinstance(exc, ModelFailure) else internal_error(request_id)
         slot.fail(err.status, err.code or "internal_error")
         yield sse(error_event(err.message, code=err.code))
+    finally:  # also when its client left (SlotStreamingResponse cancels or closes this generator)
+        await _stop(run)
 
 
 def _audio_openapi(task: str) -> dict:
     """The multipart form in the OpenAPI document (the route parses it by hand; see forms.py)."""
     props: dict = {
         "file": {"type": "string", "format": "binary"},
-        "model": {"type": "string", "example": "whisper-1"},
+        "model": {"type": "string", "example": "whisper-1",
+                  "description": "Optional: without it the server's default model answers."},
+        "keywords[]": {"type": "array", "items": {"type": "string", "maxLength": 100}, "maxItems": 50},
         "prompt": {"type": "string"},
         "response_format": {"type": "string", "enum": ["json", "text", "srt", "verbose_json", "vtt"]},
         "temperature": {"type": "number", "minimum": 0, "maximum": 1},
@@ -236,6 +283,7 @@ def _audio_openapi(task: str) -> dict:
     if task == "transcribe":
         props.update({
             "language": {"type": "string", "example": "en"},
+            "languages[]": {"type": "array", "items": {"type": "string"}, "minItems": 1},
             "timestamp_granularities[]": {"type": "array", "items": {"type": "string", "enum": ["word", "segment"]}},
             "include[]": {"type": "array", "items": {"type": "string", "enum": ["logprobs"]}},
             "stream": {"type": "boolean"},
@@ -245,7 +293,7 @@ def _audio_openapi(task: str) -> dict:
             "message", "type", "param", "code"]}}}}}}
     return {
         "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
-            "type": "object", "required": ["file", "model"], "properties": props}}}},
+            "type": "object", "required": ["file"], "properties": props}}}},
         "responses": {"200": {"description": "Transcript (json, text/plain formats, or text/event-stream)"},
                       **{code: error for code in ("400", "401", "404", "413", "429", "503", "504")}},
     }
@@ -301,6 +349,9 @@ def create_app() -> FastAPI:
     async def list_models(request: Request) -> JSONResponse:
         registry = _registry(request)
         data = [_model_object(name, registry.created(name)) for name in registry.names()]
+        # configured aliases follow the models, each naming the model that answers it
+        data += [_model_object(alias, registry.created(target), target)
+                 for alias, target in registry.aliases.items() if target in registry]
         return JSONResponse({"object": "list", "data": data})
 
     @app.get("/v1/models/{model_id:path}")
@@ -308,10 +359,9 @@ def create_app() -> FastAPI:
         registry = _registry(request)
         try:
             name = registry.resolve(model_id)
-        except UnknownModel:
-            raise OpenAIError(404, f"The model '{model_id}' does not exist", param="model",
-                              code="model_not_found") from None
-        return JSONResponse(_model_object(model_id, registry.created(name)))
+        except UnknownModel as exc:
+            raise model_not_found(model_id, exc.available, exc.alias_of) from None
+        return JSONResponse(_model_object(model_id, registry.created(name), registry.alias_target(model_id)))
 
     @app.post("/v1/models/{model_id:path}")
     async def load_model(model_id: str, request: Request) -> JSONResponse:

@@ -29,6 +29,7 @@ class WindowJob:
     task: str
     language: str | None  # None: detect it from this window
     temperature: float
+    languages: list[str] = field(default_factory=list)  # detection candidates (empty: any)
 
 
 @dataclass
@@ -112,20 +113,25 @@ def drive(loop: Generator, core: Core) -> Iterator[Segment]:
 
 async def adrive(loop: Generator, decode: Callable[[WindowJob], Awaitable[DecodeResult]],
                  align: Callable[[AlignJob], Awaitable[list[list[Word]]]]) -> AsyncIterator[Segment]:
-    """Run a transcription loop against an asynchronous (e.g. batching, remote) model service."""
+    """Run a transcription loop against an asynchronous (e.g. batching, remote) model service.
+
+    Cancelled or closed (its client left), it closes the loop at once: no further window is asked for."""
     reply = None
-    while True:
-        try:
-            item = loop.send(reply)
-        except StopIteration:
-            return
-        reply = None
-        if isinstance(item, WindowJob):
-            reply = await decode(item)
-        elif isinstance(item, AlignJob):
-            reply = await align(item)
-        else:
-            yield item
+    try:
+        while True:
+            try:
+                item = loop.send(reply)
+            except StopIteration:
+                return
+            reply = None
+            if isinstance(item, WindowJob):
+                reply = await decode(item)
+            elif isinstance(item, AlignJob):
+                reply = await align(item)
+            else:
+                yield item
+    finally:
+        loop.close()  # not left to the garbage collector: an exception's traceback can keep it alive
 
 
 class InProcessEngine(Engine):
