@@ -9,6 +9,7 @@ service; BentoML's adaptive batching gathers the windows of all concurrent reque
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -36,6 +37,15 @@ class WindowRequest(bentoml.IODescriptor):
     language: str | None = None
     temperature: float = 0.0
     languages: list[str] = []
+    fallback: list[float] = []
+    compression_ratio_threshold: float | None = 2.4
+    logprob_threshold: float | None = -1.0
+    no_speech_threshold: float | None = 0.6
+
+
+def _job(request: WindowRequest) -> WindowJob:
+    fields = {f.name: getattr(request, f.name) for f in dataclasses.fields(WindowJob)}
+    return WindowJob(**{**fields, "audio": np.asarray(request.audio, dtype=np.float32)})
 
 
 class WindowReply(bentoml.IODescriptor):
@@ -85,8 +95,7 @@ def decode_batch(engines: dict[str, Engine], requests: list[WindowRequest]) -> l
             for i in indices:
                 replies[i] = WindowReply(error=MODEL_NOT_LOADED)  # unloaded while its request ran
             continue
-        jobs = [WindowJob(np.asarray(requests[i].audio, dtype=np.float32), requests[i].prompt, requests[i].task,
-                          requests[i].language, requests[i].temperature, requests[i].languages) for i in indices]
+        jobs = [_job(requests[i]) for i in indices]
         started = time.perf_counter()
         try:
             results = engine.core.decode_windows(jobs)
@@ -142,9 +151,8 @@ class BatchedEngine(Engine):
         state = self.frontend.new_state(options)
 
         async def decode(job: WindowJob) -> DecodeResult:
-            reply = await self._decode(WindowRequest(model=self.name, audio=job.audio, prompt=job.prompt,
-                                                     task=job.task, language=job.language,
-                                                     temperature=job.temperature, languages=job.languages))
+            fields = {f.name: getattr(job, f.name) for f in dataclasses.fields(job)}
+            reply = await self._decode(WindowRequest(model=self.name, **fields))
             return DecodeResult(**reply.model_dump())
 
         async def align(job: AlignJob) -> list[list[Word]]:

@@ -61,19 +61,6 @@ def test_quiet_noise_gives_no_words(tiny_en_engine):
     assert tiny_en_engine.transcribe(noise, TranscribeOptions()).text == ""
 
 
-@pytest.mark.slow
-def test_temperature_fallback_engages_on_repetitive_output(tiny_en_engine):
-    # One phrase repeated for a whole window compresses like a decoding loop (ratio > 2.4):
-    # the ladder must climb; with the fallback off it must not.
-    fox = audio_of("en/quick_brown_fox")
-    pause = np.zeros(SAMPLE_RATE, np.float32)
-    audio = np.concatenate([np.concatenate([fox, pause])] * 7)[: 29 * SAMPLE_RATE]
-    hot = tiny_en_engine.transcribe(audio, TranscribeOptions(language="en"))
-    cold = tiny_en_engine.transcribe(audio, TranscribeOptions(language="en", temperature_fallback=False))
-    assert all(s.temperature == 0.0 for s in cold.segments) and cold.segments[0].compression_ratio > 2.4
-    assert hot.segments[0].temperature > 0.0
-
-
 @needs_asterisk
 def test_prompt_is_decoder_context(tiny_en_engine):
     prompts = asterisk_prompts()

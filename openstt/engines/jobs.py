@@ -30,6 +30,13 @@ class WindowJob:
     language: str | None  # None: detect it from this window
     temperature: float
     languages: list[str] = field(default_factory=list)  # detection candidates (empty: any)
+    # Whisper's fallback ladder, run by the model service on the window's one encoding: the
+    # temperatures to try after ``temperature`` while the result looks like a loop (compression
+    # ratio above the threshold) or garbage (average logprob below it), unless it is silence.
+    fallback: list[float] = field(default_factory=list)
+    compression_ratio_threshold: float | None = 2.4
+    logprob_threshold: float | None = -1.0
+    no_speech_threshold: float | None = 0.6
 
 
 @dataclass
@@ -71,6 +78,31 @@ SILENCE_PEAK = 10 ** (-60 / 20)
 
 def is_silent(chunk: np.ndarray) -> bool:
     return not len(chunk) or float(np.abs(chunk).max()) < SILENCE_PEAK
+
+
+def needs_fallback(result: DecodeResult, job: WindowJob) -> bool:
+    """Whether ``result`` should be decoded again hotter: it looks like a loop or is unlikely, and
+    is not a window of silence (a silent window's low logprob is expected)."""
+    if result.error:
+        return False
+    too_repetitive = (job.compression_ratio_threshold is not None
+                      and result.compression_ratio > job.compression_ratio_threshold)
+    too_unlikely = job.logprob_threshold is not None and result.avg_logprob < job.logprob_threshold
+    silent = (job.no_speech_threshold is not None and result.no_speech_prob > job.no_speech_threshold
+              and too_unlikely)
+    return (too_repetitive or too_unlikely) and not silent
+
+
+def settle(attempts: list[DecodeResult], job: WindowJob) -> DecodeResult:
+    """The result to keep from a window's attempts: the last one, unless every attempt needed a
+    fallback; then, as faster-whisper does, the likeliest (highest average logprob) among those
+    that do not look like a loop, else among all. openai/whisper keeps the last, temperature-1.0
+    sample, which on hard audio is often mixed-script garbage."""
+    if not needs_fallback(attempts[-1], job) or len(attempts) == 1:
+        return attempts[-1]
+    threshold = job.compression_ratio_threshold
+    unlooped = [r for r in attempts if threshold is None or r.compression_ratio <= threshold]
+    return max(unlooped or attempts, key=lambda r: r.avg_logprob)
 
 
 def compression_ratio(text: str) -> float:

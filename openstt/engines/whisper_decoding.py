@@ -9,7 +9,9 @@ transformers provides the weights, the encoder and a KV-cached decoder step.
 
 from __future__ import annotations
 
+import collections
 import threading
+import zlib
 from collections.abc import Generator
 from dataclasses import dataclass
 
@@ -27,6 +29,8 @@ from openstt.engines.jobs import (
     WindowJob,
     compression_ratio,
     is_silent,
+    needs_fallback,
+    settle,
 )
 
 HOP_LENGTH = 160
@@ -105,6 +109,7 @@ class WhisperCore:
         self.aligner = aligner
         self.lock = threading.Lock()
         self.batch_sizes: list[int] = []  # recent batch sizes, for tests and the debug log
+        self.decoder_rows: collections.deque[int] = collections.deque(maxlen=4096)  # rows per decoder step
 
     def features(self, chunks: list[np.ndarray]) -> torch.Tensor:
         """Log-mel of each chunk (at most 30 s), padded to full windows: (batch, mels, 3000)."""
@@ -175,7 +180,11 @@ class WhisperCore:
         logits.masked_fill_((ts_logprob > text_max)[:, None] & ~is_ts_column, -np.inf)
 
     def decode_windows(self, jobs: list[WindowJob]) -> list[DecodeResult]:
-        """Decode many windows (from one or many requests) in one encoder and one decoder pass."""
+        """Decode many windows (from one or many requests) in one encoder and one decoder pass.
+
+        A window whose result looks like a loop or garbage is decoded again down its fallback
+        ladder (``job.fallback``) here, on the same encoder output: its audio crosses to the
+        model service and through the encoder once, and the retries of a batch run together."""
         with self.lock, torch.inference_mode():
             self.batch_sizes = (self.batch_sizes + [len(jobs)])[-1000:]
             encoded = self.encode(self.features([j.audio for j in jobs]))
@@ -185,19 +194,31 @@ class WhisperCore:
                 candidates = [[c for c in jobs[i].languages if c in self.table.lang_to_id] for i in unknown]
                 for i, lang in zip(unknown, self.detect_languages(encoded[unknown], candidates)):
                     languages[i] = lang
-            results = self._decode_rows(encoded, jobs, languages)
-        for r in results:
-            r.compression_ratio = compression_ratio(self.text_of(r.tokens))
-        return results
+            # sampling is seeded by the window's audio: the same file always gives the same transcript
+            seeds = [zlib.crc32(np.ascontiguousarray(j.audio, dtype=np.float32).view(np.uint8)) for j in jobs]
+            attempts = [[r] for r in self._decode_rows(encoded, jobs, languages, [j.temperature for j in jobs], seeds)]
+            pending = [i for i, job in enumerate(jobs) if needs_fallback(attempts[i][-1], job)]
+            level = 0
+            while retry := [i for i in pending if level < len(jobs[i].fallback)]:
+                results = self._decode_rows(encoded[retry], [jobs[i] for i in retry], [languages[i] for i in retry],
+                                            [jobs[i].fallback[level] for i in retry], [seeds[i] for i in retry])
+                for i, result in zip(retry, results):
+                    attempts[i].append(result)
+                pending = [i for i in retry if needs_fallback(attempts[i][-1], jobs[i])]
+                level += 1
+        return [settle(tried, job) for tried, job in zip(attempts, jobs)]
 
-    def _decode_rows(self, encoded: torch.Tensor, jobs: list[WindowJob], languages: list[str]) -> list[DecodeResult]:
+    def _decode_rows(self, encoded: torch.Tensor, jobs: list[WindowJob], languages: list[str],
+                     temperatures: list[float], seeds: list[int]) -> list[DecodeResult]:
+        """One decoding pass over ``jobs`` at the given temperatures (greedy at 0, else the best of
+        ``BEST_OF`` samples). Rows that have emitted end-of-text leave the batch."""
         t = self.table
         rows: list[int] = []  # job index of each row; sampling jobs get BEST_OF rows
         initials: list[list[int]] = []
         for j, job in enumerate(jobs):
             prompt = job.prompt[-(self.n_text_ctx // 2 - 1):]
             initial = ([t.sot_prev] + prompt if prompt else []) + self.sot_sequence(languages[j], job.task)
-            for _ in range(1 if job.temperature == 0 else BEST_OF):
+            for _ in range(1 if temperatures[j] == 0 else BEST_OF):
                 rows.append(j)
                 initials.append(initial)
         n = len(rows)
@@ -207,18 +228,25 @@ class WhisperCore:
         mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in initials], device=self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         sot_index = torch.tensor([width - len(i) + i.index(t.sot) for i in initials], device=self.device)
-        row_index = torch.tensor(rows, device=self.device)
-        encoder_states = encoded[row_index]
-        temperatures = torch.tensor([jobs[j].temperature for j in rows], device=self.device)
-        sampled = temperatures > 0
-        any_sampled = bool(sampled.any())
+        encoder_states = encoded[torch.tensor(rows, device=self.device)]
+        row_temperature = [temperatures[j] for j in rows]
+        # A sampled row draws from a generator of its own, seeded by its window's audio, its place
+        # among the window's samples and the temperature: not by its place in the batch, so a window
+        # decodes the same way whatever it is batched with. (Tuples of ints and floats hash the same
+        # in every process; PYTHONHASHSEED only salts str and bytes.)
+        generators = {k: torch.Generator(device=self.device).manual_seed(
+                          hash((seeds[j], rows[:k].count(j), row_temperature[k])) % 2**63)
+                      for k, j in enumerate(rows) if row_temperature[k] > 0}
         cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+        alive = torch.arange(n, device=self.device)  # rows still decoding; the batch shrinks as rows end
+        alive_rows = list(range(n))
         sum_logprobs = torch.zeros(n, device=self.device)
-        step_logprobs: list[torch.Tensor] = []  # logprob of each row's token, per step
+        step_logprobs: list[torch.Tensor] = []  # logprob of each row's token, per step (0 once ended)
         no_speech = torch.zeros(n)
         inputs, step_positions = tokens, positions
         max_len = min(self.n_text_ctx, width + self.n_text_ctx // 2)
         while tokens.shape[1] < max_len:
+            self.decoder_rows.append(len(alive_rows))
             hidden = self.model.model.decoder(input_ids=inputs, attention_mask=mask, position_ids=step_positions,
                                               encoder_hidden_states=encoder_states, cache=cache,
                                               use_cache=True).last_hidden_state
@@ -226,22 +254,28 @@ class WhisperCore:
                 at_sot = hidden[torch.arange(n), sot_index]
                 no_speech = torch.softmax(self._logits(at_sot), dim=-1)[:, t.no_speech].cpu()
             logits = self._logits(hidden[:, -1])
-            self._apply_rules(logits, tokens, width)
+            self._apply_rules(logits, tokens[alive], width)
             logprobs = torch.log_softmax(logits, dim=-1)
             next_tokens = logits.argmax(dim=-1)
-            if any_sampled:
-                scaled = logits[sampled] / temperatures[sampled, None]
-                next_tokens[sampled] = torch.distributions.Categorical(logits=scaled).sample()
-            finished = tokens[:, -1] == t.eot
-            current = logprobs[torch.arange(n), next_tokens]
-            sum_logprobs += current * ~finished
-            next_tokens[finished] = t.eot
-            step_logprobs.append(current)
-            tokens = torch.cat([tokens, next_tokens[:, None]], dim=1)
-            if bool((next_tokens == t.eot).all()):
+            for pos, k in enumerate(alive_rows):
+                if k in generators:  # Gumbel-max: a sample of softmax(logits / T) from the row's own generator
+                    u = torch.rand(logits.shape[1], generator=generators[k], device=self.device).clamp_(1e-10, 1.0)
+                    next_tokens[pos] = (logits[pos] / row_temperature[k] - torch.log(-torch.log(u))).argmax()
+            current = logprobs[torch.arange(len(alive_rows)), next_tokens]
+            sum_logprobs[alive] += current
+            step_logprobs.append(torch.zeros(n, device=self.device).index_put_((alive,), current))
+            column = torch.full((n,), t.eot, device=self.device).index_put_((alive,), next_tokens)
+            tokens = torch.cat([tokens, column[:, None]], dim=1)
+            keep = (next_tokens != t.eot).nonzero().flatten()
+            if len(keep) == 0:
                 break
+            if len(keep) < len(alive_rows):  # drop the ended rows from the cache and every per-row input
+                cache.batch_select_indices(keep)
+                alive, encoder_states, mask = alive[keep], encoder_states[keep], mask[keep]
+                next_tokens, step_positions = next_tokens[keep], step_positions[keep]
+                alive_rows = alive.tolist()
             inputs = next_tokens[:, None]
-            mask = torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype, device=self.device)], dim=1)
+            mask = torch.cat([mask, torch.ones((len(alive_rows), 1), dtype=mask.dtype, device=self.device)], dim=1)
             step_positions = step_positions[:, -1:] + 1
 
         best: dict[int, DecodeResult] = {}
@@ -256,12 +290,15 @@ class WhisperCore:
             candidate = DecodeResult(
                 tokens=seq, token_logprobs=logprob_rows[k][: len(seq)], sum_logprob=sums[k],
                 avg_logprob=sums[k] / max(count, 1), no_speech_prob=no_speech_probs[k],
-                temperature=jobs[j].temperature, language=languages[j],
+                temperature=temperatures[j], language=languages[j],
             )
             score = candidate.sum_logprob / max(len(seq) + 1, 1)
             if j not in best or score > best[j].sum_logprob / max(len(best[j].tokens) + 1, 1):
                 best[j] = candidate
-        return [best[j] for j in range(len(jobs))]
+        results = [best[j] for j in range(len(jobs))]
+        for r in results:
+            r.compression_ratio = compression_ratio(self.text_of(r.tokens))
+        return results
 
     def align(self, job: AlignJob) -> list[list[Word]]:
         """Word timings (relative to the window start) for each segment of a decoded window."""
@@ -330,21 +367,15 @@ class WindowLoop:
                 seek += segment_size
                 continue
 
-            result = None
-            for temperature in options.temperatures():
-                context = all_tokens[prompt_reset_since:][-context_budget:] if context_budget > 0 else []
-                job = WindowJob(chunk, keywords + context, options.task, state.language, temperature,
-                                list(options.languages))
-                result = yield job
-                if result.error:
-                    raise ModelFailure(result.error, time_offset)
-                state.language = state.language or result.language
-                too_repetitive = result.compression_ratio > options.compression_ratio_threshold
-                too_unlikely = result.avg_logprob < options.logprob_threshold
-                silent = result.no_speech_prob > options.no_speech_threshold and too_unlikely
-                if silent or not (too_repetitive or too_unlikely):
-                    break
-            assert result is not None
+            context = all_tokens[prompt_reset_since:][-context_budget:] if context_budget > 0 else []
+            temperatures = options.temperatures()
+            result = yield WindowJob(
+                chunk, keywords + context, options.task, state.language, temperatures[0], list(options.languages),
+                fallback=list(temperatures[1:]), compression_ratio_threshold=options.compression_ratio_threshold,
+                logprob_threshold=options.logprob_threshold, no_speech_threshold=options.no_speech_threshold)
+            if result.error:
+                raise ModelFailure(result.error, time_offset)
+            state.language = state.language or result.language
 
             if result.no_speech_prob > options.no_speech_threshold and result.avg_logprob < options.logprob_threshold:
                 seek += segment_size  # silence: nothing to say in this window
