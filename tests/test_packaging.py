@@ -163,3 +163,15 @@ def test_kubernetes_probes_use_real_endpoints():
     assert container["livenessProbe"]["httpGet"]["path"] == "/livez"
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert container["ports"][0]["containerPort"] == 8080
+
+
+@pytest.mark.parametrize("bentofile", ["bentofile.yaml", "bentofile.cuda.yaml"])
+def test_bentofiles_install_every_runtime_dependency(bentofile):
+    """Both images get each of pyproject's dependencies with the same specifier (bentoml itself
+    comes with the Bento), so a dependency added to one place cannot be missing from an image."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    packages = yaml.safe_load((ROOT / bentofile).read_text())["python"]["packages"]
+    assert "torch==2.13.0" in packages
+    missing = [dep for dep in project if not dep.startswith("bentoml") and dep not in packages]
+    assert not missing, f"{bentofile} lacks {missing}"
