@@ -16,6 +16,7 @@ from starlette.datastructures import FormData, UploadFile
 
 from openstt.api.errors import bad_request
 from openstt.languages import normalize_language
+from openstt.vad import VadOptions
 
 RESPONSE_FORMATS = ("json", "text", "srt", "verbose_json", "vtt", "diarized_json")
 INCLUDES = ("logprobs",)
@@ -196,4 +197,8 @@ def _chunking_strategy(form: FormData) -> dict | str | None:
             return None
     if not isinstance(strategy, dict) or strategy.get("type") != "server_vad":
         raise bad_request("'chunking_strategy' object must have type 'server_vad'.", param="chunking_strategy")
+    try:  # the VAD's own check: numbers, in range
+        VadOptions.from_chunking_strategy(strategy)
+    except ValueError as exc:
+        raise bad_request(f"Invalid 'chunking_strategy': {exc}.", param="chunking_strategy") from None
     return strategy
