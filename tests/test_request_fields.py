@@ -19,12 +19,12 @@ from openstt.audio import decode_audio
 from openstt.bootstrap import StartupError, load_settings
 from openstt.catalog import CATALOG
 from openstt.engines import TranscribeOptions, load_engine
-from openstt.engines.base import Engine, Segment, TranscriptionRun
 from openstt.engines.jobs import LoopState
 from openstt.evaluation import ASTERISK_SOUNDS
 from openstt.registry import ModelRegistry
 from openstt.settings import Settings
 from tests.conftest import API_KEY, clip, needs_asterisk, normalize
+from tests.test_api import _Named  # routing probe: answers with its own model name
 
 FOX = "The quick brown fox jumps over the lazy dog."
 # Real read speech (asterisk's demo-abouttotry prompt) with a product name that whisper-tiny.en
@@ -86,14 +86,6 @@ def test_bad_aliases_stop_startup(clean_env, aliases, message):
 
 
 # --- routing: which model answers ---------------------------------------------------------------
-
-
-class _Named(Engine):
-    """Routing probe: answers with its own model name. Used only to test model resolution."""
-
-    def start(self, audio, options: TranscribeOptions) -> TranscriptionRun:
-        segment = Segment(0, 0, 0.0, 1.0, self.name, [], 0.0, 0.0, 1.0, 0.0)
-        return TranscriptionRun(state=LoopState("en"), duration=len(audio) / 16000, segments=iter([segment]))
 
 
 @pytest.fixture()
