@@ -194,14 +194,12 @@ class WhisperCore:
                 candidates = [[c for c in jobs[i].languages if c in self.table.lang_to_id] for i in unknown]
                 for i, lang in zip(unknown, self.detect_languages(encoded[unknown], candidates)):
                     languages[i] = lang
-            # sampling is seeded by the window's audio: the same file always gives the same transcript
-            seeds = [zlib.crc32(np.ascontiguousarray(j.audio, dtype=np.float32).view(np.uint8)) for j in jobs]
-            attempts = [[r] for r in self._decode_rows(encoded, jobs, languages, [j.temperature for j in jobs], seeds)]
+            attempts = [[r] for r in self._decode_rows(encoded, jobs, languages, [j.temperature for j in jobs])]
             pending = [i for i, job in enumerate(jobs) if needs_fallback(attempts[i][-1], job)]
             level = 0
             while retry := [i for i in pending if level < len(jobs[i].fallback)]:
                 results = self._decode_rows(encoded[retry], [jobs[i] for i in retry], [languages[i] for i in retry],
-                                            [jobs[i].fallback[level] for i in retry], [seeds[i] for i in retry])
+                                            [jobs[i].fallback[level] for i in retry])
                 for i, result in zip(retry, results):
                     attempts[i].append(result)
                 pending = [i for i in retry if needs_fallback(attempts[i][-1], jobs[i])]
@@ -209,7 +207,7 @@ class WhisperCore:
         return [settle(tried, job) for tried, job in zip(attempts, jobs)]
 
     def _decode_rows(self, encoded: torch.Tensor, jobs: list[WindowJob], languages: list[str],
-                     temperatures: list[float], seeds: list[int]) -> list[DecodeResult]:
+                     temperatures: list[float]) -> list[DecodeResult]:
         """One decoding pass over ``jobs`` at the given temperatures (greedy at 0, else the best of
         ``BEST_OF`` samples). Rows that have emitted end-of-text leave the batch."""
         t = self.table
@@ -230,12 +228,15 @@ class WhisperCore:
         sot_index = torch.tensor([width - len(i) + i.index(t.sot) for i in initials], device=self.device)
         encoder_states = encoded[torch.tensor(rows, device=self.device)]
         row_temperature = [temperatures[j] for j in rows]
-        # A sampled row draws from a generator of its own, seeded by its window's audio, its place
-        # among the window's samples and the temperature: not by its place in the batch, so a window
-        # decodes the same way whatever it is batched with. (Tuples of ints and floats hash the same
-        # in every process; PYTHONHASHSEED only salts str and bytes.)
+        # A sampled row draws from a generator of its own, seeded by its window's audio (so the same
+        # file always gives the same transcript), its place among the window's samples (a job's rows
+        # are contiguous) and the temperature: not by its place in the batch, so a window decodes the
+        # same way whatever it is batched with. Greedy windows never pay for the checksum. (Tuples of
+        # ints and floats hash the same in every process; PYTHONHASHSEED only salts str and bytes.)
+        seeds = {j: zlib.crc32(np.ascontiguousarray(jobs[j].audio, dtype=np.float32).view(np.uint8))
+                 for j in set(rows) if temperatures[j] > 0}
         generators = {k: torch.Generator(device=self.device).manual_seed(
-                          hash((seeds[j], rows[:k].count(j), row_temperature[k])) % 2**63)
+                          hash((seeds[j], k - rows.index(j), row_temperature[k])) % 2**63)
                       for k, j in enumerate(rows) if row_temperature[k] > 0}
         cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
         alive = torch.arange(n, device=self.device)  # rows still decoding; the batch shrinks as rows end
