@@ -41,6 +41,8 @@ class WindowRequest(bentoml.IODescriptor):
     compression_ratio_threshold: float | None = 2.4
     logprob_threshold: float | None = -1.0
     no_speech_threshold: float | None = 0.6
+    speech_only: bool = False
+    beam_size: int = 1
 
 
 def _job(request: WindowRequest) -> WindowJob:
@@ -57,6 +59,7 @@ class WindowReply(bentoml.IODescriptor):
     temperature: float = 0.0
     language: str = "en"
     compression_ratio: float = 0.0
+    truncated: bool = False
     error: str | None = None
 
 
@@ -140,8 +143,9 @@ class BatchedEngine(Engine):
     there."""
 
     def __init__(self, spec, frontend, decode: Callable[[WindowRequest], Awaitable[WindowReply]],
-                 align: Callable[[AlignRequest], Awaitable[list[list[dict]]]]):
+                 align: Callable[[AlignRequest], Awaitable[list[list[dict]]]], max_batch_windows: int = 16):
         super().__init__(spec)
+        self.max_batch_windows = max_batch_windows  # windows of one request in flight in VAD-chunked mode
         self.frontend, self._decode, self._align = frontend, decode, align
         self.multilingual = frontend.multilingual
         self.supports_word_timestamps = frontend.supports_word_timestamps
@@ -166,7 +170,13 @@ class BatchedEngine(Engine):
                 raise
             return [[Word(**w) for w in seg] for seg in words]
 
-        segments = adrive(self.frontend.loop.run(audio, options, state), decode, align)
+        if options.vad is not None:
+            from openstt.engines.vad_chunked import adrive_chunks
+
+            segments = adrive_chunks(audio, options, state, lambda chunk: self.frontend.loop.run(chunk, options, state),
+                                     decode, align, self.max_batch_windows)
+        else:
+            segments = adrive(self.frontend.loop.run(audio, options, state), decode, align)
         return TranscriptionRun(state=state, duration=len(audio) / 16000, segments=segments)
 
     def describe(self) -> dict:

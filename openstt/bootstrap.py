@@ -109,6 +109,8 @@ def attach(app: FastAPI, registry: ModelRegistry, settings: Settings | None = No
     app.state.model_manager = manager
     app.state.api_keys = [k.get_secret_value() for k in settings.api_key]
     app.state.max_upload_bytes = settings.max_upload_bytes
+    app.state.long_form = settings.long_form
+    app.state.beam_size = settings.beam_size
     from openstt.api.limits import Limits
 
     app.state.limits = Limits(max_in_flight=settings.max_concurrent_requests,
@@ -116,11 +118,11 @@ def attach(app: FastAPI, registry: ModelRegistry, settings: Settings | None = No
                               request_timeout=settings.request_timeout)
     app.state.registry = registry
     log.info("open-stt ready on port %s: models=%s default=%s cache=%s auth=%s limits: upload=%d B audio=%gs "
-             "concurrent=%d timeout=%ds batch=%d windows; try it at /ui, metrics at /metrics", settings.port,
+             "concurrent=%d timeout=%ds batch=%d windows long-form=%s; try it at /ui, metrics at /metrics", settings.port,
              ",".join(registry.names()), registry.default, cache_dir(),
              f"on ({len(settings.api_key)} key(s))" if settings.api_key else "off", settings.max_upload_bytes,
              settings.max_audio_seconds, settings.max_concurrent_requests, settings.request_timeout,
-             settings.max_batch_windows)
+             settings.max_batch_windows, settings.long_form)
     if manager is not None:
         log.info("model management: endpoints %s, idle unload %s", "on" if manager.enabled else "off",
                  f"after {manager.idle_ttl:g} s" if manager.idle_ttl else "off")
@@ -141,7 +143,8 @@ def start_api(app: FastAPI, decode, align, load_model=None, unload_model=None) -
         manager = ModelManager(
             registry, load=load_model, unload=unload_model,
             frontend=lambda spec: build_frontend(spec, resolve_model(spec, download=False), decode, align,
-                                                 chunk_seconds=settings.voxtral_chunk_seconds),
+                                                 chunk_seconds=settings.voxtral_chunk_seconds,
+                                                 max_batch_windows=settings.max_batch_windows),
             enabled=settings.enable_model_management, idle_ttl=settings.model_idle_ttl)
     attach(app, registry, settings, manager)
     if manager is not None:

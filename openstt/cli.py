@@ -58,6 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per-request deadline, upload included (OPEN_STT_REQUEST_TIMEOUT, default 3600)")
     g.add_argument("--max-batch-windows", type=int, metavar="N",
                    help="30 s windows decoded together across requests (OPEN_STT_MAX_BATCH_WINDOWS, default 16)")
+    g.add_argument("--long-form", choices=["vad", "sequential"],
+                   help="how requests without chunking_strategy decode: vad (speech chunks decoded in parallel) "
+                        "or sequential (Whisper's window-after-window procedure) (OPEN_STT_LONG_FORM, default vad)")
+    g.add_argument("--beam-size", type=int, metavar="N",
+                   help="Whisper beam search width at temperature 0 for requests without beam_size, 1-10 "
+                        "(OPEN_STT_BEAM_SIZE, default 1 = greedy)")
     g.add_argument("--voxtral-chunk-seconds", type=float, metavar="S",
                    help="longest chunk Voxtral transcribes in one pass, one segment each "
                         "(OPEN_STT_VOXTRAL_CHUNK_SECONDS, default 30)")
@@ -84,7 +90,8 @@ def apply_flags(args: argparse.Namespace, env: dict[str, str]) -> dict[str, str]
         "OPEN_STT_MAX_BATCH_WINDOWS": args.max_batch_windows, "OPEN_STT_REQUEST_TIMEOUT": args.request_timeout,
         "OPEN_STT_MEMORY_CHECK": args.memory_check, "OPEN_STT_VOXTRAL_CHUNK_SECONDS": args.voxtral_chunk_seconds,
         "OPEN_STT_ENABLE_MODEL_MANAGEMENT": "true" if args.enable_model_management else None,
-        "OPEN_STT_MODEL_IDLE_TTL": args.model_idle_ttl,
+        "OPEN_STT_MODEL_IDLE_TTL": args.model_idle_ttl, "OPEN_STT_LONG_FORM": args.long_form,
+        "OPEN_STT_BEAM_SIZE": args.beam_size,
     }
     env.update({k: str(v) for k, v in values.items() if v is not None})
     return env

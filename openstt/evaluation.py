@@ -14,7 +14,8 @@ ASTERISK_TRANSCRIPTS = Path("/usr/share/doc/asterisk-core-sounds-en/core-sounds-
 def normalizer(language: str = "en"):
     from transformers.models.whisper.english_normalizer import BasicTextNormalizer, EnglishTextNormalizer
 
-    return EnglishTextNormalizer({}) if language == "en" else BasicTextNormalizer()
+    # Diacritics dropped: some transcripts (Debian's Spanish prompts) are written without accents.
+    return EnglishTextNormalizer({}) if language == "en" else BasicTextNormalizer(remove_diacritics=True)
 
 
 def wer(reference: str, hypothesis: str, language: str = "en") -> float:
@@ -28,15 +29,49 @@ def wer(reference: str, hypothesis: str, language: str = "en") -> float:
     return float(jiwer.wer(ref, hyp))
 
 
-def asterisk_prompts() -> dict[str, str]:
-    """Debian's asterisk-core-sounds-en: real read speech (8 kHz) with its transcripts."""
+# Other languages' prompts: Debian's asterisk-core-sounds-{es,fr,it,ru}-wav (real read speech by
+# one speaker each, with transcripts), used by scripts/bench_longform for WER per language.
+ASTERISK_LANGUAGES = ("es", "fr", "it", "ru")
+
+
+def asterisk_paths(language: str = "en") -> tuple[Path, Path]:
+    """(sounds directory, transcripts file) of Debian's asterisk prompts in ``language``."""
+    if language == "en":
+        return ASTERISK_SOUNDS, ASTERISK_TRANSCRIPTS
+    return (Path(f"/usr/share/asterisk/sounds/{language}"),
+            Path(f"/usr/share/doc/asterisk-core-sounds-{language}/core-sounds-{language}.txt.gz"))
+
+
+def asterisk_prompts(language: str = "en") -> dict[str, str]:
+    """Debian's asterisk-core-sounds-<language>: real read speech (8 kHz) with its transcripts."""
+    sounds, transcripts = asterisk_paths(language)
     prompts = {}
-    with gzip.open(ASTERISK_TRANSCRIPTS, "rt", encoding="utf-8", errors="replace") as f:
+    with gzip.open(transcripts, "rt", encoding="utf-8-sig", errors="replace") as f:
         for line in f:
             name, sep, text = line.partition(":")
-            if sep and not line.startswith(";") and (ASTERISK_SOUNDS / f"{name.strip()}.wav").exists():
+            if sep and not line.startswith(";") and (sounds / f"{name.strip()}.wav").exists():
                 prompts[name.strip()] = " ".join(text.split())
     return prompts
+
+
+def language_clip(language: str, seconds: float, gap: float = 0.8) -> tuple[np.ndarray, str]:
+    """About ``seconds`` of real read speech in ``language``: its longest asterisk prompts whose
+    transcript is plain text (no bracketed notes), joined with pauses. 16 kHz audio, reference."""
+    from openstt.audio import SAMPLE_RATE, decode_audio
+
+    sounds, _ = asterisk_paths(language)
+    prompts = {n: t for n, t in asterisk_prompts(language).items()
+               if any(c.isalpha() for c in t) and not any(c in t for c in "[]<>()")}
+    sizes = {n: (sounds / f"{n}.wav").stat().st_size / 16000 for n in prompts}
+    chosen, total = [], 0.0
+    for name in sorted(sizes, key=lambda n: (-sizes[n], n)):
+        chosen.append(name)
+        total += sizes[name] + gap
+        if total >= seconds:
+            break
+    silence = np.zeros(int(gap * SAMPLE_RATE), np.float32)
+    pieces = [p for n in chosen for p in (decode_audio((sounds / f"{n}.wav").read_bytes()), silence)]
+    return np.concatenate(pieces), " ".join(prompts[n] for n in chosen)
 
 
 def longest_prompts(seconds: float) -> list[str]:

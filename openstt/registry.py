@@ -68,12 +68,14 @@ def load_weights(spec: ModelSpec, placement, *, download: bool, chunk_seconds: f
     return engine
 
 
-def build_frontend(spec: ModelSpec, path, decode, align, *, chunk_seconds: float | None = None) -> Engine:
+def build_frontend(spec: ModelSpec, path, decode, align, *, chunk_seconds: float | None = None,
+                   max_batch_windows: int = 16) -> Engine:
     """API process: the request side of a model whose weights live in the model service."""
     from openstt.batching import BatchedEngine
     from openstt.engines import load_frontend
 
-    return BatchedEngine(spec, load_frontend(spec, path, chunk_seconds=chunk_seconds), decode, align)
+    return BatchedEngine(spec, load_frontend(spec, path, chunk_seconds=chunk_seconds), decode, align,
+                         max_batch_windows=max_batch_windows)
 
 
 class ModelRegistry:
@@ -115,7 +117,8 @@ class ModelRegistry:
         for name in settings.models:
             spec = CATALOG[name]
             engines.append(build_frontend(spec, resolve_model(spec, download=False), decode, align,
-                                          chunk_seconds=settings.voxtral_chunk_seconds))
+                                          chunk_seconds=settings.voxtral_chunk_seconds,
+                                          max_batch_windows=settings.max_batch_windows))
         return cls(engines, settings.default_model or settings.models[0], settings.model_aliases)
 
     # --- the current set ---------------------------------------------------------------------

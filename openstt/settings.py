@@ -69,6 +69,11 @@ class Settings(BaseSettings):
     # Voxtral has no timestamps: audio is cut at quiet moments into chunks of at most this
     # length, one segment each (its encoder reads 30 s windows; up to 30 minutes per chunk).
     voxtral_chunk_seconds: float = Field(30.0, ge=5, le=1800)
+    # How requests without a chunking_strategy decode audio: "vad" (speech cut into <=30 s chunks,
+    # decoded in parallel) or "sequential" (Whisper's reference procedure, window after window).
+    long_form: Literal["vad", "sequential"] = "vad"
+    # Beam search width for Whisper at temperature 0 when a request has no beam_size (1: greedy).
+    beam_size: int = Field(1, ge=1, le=10)
     # Per-request deadline for a transcription; BentoML's own is set a minute later.
     request_timeout: int = Field(3600, ge=10)
     # Longest decoded audio accepted (guards against decompression bombs), and how many

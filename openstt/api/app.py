@@ -39,6 +39,7 @@ from openstt.api.middleware import ApiKeyMiddleware, MaxBodySizeMiddleware, Requ
 from openstt.audio import AudioError, decode_audio
 from openstt.batching import MODEL_NOT_LOADED
 from openstt.engines.base import Segment, TranscribeOptions, TranscriptionRun, UnsupportedRequest
+from openstt.vad import VadOptions
 from openstt.engines.jobs import ModelFailure
 from openstt.formats import delta_event, done_event, error_event, render, sse, token_usage
 from openstt.metrics import metrics
@@ -95,12 +96,22 @@ def _check_capabilities(req: AudioRequest, engine) -> None:
                           param="timestamp_granularities", code="unsupported_value")
 
 
-def _options(req: AudioRequest) -> TranscribeOptions:
+def _vad(strategy: dict | str | None, long_form: str) -> VadOptions | None:
+    """The VAD-chunked mode's settings for this request, or None for the sequential procedure:
+    ``chunking_strategy`` when given (``none``: sequential), else the server's ``long_form``."""
+    if strategy is None:
+        return VadOptions() if long_form == "vad" else None
+    return None if strategy == "none" else VadOptions.from_chunking_strategy(strategy)
+
+
+def _options(req: AudioRequest, long_form: str = "sequential", beam_size: int = 1) -> TranscribeOptions:
+    """The request's options; ``long_form`` and ``beam_size``: the server's defaults for what it omits."""
     return TranscribeOptions(
         task=req.task, language=req.language, languages=tuple(req.languages), prompt=req.prompt,
         keywords=tuple(req.keywords), temperature=req.temperature,
+        beam_size=req.beam_size if req.beam_size is not None else beam_size,
         word_timestamps=req.response_format == "verbose_json" and "word" in req.timestamp_granularities,
-        token_logprobs="logprobs" in req.include,
+        token_logprobs="logprobs" in req.include, vad=_vad(req.chunking_strategy, long_form),
     )
 
 
@@ -169,7 +180,9 @@ async def _transcribe_admitted(request: Request, registry: ModelRegistry, limits
         # Decoding and inference run in worker threads so the event loop (and /health) stay free.
         audio = await run_in_threadpool(decode_audio, req.file.file, max_duration=limits.max_audio_seconds)
         slot.audio_seconds = len(audio) / 16000
-        run = await run_in_threadpool(engine.start, audio, _options(req))
+        # the server's default beam size is Whisper's; other families decode without beams
+        beam_size = request.app.state.beam_size if engine.spec.family == "whisper" else 1
+        run = await run_in_threadpool(engine.start, audio, _options(req, request.app.state.long_form, beam_size))
     except (AudioError, UnsupportedRequest) as exc:
         raise _client_error(exc) from None
     finally:
@@ -328,6 +341,8 @@ def create_app() -> FastAPI:
     app.state.model_manager = None
     app.state.api_keys = []
     app.state.max_upload_bytes = DEFAULT_MAX_UPLOAD_BYTES
+    app.state.long_form = "vad"
+    app.state.beam_size = 1
     app.state.limits = Limits()
     install_error_handlers(app)
     app.add_middleware(MaxBodySizeMiddleware, max_bytes=lambda: app.state.max_upload_bytes)

@@ -27,6 +27,7 @@ MAX_TEXT_PART = 4 * 1024 * 1024
 # own token budget); these bounds only refuse what could never fit.
 MAX_KEYWORDS = 50
 MAX_KEYWORD_CHARS = 100
+MAX_BEAM_SIZE = 10  # beam_size (our extension): 1 (greedy) .. 10
 
 
 @dataclass
@@ -40,6 +41,7 @@ class AudioRequest:
     prompt: str | None = None
     keywords: list[str] = field(default_factory=list)
     temperature: float = 0.0
+    beam_size: int | None = None  # None: the server's default
     stream: bool = False
     timestamp_granularities: list[str] = field(default_factory=lambda: ["segment"])
     include: list[str] = field(default_factory=list)
@@ -108,6 +110,18 @@ def _keywords(form: FormData) -> list[str]:
     return keywords
 
 
+def _beam_size(form: FormData) -> int | None:
+    """``beam_size`` (our extension; the SDK sends it with ``extra_body``): beam search width at
+    temperature 0, 1 (greedy) to ``MAX_BEAM_SIZE``; absent: the server's default."""
+    value = _text(form, "beam_size")
+    if value is None:
+        return None
+    if not (value.isascii() and value.isdigit()) or not 1 <= int(value) <= MAX_BEAM_SIZE:
+        raise bad_request(f"Invalid value for 'beam_size': expected an integer between 1 and {MAX_BEAM_SIZE}.",
+                          param="beam_size")
+    return int(value)
+
+
 def _bool(form: FormData, name: str) -> bool:
     value = _text(form, name)
     if value is None:
@@ -170,6 +184,7 @@ def parse_audio_form(form: FormData, *, task: str) -> AudioRequest:
     return AudioRequest(
         file=upload, model=model, task=task, response_format=response_format, language=language,
         languages=languages, prompt=_text(form, "prompt"), keywords=_keywords(form), temperature=temperature,
+        beam_size=_beam_size(form),
         stream=_bool(form, "stream") if task == "transcribe" else False,
         timestamp_granularities=list(dict.fromkeys(granularities)),
         include=include, chunking_strategy=_chunking_strategy(form),
@@ -177,9 +192,8 @@ def parse_audio_form(form: FormData, *, task: str) -> AudioRequest:
 
 
 def _chunking_strategy(form: FormData) -> dict | str | None:
-    """``auto``, a JSON object, or the SDK's bracketed ``chunking_strategy[type]=server_vad`` parts.
-
-    Whisper decodes long audio natively, so the value only needs to be well-formed."""
+    """``auto``, a JSON object, or the SDK's bracketed ``chunking_strategy[type]=server_vad`` parts;
+    also (our extension) ``none``: the sequential procedure whatever the server's default."""
     value = _text(form, "chunking_strategy")
     if value is not None and value.startswith("{"):
         try:
@@ -187,8 +201,9 @@ def _chunking_strategy(form: FormData) -> dict | str | None:
         except json.JSONDecodeError:
             raise bad_request("'chunking_strategy' is not valid JSON.", param="chunking_strategy") from None
     elif value is not None:
-        if value != "auto":
-            raise bad_request("'chunking_strategy' must be 'auto' or a server_vad object.", param="chunking_strategy")
+        if value not in ("auto", "none"):
+            raise bad_request("'chunking_strategy' must be 'auto', 'none' or a server_vad object.",
+                              param="chunking_strategy")
         return value
     else:
         strategy = {key[len("chunking_strategy["):-1]: form.get(key) for key in form.keys()

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from openstt.catalog import ModelSpec
+from openstt.vad import VadOptions
 
 # Whisper's fallback ladder: start at the requested temperature, step up on failure.
 TEMPERATURE_STEP = 0.2
@@ -22,6 +23,7 @@ class TranscribeOptions:
     prompt: str | None = None
     keywords: tuple[str, ...] = ()  # words or phrases to bias decoding towards (prompt context)
     temperature: float = 0.0
+    beam_size: int = 1  # beam search at temperature 0 (1: greedy)
     word_timestamps: bool = False
     token_logprobs: bool = False  # keep per-token logprobs (include[]=logprobs)
     # Re-decode a window at higher temperatures when the result looks like a loop or garbage.
@@ -30,6 +32,8 @@ class TranscribeOptions:
     logprob_threshold: float = -1.0
     no_speech_threshold: float = 0.6
     condition_on_previous_text: bool = True
+    # VAD-chunked long-form mode (``engines.vad_chunked``) with these VAD settings; None: sequential.
+    vad: VadOptions | None = None
 
     def temperatures(self) -> tuple[float, ...]:
         if not self.temperature_fallback:

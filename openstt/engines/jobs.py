@@ -37,6 +37,11 @@ class WindowJob:
     compression_ratio_threshold: float | None = 2.4
     logprob_threshold: float | None = -1.0
     no_speech_threshold: float | None = 0.6
+    # Speech only (a VAD chunk): its text may well repeat itself (the silences between repeated
+    # phrases are cut out), so a high compression ratio counts as a loop only when decoding also
+    # ran to the token limit without ending, as a real loop does.
+    speech_only: bool = False
+    beam_size: int = 1  # beam search at temperature 0 when > 1 (sampled fallbacks use best-of)
 
 
 @dataclass
@@ -49,6 +54,7 @@ class DecodeResult:
     temperature: float
     language: str
     compression_ratio: float = 0.0
+    truncated: bool = False  # decoding hit the token limit without end-of-text
     error: str | None = None  # set when this item failed; its batch-mates are unaffected
 
 
@@ -80,13 +86,20 @@ def is_silent(chunk: np.ndarray) -> bool:
     return not len(chunk) or float(np.abs(chunk).max()) < SILENCE_PEAK
 
 
+def looks_like_loop(result: DecodeResult, job: WindowJob) -> bool:
+    """Too repetitive to be speech: compresses better than the threshold (and, for a speech-only
+    window, also ran to the token limit)."""
+    return (job.compression_ratio_threshold is not None
+            and result.compression_ratio > job.compression_ratio_threshold
+            and (result.truncated or not job.speech_only))
+
+
 def needs_fallback(result: DecodeResult, job: WindowJob) -> bool:
     """Whether ``result`` should be decoded again hotter: it looks like a loop or is unlikely, and
     is not a window of silence (a silent window's low logprob is expected)."""
     if result.error:
         return False
-    too_repetitive = (job.compression_ratio_threshold is not None
-                      and result.compression_ratio > job.compression_ratio_threshold)
+    too_repetitive = looks_like_loop(result, job)
     too_unlikely = job.logprob_threshold is not None and result.avg_logprob < job.logprob_threshold
     silent = (job.no_speech_threshold is not None and result.no_speech_prob > job.no_speech_threshold
               and too_unlikely)
@@ -100,8 +113,7 @@ def settle(attempts: list[DecodeResult], job: WindowJob) -> DecodeResult:
     sample, which on hard audio is often mixed-script garbage."""
     if not needs_fallback(attempts[-1], job) or len(attempts) == 1:
         return attempts[-1]
-    threshold = job.compression_ratio_threshold
-    unlooped = [r for r in attempts if threshold is None or r.compression_ratio <= threshold]
+    unlooped = [r for r in attempts if not looks_like_loop(r, job)]
     return max(unlooped or attempts, key=lambda r: r.avg_logprob)
 
 
@@ -172,6 +184,7 @@ class InProcessEngine(Engine):
 
     frontend: object  # has check(options), new_state(options), loop, supports_word_timestamps
     core: Core
+    max_batch_windows = 16  # windows decoded together in VAD-chunked mode
 
     @property
     def supports_word_timestamps(self) -> bool:  # type: ignore[override]
@@ -180,5 +193,11 @@ class InProcessEngine(Engine):
     def start(self, audio: np.ndarray, options: TranscribeOptions) -> TranscriptionRun:
         self.frontend.check(options)
         state = self.frontend.new_state(options)
-        segments = drive(self.frontend.loop.run(audio, options, state), self.core)
+        if options.vad is not None:
+            from openstt.engines.vad_chunked import drive_chunks
+
+            segments = drive_chunks(audio, options, state, lambda chunk: self.frontend.loop.run(chunk, options, state),
+                                    self.core, self.max_batch_windows)
+        else:
+            segments = drive(self.frontend.loop.run(audio, options, state), self.core)
         return TranscriptionRun(state=state, duration=len(audio) / SAMPLE_RATE, segments=segments)

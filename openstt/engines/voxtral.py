@@ -245,7 +245,11 @@ class VoxtralFrontend:
         """Voxtral's request template takes ISO 639-1 (two-letter) codes only; Whisper's table also
         has ``haw``, ``yue``, ``jw``... (word timestamps are refused by the API's capability check).
         Its template has no prompt slot and it does not report a detected language, so it cannot
-        take keywords or a set of possible languages (a single one arrives as ``language``)."""
+        take keywords or a set of possible languages (a single one arrives as ``language``), and it
+        decodes without beam search."""
+        if options.beam_size > 1:
+            raise UnsupportedRequest(f"Model '{self.spec.name}' does not decode with beam search; use a Whisper "
+                                     "model or beam_size 1.", param="beam_size")
         if options.keywords:
             raise UnsupportedRequest(f"Model '{self.spec.name}' cannot take keywords; use a Whisper model.",
                                      param="keywords")

@@ -208,15 +208,32 @@ class WhisperCore:
 
     def _decode_rows(self, encoded: torch.Tensor, jobs: list[WindowJob], languages: list[str],
                      temperatures: list[float]) -> list[DecodeResult]:
-        """One decoding pass over ``jobs`` at the given temperatures (greedy at 0, else the best of
-        ``BEST_OF`` samples). Rows that have emitted end-of-text leave the batch."""
+        """One decoding pass over ``jobs`` at the given temperatures: greedy at 0 (beam search at 0
+        for a job with ``beam_size`` > 1), else the best of ``BEST_OF`` samples. Rows that have
+        emitted end-of-text leave the batch; a beam job's rows leave together once it has
+        ``beam_size`` finished hypotheses.
+
+        Beam search is openai/whisper's ``BeamSearchDecoder`` (patience 1): each step a job's
+        ``beam_size`` rows are expanded over the vocabulary, the candidates ranked by cumulative
+        logprob; those ending in eot become finished hypotheses, the best ``beam_size`` others the
+        next beams (the KV cache rows follow them). The kept hypothesis is the best by
+        ``sum_logprob / length`` (``MaximumLikelihoodRanker`` without length penalty)."""
         t = self.table
-        rows: list[int] = []  # job index of each row; sampling jobs get BEST_OF rows
+        rows: list[int] = []  # job index of each row; sampling jobs get BEST_OF rows, beam jobs beam_size
         initials: list[list[int]] = []
+        beam_of: dict[int, int] = {}  # job -> beam size, for the jobs decoded by beam search
+        first: dict[int, int] = {}  # job -> its first row (a job's rows are contiguous)
         for j, job in enumerate(jobs):
             prompt = job.prompt[-(self.n_text_ctx // 2 - 1):]
             initial = ([t.sot_prev] + prompt if prompt else []) + self.sot_sequence(languages[j], job.task)
-            for _ in range(1 if temperatures[j] == 0 else BEST_OF):
+            if temperatures[j] > 0:
+                count = BEST_OF
+            elif job.beam_size > 1:
+                count = beam_of[j] = job.beam_size
+            else:
+                count = 1
+            first[j] = len(rows)
+            for _ in range(count):
                 rows.append(j)
                 initials.append(initial)
         n = len(rows)
@@ -242,7 +259,13 @@ class WhisperCore:
         alive = torch.arange(n, device=self.device)  # rows still decoding; the batch shrinks as rows end
         alive_rows = list(range(n))
         sum_logprobs = torch.zeros(n, device=self.device)
-        step_logprobs: list[torch.Tensor] = []  # logprob of each row's token, per step (0 once ended)
+        for j, size in beam_of.items():  # a beam job's rows start alike: only its first expands at step 0
+            sum_logprobs[first[j] + 1 : first[j] + size] = -np.inf
+        history = torch.zeros((n, 0), device=self.device)  # logprob of each row's tokens (0 once ended)
+        # each beam job's finished hypotheses: (sum_logprob incl. eot, tokens, their logprobs), on the device
+        finished: dict[int, list[tuple[float, torch.Tensor, torch.Tensor]]] = {j: [] for j in beam_of}
+        open_beams = sorted(beam_of)  # beam jobs still decoding
+        beam_layout = self._beam_layout(open_beams, beam_of, first, alive_rows)
         no_speech = torch.zeros(n)
         inputs, step_positions = tokens, positions
         max_len = min(self.n_text_ctx, width + self.n_text_ctx // 2)
@@ -263,11 +286,27 @@ class WhisperCore:
                     u = torch.rand(logits.shape[1], generator=generators[k], device=self.device).clamp_(1e-10, 1.0)
                     next_tokens[pos] = (logits[pos] / row_temperature[k] - torch.log(-torch.log(u))).argmax()
             current = logprobs[torch.arange(len(alive_rows)), next_tokens]
+            source = None  # with beams: the row (alive position) each row continues from
+            if beam_layout:
+                source, beam_sums, ended = self._beam_step(beam_layout, logprobs, sum_logprobs[alive], next_tokens,
+                                                            current, finished, beam_of, first, tokens, history, width)
+            stay = next_tokens != t.eot  # a beam row's token never is: its job leaves once complete
             sum_logprobs[alive] += current
-            step_logprobs.append(torch.zeros(n, device=self.device).index_put_((alive,), current))
+            if source is not None:
+                sum_logprobs[alive[beam_sums[0]]] = beam_sums[1]  # cumulative logprob of the beam each row now holds
+                order = torch.arange(n, device=self.device)
+                order[alive] = alive[source]
+                tokens, history = tokens[order], history[order]
+                cache.self_attention_cache.reorder_cache(source)  # cross-attention: a beam job's rows are alike
+                if ended:
+                    open_beams = [j for j in open_beams if j not in ended]
+                    stay[torch.tensor([p for p, k in enumerate(alive_rows) if rows[k] in ended],
+                                      device=self.device)] = False
+            history = torch.cat([history, torch.zeros(n, device=self.device).index_put_((alive,), current)[:, None]],
+                                dim=1)
             column = torch.full((n,), t.eot, device=self.device).index_put_((alive,), next_tokens)
             tokens = torch.cat([tokens, column[:, None]], dim=1)
-            keep = (next_tokens != t.eot).nonzero().flatten()
+            keep = stay.nonzero().flatten()
             if len(keep) == 0:
                 break
             if len(keep) < len(alive_rows):  # drop the ended rows from the cache and every per-row input
@@ -275,15 +314,18 @@ class WhisperCore:
                 alive, encoder_states, mask = alive[keep], encoder_states[keep], mask[keep]
                 next_tokens, step_positions = next_tokens[keep], step_positions[keep]
                 alive_rows = alive.tolist()
+                beam_layout = self._beam_layout(open_beams, beam_of, first, alive_rows)
             inputs = next_tokens[:, None]
             mask = torch.cat([mask, torch.ones((len(alive_rows), 1), dtype=mask.dtype, device=self.device)], dim=1)
             step_positions = step_positions[:, -1:] + 1
 
         best: dict[int, DecodeResult] = {}
         all_tokens = tokens[:, width:].tolist()  # one transfer for the whole batch
-        logprob_rows = torch.stack(step_logprobs, dim=1).tolist() if step_logprobs else [[] for _ in range(n)]
+        logprob_rows = history.tolist()
         sums, no_speech_probs = sum_logprobs.tolist(), no_speech.tolist()
         for k, j in enumerate(rows):
+            if j in beam_of:
+                continue
             seq = all_tokens[k]
             ended = t.eot in seq
             seq = seq[: seq.index(t.eot)] if ended else seq
@@ -291,15 +333,93 @@ class WhisperCore:
             candidate = DecodeResult(
                 tokens=seq, token_logprobs=logprob_rows[k][: len(seq)], sum_logprob=sums[k],
                 avg_logprob=sums[k] / max(count, 1), no_speech_prob=no_speech_probs[k],
-                temperature=temperatures[j], language=languages[j],
+                temperature=temperatures[j], language=languages[j], truncated=not ended,
             )
             score = candidate.sum_logprob / max(len(seq) + 1, 1)
             if j not in best or score > best[j].sum_logprob / max(len(best[j].tokens) + 1, 1):
                 best[j] = candidate
+        for j, size in beam_of.items():
+            # finished hypotheses first; at the length limit, the likeliest unfinished beams fill up
+            # to the beam size (as openai/whisper's ``finalize``)
+            hypotheses = [(score, len(seq), seq, lps, True) for score, seq, lps in finished[j]]
+            unfinished = sorted(range(first[j], first[j] + size), key=lambda k: sums[k], reverse=True)
+            hypotheses += [(sums[k], len(all_tokens[k]), all_tokens[k], logprob_rows[k][: len(all_tokens[k])], False)
+                           for k in unfinished[: max(size - len(hypotheses), 0)]]
+            score, length, seq, token_logprobs, ended = max(hypotheses, key=lambda h: h[0] / max(h[1], 1))
+            if isinstance(seq, torch.Tensor):
+                seq, token_logprobs = seq.tolist(), token_logprobs.tolist()
+            best[j] = DecodeResult(
+                tokens=seq, token_logprobs=token_logprobs, sum_logprob=score,
+                avg_logprob=score / max(length + (1 if ended else 0), 1), no_speech_prob=no_speech_probs[first[j]],
+                temperature=temperatures[j], language=languages[j], truncated=not ended,
+            )
         results = [best[j] for j in range(len(jobs))]
         for r in results:
             r.compression_ratio = compression_ratio(self.text_of(r.tokens))
         return results
+
+    def _beam_layout(self, open_beams: list[int], beam_of: dict[int, int], first: dict[int, int],
+                     alive_rows: list[int]) -> list[tuple[int, list[int], torch.Tensor]]:
+        """The still-decoding beam jobs grouped by beam size: (size, jobs, their rows' places in the
+        batch as a (jobs, size) tensor). A job's rows are contiguous and leave the batch together."""
+        place = {k: p for p, k in enumerate(alive_rows)}
+        by_size: dict[int, list[int]] = {}
+        for j in open_beams:
+            by_size.setdefault(beam_of[j], []).append(j)
+        return [(size, js, torch.tensor([[place[first[j]] + b for b in range(size)] for j in js], device=self.device))
+                for size, js in by_size.items()]
+
+    def _beam_step(self, layout, logprobs: torch.Tensor, sums: torch.Tensor, next_tokens: torch.Tensor,
+                   current: torch.Tensor, finished: dict[int, list], beam_of: dict[int, int], first: dict[int, int],
+                   tokens: torch.Tensor, history: torch.Tensor, width: int):
+        """One beam-search step for every beam job of the batch, in place on ``next_tokens`` and
+        ``current`` (the token and its logprob each row appends). Returns the alive position each
+        row continues from, (rows, cumulative logprobs) of the new beams, and the jobs completed.
+
+        On the device: the 2 x size best candidates of each job over its rows x vocabulary (at
+        most ``size`` end in eot, one per row, so the best ``size`` others are among them). One
+        transfer brings them here to collect the finished hypotheses, as openai/whisper does: the
+        eot candidates ranked above the last kept beam, until the job has ``size`` of them."""
+        t = self.table
+        vocab = logprobs.shape[1]
+        source = torch.arange(len(sums), device=self.device)
+        places, values, reports = [], [], []
+        for size, _, place in layout:
+            candidates = (sums[place][..., None] + logprobs[place]).flatten(1)  # (jobs, size * vocab)
+            top, index = candidates.topk(2 * size, dim=1)
+            beam, token = index // vocab, index % vocab
+            # the first `size` candidates not ending in eot, in rank order (a stable sort keeps it)
+            kept = torch.sort((token == t.eot).int(), dim=1, stable=True).indices[:, :size]
+            origin = place.gather(1, beam.gather(1, kept)).flatten()
+            chosen = token.gather(1, kept).flatten()
+            target = place.flatten()
+            source[target] = origin
+            next_tokens[target] = chosen
+            current[target] = logprobs[origin, chosen]
+            places.append(target)
+            values.append(top.gather(1, kept).flatten())
+            reports.append(torch.stack([top, beam.to(top.dtype), token.to(top.dtype)]).flatten())
+        report = torch.cat(reports).tolist()  # the one transfer per step beam search needs
+        ended: set[int] = set()
+        offset = 0
+        for size, js, _ in layout:
+            span = len(js) * 2 * size
+            top, beam, token = (report[offset + i * span : offset + (i + 1) * span] for i in range(3))
+            offset += 3 * span
+            for g, j in enumerate(js):
+                done = finished[j]
+                kept = 0
+                for r in range(g * 2 * size, (g + 1) * 2 * size):
+                    if int(token[r]) != t.eot:
+                        kept += 1
+                        if kept == size:
+                            break
+                    elif len(done) < size and top[r] > -np.inf:
+                        row = first[j] + int(beam[r])  # rows keep their place in ``tokens`` and ``history``
+                        done.append((top[r], tokens[row, width:].clone(), history[row].clone()))
+                if len(done) >= size:
+                    ended.add(j)
+        return source, (torch.cat(places), torch.cat(values)), ended
 
     def align(self, job: AlignJob) -> list[list[Word]]:
         """Word timings (relative to the window start) for each segment of a decoded window."""
@@ -373,7 +493,8 @@ class WindowLoop:
             result = yield WindowJob(
                 chunk, keywords + context, options.task, state.language, temperatures[0], list(options.languages),
                 fallback=list(temperatures[1:]), compression_ratio_threshold=options.compression_ratio_threshold,
-                logprob_threshold=options.logprob_threshold, no_speech_threshold=options.no_speech_threshold)
+                logprob_threshold=options.logprob_threshold, no_speech_threshold=options.no_speech_threshold,
+                beam_size=options.beam_size, speech_only=options.vad is not None)
             if result.error:
                 raise ModelFailure(result.error, time_offset)
             state.language = state.language or result.language
