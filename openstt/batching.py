@@ -173,7 +173,7 @@ class BatchedEngine(Engine):
         if options.vad is not None:
             from openstt.engines.vad_chunked import adrive_chunks
 
-            segments = adrive_chunks(audio, options, state, lambda chunk: self.frontend.loop.run(chunk, options, state),
+            segments = adrive_chunks(audio, options, lambda chunk: self.frontend.loop.run(chunk, options, state),
                                      decode, align, self.max_batch_windows)
         else:
             segments = adrive(self.frontend.loop.run(audio, options, state), decode, align)

@@ -141,6 +141,7 @@ def api():
     entry = registry.add(BatchedEngine(CATALOG["whisper-tiny.en"], frontend, service.decode, service.align))
     app = create_app()
     app.state.registry, app.state.limits = registry, Limits()
+    app.state.long_form = "sequential"  # the fake loop's 30 s windows, one after another
     lines = _Lines()
     logging.getLogger("openstt.api").addHandler(lines)
     logging.getLogger("openstt.api").setLevel(logging.INFO)

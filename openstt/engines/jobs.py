@@ -196,7 +196,7 @@ class InProcessEngine(Engine):
         if options.vad is not None:
             from openstt.engines.vad_chunked import drive_chunks
 
-            segments = drive_chunks(audio, options, state, lambda chunk: self.frontend.loop.run(chunk, options, state),
+            segments = drive_chunks(audio, options, lambda chunk: self.frontend.loop.run(chunk, options, state),
                                     self.core, self.max_batch_windows)
         else:
             segments = drive(self.frontend.loop.run(audio, options, state), self.core)

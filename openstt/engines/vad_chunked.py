@@ -8,8 +8,9 @@ audio), all at once: their windows batch with each other and with other requests
 Non-speech never reaches the decoder. Each chunk's times map back to the file exactly
 (``Chunk.to_file_seconds``), segments come out in audio order, and ids run across the file.
 
-The language, when not given, is detected on the first chunk, which runs alone; the others follow
-with it. A chunk sees no text of the chunks before it (they run at the same time); the request's
+The first chunk runs alone, then all the others together: it detects the language (when not
+given) that the others use, and its text streams out early (the others finish together, as one
+batch); it costs one window's latency, little next to a batch of them on a CPU. A chunk sees no text of the chunks before it (they run at the same time); the request's
 ``prompt`` and ``keywords`` lead every chunk, as they lead every window in sequential mode.
 
 This is faster-whisper's ``BatchedInferencePipeline`` and WhisperX's procedure, on our decoder.
@@ -80,12 +81,7 @@ class _Ordered:
             self.next_chunk += 1
 
 
-def _first_alone(state, options: TranscribeOptions) -> bool:
-    """Whether the first chunk must run before the others: it detects the language they all use."""
-    return getattr(state, "language", None) is None and not options.language
-
-
-def drive_chunks(audio: np.ndarray, options: TranscribeOptions, state, make_loop: MakeLoop, core: Core,
+def drive_chunks(audio: np.ndarray, options: TranscribeOptions, make_loop: MakeLoop, core: Core,
                  max_batch: int = 16) -> Iterator[Segment]:
     """VAD-chunked transcription in-process: the chunks' loops advance together, their pending
     windows decoded by ``core`` in batches of up to ``max_batch``."""
@@ -93,8 +89,7 @@ def drive_chunks(audio: np.ndarray, options: TranscribeOptions, state, make_loop
     if not chunks:
         return
     ordered = _Ordered(chunks, len(audio) / SAMPLE_RATE)
-    waves = [[0], list(range(1, len(chunks)))] if _first_alone(state, options) else [list(range(len(chunks)))]
-    for wave in waves:
+    for wave in ([0], range(1, len(chunks))):  # the first chunk alone: see the module's docstring
         loops = {i: make_loop(chunks[i].audio(audio)) for i in wave}
         outputs: dict[int, list[Segment]] = {i: [] for i in wave}
         replies: dict[int, object] = dict.fromkeys(wave)
@@ -137,7 +132,7 @@ def _advance(loops: dict[int, Loop], i: int, replies: dict, outputs: dict[int, l
             outputs[i].append(item)
 
 
-async def adrive_chunks(audio: np.ndarray, options: TranscribeOptions, state, make_loop: MakeLoop,
+async def adrive_chunks(audio: np.ndarray, options: TranscribeOptions, make_loop: MakeLoop,
                         decode: Callable[[WindowJob], Awaitable[DecodeResult]],
                         align: Callable[[AlignJob], Awaitable[list[list[Word]]]],
                         max_in_flight: int = 16) -> AsyncIterator[Segment]:
@@ -159,12 +154,11 @@ async def adrive_chunks(audio: np.ndarray, options: TranscribeOptions, state, ma
 
     tasks: dict[int, asyncio.Task] = {}
     try:
-        if chunks and _first_alone(state, options):
+        if chunks:  # the first chunk alone: see the module's docstring
             tasks[0] = asyncio.ensure_future(run(0))
             await asyncio.wait([tasks[0]])  # its outcome (segments or error) is read below, in order
-        for i in range(len(chunks)):
-            if i not in tasks:
-                tasks[i] = asyncio.ensure_future(run(i))
+        for i in range(1, len(chunks)):
+            tasks[i] = asyncio.ensure_future(run(i))
         for i in range(len(chunks)):
             ordered.finish(i, await tasks[i])  # the first failure propagates; finally cancels the rest
             for segment in ordered.release():
