@@ -81,7 +81,7 @@ def test_vad_mode_matches_sequential_accuracy_with_file_times(tiny_en_engine, sp
 
 
 def test_word_times_are_file_times(tiny_en_engine, speech_with_gap):
-    audio, reference, gap = speech_with_gap
+    audio, _, gap = speech_with_gap
     result = tiny_en_engine.transcribe(audio, TranscribeOptions(language="en", vad=VAD, word_timestamps=True))
     words = result.words
     assert len(words) > 100
@@ -242,7 +242,7 @@ def test_sdk_stream_in_vad_mode_sends_deltas_in_audio_order(sdk, speech_with_gap
 
 
 def test_sdk_srt_and_translation_in_vad_mode(sdk, speech_with_gap):
-    audio, _, gap = speech_with_gap
+    audio, _, _ = speech_with_gap
     srt = sdk.audio.transcriptions.create(model="whisper-tiny.en", file=("talk.wav", wav_bytes(audio)),
                                           response_format="srt", chunking_strategy="auto")
     assert srt.startswith("1\n00:00:0") and "-->" in srt
