@@ -39,11 +39,11 @@ from openstt.api.middleware import ApiKeyMiddleware, MaxBodySizeMiddleware, Requ
 from openstt.audio import AudioError, decode_audio
 from openstt.batching import MODEL_NOT_LOADED
 from openstt.engines.base import Segment, TranscribeOptions, TranscriptionRun, UnsupportedRequest
-from openstt.vad import VadOptions
 from openstt.engines.jobs import ModelFailure
 from openstt.formats import delta_event, done_event, error_event, render, sse, token_usage
 from openstt.metrics import metrics
 from openstt.registry import ModelRegistry, UnknownModel
+from openstt.vad import VadOptions
 
 log = logging.getLogger("openstt.api")
 
