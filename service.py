@@ -12,24 +12,33 @@ import asyncio
 import bentoml
 
 from openstt.api.app import create_app
-from openstt.batching import (
-    AlignRequest,
-    WindowReply,
-    WindowRequest,
+from openstt.bootstrap import StartupError, get_settings, load_models, prepare_once, start_api, weights_manager
+from openstt.model_service import (
+    AlignJob,
+    AlignReply,
+    DecodeResult,
+    ModelServiceClient,
+    WeightsReply,
+    WindowJob,
     align_request,
-    call_with_reconnect,
     decode_batch,
 )
-from openstt.bootstrap import load_models, prepare_once, start_api, weights_manager
-from openstt.settings import env_int
+from openstt.settings import Settings
 from openstt.shutdown import Activity, defer_sigterm_until_idle
 
+try:
+    SETTINGS = get_settings()  # the same validated object the services below start from
+except StartupError:
+    # Not configured (`bentoml build` imports this file too): the defaults stand in for the
+    # decorators below, and serving stops in prepare() with the configuration's problems.
+    SETTINGS = Settings.model_construct()
 # Long audio takes long: BentoML's 60 s default would cut off a 20-minute file on CPU. The app
 # enforces OPEN_STT_REQUEST_TIMEOUT itself (with an OpenAI-style 504); BentoML's plain-text one
 # is set a minute later so it never fires first.
-REQUEST_TIMEOUT_S = env_int("OPEN_STT_REQUEST_TIMEOUT", 3600) + 60
-# Windows decoded together. Larger batches raise throughput until the device saturates.
-MAX_BATCH_WINDOWS = env_int("OPEN_STT_MAX_BATCH_WINDOWS", 16)
+REQUEST_TIMEOUT_S = SETTINGS.request_timeout + 60
+# Windows decoded together: OPEN_STT_MAX_BATCH_WINDOWS, else the device's default (8 on CPU,
+# where larger batches overflow the caches, 16 on GPUs).
+MAX_BATCH_WINDOWS = SETTINGS.batch_windows
 
 app = create_app()
 
@@ -48,22 +57,22 @@ class OpenSTTModels:
 
     # max_latency_ms is the budget for one batch; a small one makes BentoML shed load with 503s.
     @bentoml.api(batchable=True, max_batch_size=MAX_BATCH_WINDOWS, max_latency_ms=REQUEST_TIMEOUT_S * 1000)
-    def decode_windows(self, requests: list[WindowRequest]) -> list[WindowReply]:
+    def decode_windows(self, jobs: list[WindowJob]) -> list[DecodeResult]:
         with self.activity:
-            return decode_batch(self.registry.engines(), requests)
+            return decode_batch(self.registry.engines(), jobs)
 
     @bentoml.api
-    def align(self, request: AlignRequest) -> list[list[dict]]:
+    def align(self, job: AlignJob) -> AlignReply:
         with self.activity:
-            return align_request(self.registry.engine(request.model), request)
+            return align_request(self.registry.engine(job.model), job)
 
     # Async, loading in a thread of its own: the sync APIs' single worker thread keeps decoding.
     @bentoml.api
-    async def load_model(self, name: str) -> dict:
+    async def load_model(self, name: str) -> WeightsReply:
         return await asyncio.to_thread(self.weights.load, name)
 
     @bentoml.api
-    async def unload_model(self, name: str) -> dict:
+    async def unload_model(self, name: str) -> WeightsReply:
         return await asyncio.to_thread(self.weights.unload, name)
 
     @bentoml.api
@@ -77,23 +86,7 @@ class OpenSTT:
     models = bentoml.depends(OpenSTTModels)
 
     def __init__(self) -> None:
-        async def decode(request: WindowRequest) -> WindowReply:
-            return (await call_with_reconnect(lambda: self.models.to_async.decode_windows([request])))[0]
-
-        async def align(request: AlignRequest) -> list[list[dict]]:
-            return await call_with_reconnect(lambda: self.models.to_async.align(request))
-
-        async def models_ready() -> bool:
-            return await call_with_reconnect(lambda: self.models.to_async.ready())
-
-        async def load_model(name: str) -> dict:
-            return await call_with_reconnect(lambda: self.models.to_async.load_model(name))
-
-        async def unload_model(name: str) -> dict:
-            return await call_with_reconnect(lambda: self.models.to_async.unload_model(name))
-
-        app.state.models_ready = models_ready
-        self.registry = start_api(app, decode, align, load_model, unload_model)
+        self.registry = start_api(app, ModelServiceClient(self.models))
 
     @bentoml.on_deployment
     def prepare() -> None:

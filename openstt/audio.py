@@ -12,9 +12,10 @@ from typing import BinaryIO
 import numpy as np
 import soundfile as sf
 
+from openstt.settings import MAX_AUDIO_SECONDS
+
 SAMPLE_RATE = 16000
 MIN_DURATION = 0.1  # seconds; OpenAI rejects shorter clips
-MAX_DURATION = 7200.0  # seconds; a few KB of FLAC can hold hours of silence (decompression bomb)
 SUPPORTED_FORMATS = ["flac", "m4a", "mp3", "mp4", "mpeg", "mpga", "oga", "ogg", "wav", "webm"]
 
 
@@ -105,7 +106,7 @@ def _read_pyav(f: BinaryIO, max_duration: float) -> np.ndarray:
 
 
 def decode_audio(source: bytes | BinaryIO, *, min_duration: float = MIN_DURATION,
-                 max_duration: float = MAX_DURATION) -> np.ndarray:
+                 max_duration: float = MAX_AUDIO_SECONDS) -> np.ndarray:
     """Decode ``source`` to a 1-D float32 array at 16 kHz, mixing all channels to mono.
 
     Raises ``AudioError`` (a client error) for empty, unrecognised, corrupt or too-short input.

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
 from pydantic import ValidationError
@@ -14,6 +16,9 @@ from openstt.hub import ModelNotAvailable, cache_dir, resolve_model
 from openstt.logs import configure_logging
 from openstt.registry import ModelRegistry, build_frontend
 from openstt.settings import Settings, format_validation_error
+
+if TYPE_CHECKING:
+    from openstt.model_service import ModelServiceClient
 
 log = logging.getLogger("openstt")
 
@@ -26,10 +31,18 @@ class StartupError(SystemExit):
 
 
 def load_settings() -> Settings:
+    """The configuration read from the environment now, validated (``StartupError`` if invalid)."""
     try:
         return Settings()
     except ValidationError as exc:
         raise StartupError("invalid configuration:\n" + format_validation_error(exc)) from None
+
+
+@functools.cache
+def get_settings() -> Settings:
+    """This process's one validated configuration, built on first use. Invalid, it raises the
+    ``StartupError`` again at every call (nothing is cached)."""
+    return load_settings()
 
 
 def prepare_models(settings: Settings) -> None:
@@ -57,7 +70,7 @@ PREPARED_ENV = "OPEN_STT_PREPARED"
 def prepare_once() -> None:
     """The `bentoml serve` parent's startup check; skipped when open-stt-server already ran it."""
     if os.environ.get(PREPARED_ENV) != "1":
-        prepare_models(load_settings())
+        prepare_models(get_settings())
 
 
 def check_memory(settings: Settings, placement) -> None:
@@ -66,7 +79,7 @@ def check_memory(settings: Settings, placement) -> None:
 
     try:
         check([CATALOG[name] for name in settings.models], placement.device.type,
-              str(placement.dtype).removeprefix("torch."), settings.quantize, settings.max_batch_windows,
+              str(placement.dtype).removeprefix("torch."), settings.quantize, settings.batch_windows,
               settings.memory_check)
     except NotEnoughMemory as exc:
         raise StartupError(str(exc)) from None
@@ -76,7 +89,7 @@ def check_memory(settings: Settings, placement) -> None:
 
 def load_models() -> ModelRegistry:
     """Load every configured model's weights (the model service, or a single-process server)."""
-    settings = load_settings()
+    settings = get_settings()
     configure_logging(settings.python_log_level, settings.log_format)
     started = time.perf_counter()
     try:
@@ -95,58 +108,56 @@ def weights_manager(registry: ModelRegistry):
     from openstt.metrics import metrics
     from openstt.model_manager import WeightsManager
 
-    settings = load_settings()
+    settings = get_settings()
     metrics().models_loaded.set(len(registry.names()))
     return WeightsManager(registry, Placement.from_settings(settings), download=settings.download,
                           chunk_seconds=settings.voxtral_chunk_seconds, memory_check=settings.memory_check,
-                          batch_windows=settings.max_batch_windows)
+                          batch_windows=settings.batch_windows)
 
 
 def attach(app: FastAPI, registry: ModelRegistry, settings: Settings | None = None, manager=None) -> None:
     """Serve ``registry`` from ``app`` with the configured keys and limits (and ``manager``, the
     runtime model management, when the models can be loaded and unloaded)."""
-    settings = settings or load_settings()
-    app.state.model_manager = manager
-    app.state.api_keys = [k.get_secret_value() for k in settings.api_key]
-    app.state.max_upload_bytes = settings.max_upload_bytes
-    app.state.long_form = settings.long_form
-    app.state.beam_size = settings.beam_size
+    settings = settings or get_settings()
     from openstt.api.limits import Limits
+    from openstt.api.state import app_state
 
-    app.state.limits = Limits(max_in_flight=settings.max_concurrent_requests,
-                              max_audio_seconds=settings.max_audio_seconds,
-                              request_timeout=settings.request_timeout)
-    app.state.registry = registry
+    state = app_state(app)
+    state.model_manager = manager
+    state.api_keys = [k.get_secret_value() for k in settings.api_key]
+    state.max_upload_bytes = settings.max_upload_bytes
+    state.long_form = settings.long_form
+    state.beam_size = settings.beam_size
+    state.limits = Limits(max_in_flight=settings.max_concurrent_requests,
+                          max_audio_seconds=settings.max_audio_seconds, request_timeout=settings.request_timeout)
+    state.registry = registry
     log.info("open-stt ready on port %s: models=%s default=%s cache=%s auth=%s limits: upload=%d B audio=%gs "
              "concurrent=%d timeout=%ds batch=%d windows long-form=%s; try it at /ui, metrics at /metrics", settings.port,
              ",".join(registry.names()), registry.default, cache_dir(),
              f"on ({len(settings.api_key)} key(s))" if settings.api_key else "off", settings.max_upload_bytes,
              settings.max_audio_seconds, settings.max_concurrent_requests, settings.request_timeout,
-             settings.max_batch_windows, settings.long_form)
+             settings.batch_windows, settings.long_form)
     if manager is not None:
         log.info("model management: endpoints %s, idle unload %s", "on" if manager.enabled else "off",
                  f"after {manager.idle_ttl:g} s" if manager.idle_ttl else "off")
 
 
-def start_api(app: FastAPI, decode, align, load_model=None, unload_model=None) -> ModelRegistry:
-    """API side of the two-service layout: tokenizers here, weights in the model service.
+def start_api(app: FastAPI, models: ModelServiceClient) -> ModelRegistry:
+    """API side of the two-service layout: tokenizers here, weights in the model service, which
+    ``models`` calls: to decode windows, to probe readiness (``/health``), and to load and unload
+    models at runtime (when enabled) and idle ones (with a TTL)."""
+    from openstt.api.state import app_state
+    from openstt.model_manager import ModelManager
 
-    ``load_model``/``unload_model`` call the model service's APIs of those names; with them, models
-    can be loaded and unloaded at runtime (when enabled) and idle ones unloaded (with a TTL)."""
-    settings = load_settings()
+    settings = get_settings()
     configure_logging(settings.python_log_level, settings.log_format)
-    registry = ModelRegistry.load_frontends(settings, decode, align)
-    manager = None
-    if load_model is not None and unload_model is not None:
-        from openstt.model_manager import ModelManager
-
-        manager = ModelManager(
-            registry, load=load_model, unload=unload_model,
-            frontend=lambda spec: build_frontend(spec, resolve_model(spec, download=False), decode, align,
-                                                 chunk_seconds=settings.voxtral_chunk_seconds,
-                                                 max_batch_windows=settings.max_batch_windows),
-            enabled=settings.enable_model_management, idle_ttl=settings.model_idle_ttl)
-    attach(app, registry, settings, manager)
-    if manager is not None:
-        manager.start()  # the idle checker; __init__ runs on the event loop (else the app's lifespan starts it)
+    registry = ModelRegistry.load_frontends(settings, models)
+    manager = ModelManager(
+        registry, models=models,
+        frontend=lambda spec: build_frontend(spec, resolve_model(spec, download=False), models,
+                                             chunk_seconds=settings.voxtral_chunk_seconds,
+                                             max_batch_windows=settings.batch_windows),
+        enabled=settings.enable_model_management, idle_ttl=settings.model_idle_ttl)
+    app_state(app).models_ready = models.ready
+    attach(app, registry, settings, manager)  # the app's lifespan starts the manager's idle checker
     return registry

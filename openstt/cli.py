@@ -11,8 +11,9 @@ import shutil
 import sys
 from pathlib import Path
 
-from openstt.bootstrap import PREPARED_ENV, StartupError, load_settings, prepare_models
+from openstt.bootstrap import PREPARED_ENV, StartupError, get_settings, prepare_models
 from openstt.catalog import CATALOG
+from openstt.settings import CPU_BATCH_WINDOWS, GPU_BATCH_WINDOWS, REQUEST_TIMEOUT_S
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,9 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--torch-threads", type=int, metavar="N",
                    help="intra-op threads for inference (OPEN_STT_TORCH_THREADS, default: torch's, = cores)")
     p.add_argument("--request-timeout", type=int, metavar="SECONDS",
-                   help="per-request deadline, upload included (OPEN_STT_REQUEST_TIMEOUT, default 3600)")
+                   help=f"per-request deadline, upload included (OPEN_STT_REQUEST_TIMEOUT, default "
+                        f"{REQUEST_TIMEOUT_S})")
     g.add_argument("--max-batch-windows", type=int, metavar="N",
-                   help="30 s windows decoded together across requests (OPEN_STT_MAX_BATCH_WINDOWS, default 16)")
+                   help="30 s windows decoded together across requests, 1-256 (OPEN_STT_MAX_BATCH_WINDOWS, "
+                        f"default {CPU_BATCH_WINDOWS} on CPU, {GPU_BATCH_WINDOWS} on GPUs)")
     g.add_argument("--long-form", choices=["vad", "sequential"],
                    help="how requests without chunking_strategy decode: vad (speech chunks decoded in parallel) "
                         "or sequential (Whisper's window-after-window procedure) (OPEN_STT_LONG_FORM, default vad)")
@@ -107,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.update(apply_flags(args, dict(os.environ)))
     try:
-        settings = load_settings()
+        settings = get_settings()
         prepare_models(settings)  # fail here, before BentoML starts, on any missing model
     except StartupError as exc:
         print(exc.code, file=sys.stderr)

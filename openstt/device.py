@@ -56,17 +56,45 @@ def tune_backends(device: torch.device) -> None:
         torch.backends.cuda.enable_cudnn_sdp(False)
 
 
+class Int8Linear(torch.nn.Module):
+    """A Linear in int8 the way CTranslate2 quantises it: weights with one scale per output
+    channel, activations with one scale per row (token). fbgemm's dynamic kernel takes a single
+    activation scale per call, computed over the whole input, so one loud token or window used to
+    coarsen every other row's (whisper-base, Italian: WER 13.8 % against 9.2 % this way). Here each
+    row is first scaled to the same peak and scaled back after; a Linear without its bias is
+    linear in each row, so this is exact, and the one scale fbgemm computes becomes every row's
+    own."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        from torch.ao.quantization import default_per_channel_weight_observer
+
+        weight = linear.weight.detach().float()
+        observer = default_per_channel_weight_observer()  # symmetric, one scale per output channel
+        observer(weight)
+        scales, zero_points = observer.calculate_qparams()
+        qweight = torch.quantize_per_channel(weight, scales.double(), zero_points.long(), 0, torch.qint8)
+        self._packed = torch.ops.quantized.linear_prepack(qweight, None)
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        peak = x.abs().amax(dim=-1, keepdim=True).clamp_(min=1e-12)
+        y = torch.ops.quantized.linear_dynamic(x / peak, self._packed, True).mul_(peak)
+        return y if self.bias is None else y.add_(self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
 def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
-    """Dynamic int8 quantisation of every Linear layer (weights int8, activations quantised on
-    the fly): about 2.5x faster Whisper decoding on CPU for a small accuracy cost."""
-    import warnings
-
-    from torch.ao.quantization import quantize_dynamic
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch points users at torchao; the eager API still works
-        # in place: a copy would hold the float32 model twice while quantising
-        model = quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
+    """Replace every Linear layer by an ``Int8Linear``, in place: about 2.5x faster Whisper
+    decoding on CPU, at the accuracy of CTranslate2's int8 (see scripts/bench_int8)."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is torch.nn.Linear:
+                # one layer at a time: the float32 weight is freed as its replacement takes its place
+                setattr(parent, name, Int8Linear(child))
     release_freed_memory()
     return model
 

@@ -9,6 +9,7 @@ import numpy as np
 
 ASTERISK_SOUNDS = Path("/usr/share/asterisk/sounds/en_US_f_Allison")
 ASTERISK_TRANSCRIPTS = Path("/usr/share/doc/asterisk-core-sounds-en/core-sounds-en.txt.gz")
+WAV_BYTES_PER_SECOND = 16000  # the prompts are 8 kHz 16-bit mono WAV: a file's size gives its length
 
 
 def normalizer(language: str = "en"):
@@ -62,7 +63,7 @@ def language_clip(language: str, seconds: float, gap: float = 0.8) -> tuple[np.n
     sounds, _ = asterisk_paths(language)
     prompts = {n: t for n, t in asterisk_prompts(language).items()
                if any(c.isalpha() for c in t) and not any(c in t for c in "[]<>()")}
-    sizes = {n: (sounds / f"{n}.wav").stat().st_size / 16000 for n in prompts}
+    sizes = {n: (sounds / f"{n}.wav").stat().st_size / WAV_BYTES_PER_SECOND for n in prompts}
     chosen, total = [], 0.0
     for name in sorted(sizes, key=lambda n: (-sizes[n], n)):
         chosen.append(name)
@@ -76,13 +77,13 @@ def language_clip(language: str, seconds: float, gap: float = 0.8) -> tuple[np.n
 
 def longest_prompts(seconds: float) -> list[str]:
     """Names of the longest spoken asterisk prompts, totalling at least ``seconds`` of audio
-    (8 kHz 16-bit WAV: 16000 bytes a second)."""
+    (measured by file size, ``WAV_BYTES_PER_SECOND``)."""
     prompts = asterisk_prompts()
     names, total = [], 0.0
     for name in sorted(prompts, key=lambda n: (ASTERISK_SOUNDS / f"{n}.wav").stat().st_size, reverse=True):
         if any(c.isalpha() for c in prompts[name]) and "[" not in prompts[name]:
             names.append(name)
-            total += (ASTERISK_SOUNDS / f"{name}.wav").stat().st_size / 16000
+            total += (ASTERISK_SOUNDS / f"{name}.wav").stat().st_size / WAV_BYTES_PER_SECOND
             if total >= seconds:
                 break
     return names
@@ -107,7 +108,7 @@ def english_clip(seconds: float, gap: float = 0.3) -> tuple[np.ndarray, str]:
     from openstt.audio import SAMPLE_RATE, decode_audio
 
     prompts = asterisk_prompts()
-    sizes = {n: (ASTERISK_SOUNDS / f"{n}.wav").stat().st_size / 16000 for n in prompts
+    sizes = {n: (ASTERISK_SOUNDS / f"{n}.wav").stat().st_size / WAV_BYTES_PER_SECOND for n in prompts
              if any(c.isalpha() for c in prompts[n]) and "[" not in prompts[n]}
     chosen, total = [], 0.0
     for name in sorted(sizes, key=sizes.get, reverse=True):

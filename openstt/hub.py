@@ -24,9 +24,9 @@ class ModelNotAvailable(RuntimeError):
     """A configured model cannot be found or fetched; the message says what to do.
 
     ``public`` is the same advice without filesystem paths or library errors, for HTTP clients
-    (``POST /v1/models/{id}``); ``downloadable`` is False when only the operator can fix it by
-    changing the configuration (not cached and downloading disabled or offline), True when a
-    download was attempted and failed."""
+    (``POST /v1/models/{id}``); ``download_failed`` is True when a download was attempted and
+    failed, False when only the operator can fix it by changing the configuration (not cached and
+    downloading disabled or offline)."""
 
     def __init__(self, message: str, *, public: str | None = None, download_failed: bool = False):
         super().__init__(message)

@@ -29,8 +29,8 @@ def configure_logging(level: int, fmt: str = "text") -> None:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         logger.addHandler(handler)
-    # transformers repeats a deprecation notice from inside Whisper's own generate() and draws
-    # per-tensor progress bars at load; both are noise to an operator unless debugging.
+    # transformers logs deprecation and generation notices (Voxtral decodes with its generate())
+    # and draws per-tensor progress bars at load; both are noise to an operator unless debugging.
     debugging = level <= logging.DEBUG
     logging.getLogger("transformers").setLevel(logging.INFO if debugging else logging.ERROR)
     if not debugging:

@@ -121,9 +121,13 @@ def shape(spec: ModelSpec, path: Path | None = None) -> Shape:
         return Shape(spec.params, int(spec.params * 0.9), int(spec.params * 0.9), spec.params // 10, False)
 
 
-def estimate(spec: ModelSpec, device: str, dtype: str, quantize: str = "none", windows: int = 16,
+def estimate(spec: ModelSpec, device: str, dtype: str, quantize: str = "none", windows: int | None = None,
              path: Path | None = None) -> Estimate:
-    """Resident bytes of ``spec`` loaded as the server would (``dtype`` after ``auto`` is resolved)."""
+    """Resident bytes of ``spec`` loaded as the server would (``dtype`` after ``auto`` is resolved),
+    with batches of ``windows`` (None: the device's default)."""
+    from openstt.settings import default_batch_windows
+
+    windows = windows or default_batch_windows(device)
     s = shape(spec, path)
     act = BYTES[dtype]
     if quantize == "int8":  # int8 Linear weights, everything else and all activations in float32

@@ -24,12 +24,13 @@ import gc
 import logging
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
 from openstt.api.errors import OpenAIError, model_not_found
 from openstt.catalog import CATALOG, OPENAI_ALIAS, ModelSpec, lookup
 from openstt.device import release_freed_memory
 from openstt.engines.base import Engine
+from openstt.model_service import ErrorCode, ModelServiceClient, WeightsReply
 from openstt.registry import ModelRegistry, load_weights
 
 log = logging.getLogger("openstt.models")
@@ -46,7 +47,7 @@ class WeightsManager:
     per-model lock makes concurrent loads of one model load it once."""
 
     def __init__(self, registry: ModelRegistry, placement, *, download: bool, chunk_seconds: float | None = None,
-                 memory_check: str = "auto", batch_windows: int = 16):
+                 memory_check: str = "auto", batch_windows: int):
         self.registry, self.placement, self.download = registry, placement, download
         self.chunk_seconds, self.memory_check, self.batch_windows = chunk_seconds, memory_check, batch_windows
         self._guard = threading.Lock()
@@ -56,18 +57,18 @@ class WeightsManager:
         with self._guard:
             return self._locks.setdefault(name, threading.Lock())
 
-    def load(self, name: str) -> dict:
-        """Load catalog model ``name``. Returns ``{"loaded": bool, "created": int}`` or, when
-        the weights cannot be had, ``{"error": ..., "message": ...}`` (a path-free message)."""
+    def load(self, name: str) -> WeightsReply:
+        """Load catalog model ``name``: ``loaded`` and ``created`` or, when the weights cannot be
+        had, an ``error`` and a path-free ``message``."""
         from openstt.hub import ModelNotAvailable
         from openstt.metrics import metrics
 
         spec = CATALOG.get(name)
         if spec is None:
-            return {"error": "unknown_model", "message": f"unknown model {name!r}"}
+            return WeightsReply(error=ErrorCode.unknown_model, message=f"unknown model {name!r}")
         with self._lock(name):
             if name in self.registry:
-                return {"loaded": False, "created": self.registry.created(name)}
+                return WeightsReply(loaded=False, created=self.registry.created(name))
             from openstt.memory import NotEnoughMemory, check_runtime_load
 
             try:
@@ -75,21 +76,21 @@ class WeightsManager:
                                    self.placement.quantize, self.batch_windows, self.memory_check)
             except NotEnoughMemory as exc:
                 log.warning("not loading %s: %s", name, exc)
-                return {"error": "insufficient_memory", "message": str(exc)}
+                return WeightsReply(error=ErrorCode.insufficient_memory, message=str(exc))
             try:
                 engine = load_weights(spec, self.placement, download=self.download, chunk_seconds=self.chunk_seconds)
             except ModelNotAvailable as exc:
                 log.warning("cannot load %s: %s", name, exc)
-                return {"error": "download_failed" if exc.download_failed else "not_available",
-                        "message": exc.public}
+                return WeightsReply(error=ErrorCode.download_failed if exc.download_failed else ErrorCode.not_available,
+                                    message=exc.public)
             except NotImplementedError as exc:
-                return {"error": "unsupported_family", "message": str(exc)}
+                return WeightsReply(error=ErrorCode.unsupported_family, message=str(exc))
             entry = self.registry.add(engine)
             metrics().models_loaded.set(len(self.registry.names()))
             log.info("model %s", engine.describe())
-            return {"loaded": True, "created": entry.created}
+            return WeightsReply(loaded=True, created=entry.created)
 
-    def unload(self, name: str) -> dict:
+    def unload(self, name: str) -> WeightsReply:
         """Drop ``name``'s weights. A batch already decoding with them finishes first (it holds
         its own reference); later windows for it are answered ``model_not_loaded``."""
         from openstt.metrics import metrics
@@ -98,25 +99,24 @@ class WeightsManager:
             try:
                 entry = self.registry.remove(name)
             except ValueError as exc:
-                return {"unloaded": False, "error": "default_model", "message": str(exc)}
+                return WeightsReply(error=ErrorCode.default_model, message=str(exc))
             if entry is None:
-                return {"unloaded": False}
+                return WeightsReply(unloaded=False)
             del entry
             release_freed_memory()
             metrics().models_loaded.set(len(self.registry.names()))
             log.info("unloaded %s", name)
-            return {"unloaded": True}
+            return WeightsReply(unloaded=True)
 
 
 class ModelManager:
     """API process side: runtime load/unload through both processes, and the idle TTL."""
 
-    def __init__(self, registry: ModelRegistry, *, load: Callable[[str], Awaitable[dict]],
-                 unload: Callable[[str], Awaitable[dict]], frontend: Callable[[ModelSpec], Engine],
+    def __init__(self, registry: ModelRegistry, *, models: ModelServiceClient, frontend: Callable[[ModelSpec], Engine],
                  enabled: bool = False, idle_ttl: float = 0.0, drain_timeout: float = 30.0):
-        """``load``/``unload`` call the model service; ``frontend`` builds a model's API-side
-        engine (blocking; it runs in a thread)."""
-        self.registry, self._load, self._unload, self._frontend = registry, load, unload, frontend
+        """``models`` loads and unloads the weights in the model service; ``frontend`` builds a
+        model's API-side engine (blocking; it runs in a thread)."""
+        self.registry, self.models, self._frontend = registry, models, frontend
         self.enabled, self.idle_ttl, self.drain_timeout = enabled, idle_ttl, drain_timeout
         self._locks: dict[str, asyncio.Lock] = {}
         self._reaper: asyncio.Task | None = None
@@ -153,18 +153,18 @@ class ModelManager:
             if spec.name in self.registry:  # loaded while we waited for the lock
                 return spec.name
             started = time.perf_counter()
-            reply = await self._load(spec.name)
-            if reply.get("error") == "download_failed":
-                raise OpenAIError(502, reply["message"], type="server_error", code="model_download_failed")
-            if reply.get("error") == "insufficient_memory":
-                raise OpenAIError(400, reply["message"], param="model", code="insufficient_memory")
-            if reply.get("error"):
-                raise OpenAIError(400, reply["message"], param="model", code="model_not_available")
+            reply = await self.models.load(spec.name)
+            if reply.error == ErrorCode.download_failed:
+                raise OpenAIError(502, reply.message, type="server_error", code="model_download_failed")
+            if reply.error == ErrorCode.insufficient_memory:
+                raise OpenAIError(400, reply.message, param="model", code="insufficient_memory")
+            if reply.error is not None:
+                raise OpenAIError(400, reply.message, param="model", code="model_not_available")
             try:
                 engine = await asyncio.to_thread(self._frontend, spec)
             except Exception:
                 log.exception("building the frontend of %s failed; unloading its weights again", spec.name)
-                await self._unload(spec.name)
+                await self.models.unload(spec.name)
                 raise
             self.registry.add(engine)
             log.info("loaded %s at runtime in %.1f s", spec.name, time.perf_counter() - started)
@@ -198,7 +198,7 @@ class ModelManager:
             log.warning("unloading %s with %d request(s) still in flight after %.0f s; they will fail", name, busy,
                         self.drain_timeout)
         try:
-            await self._unload(name)
+            await self.models.unload(name)
         finally:
             del entry
             gc.collect()

@@ -12,10 +12,14 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from openstt.catalog import CATALOG, OPENAI_ALIAS, OPENAI_MODEL_IDS, ModelSpec, lookup
 from openstt.engines.base import Engine
 from openstt.settings import Settings
+
+if TYPE_CHECKING:
+    from openstt.model_service import ModelServiceClient
 
 log = logging.getLogger(__name__)
 
@@ -68,13 +72,13 @@ def load_weights(spec: ModelSpec, placement, *, download: bool, chunk_seconds: f
     return engine
 
 
-def build_frontend(spec: ModelSpec, path, decode, align, *, chunk_seconds: float | None = None,
-                   max_batch_windows: int = 16) -> Engine:
+def build_frontend(spec: ModelSpec, path, models: ModelServiceClient, *, chunk_seconds: float | None = None,
+                   max_batch_windows: int) -> Engine:
     """API process: the request side of a model whose weights live in the model service."""
     from openstt.batching import BatchedEngine
     from openstt.engines import load_frontend
 
-    return BatchedEngine(spec, load_frontend(spec, path, chunk_seconds=chunk_seconds), decode, align,
+    return BatchedEngine(spec, load_frontend(spec, path, chunk_seconds=chunk_seconds), models,
                          max_batch_windows=max_batch_windows)
 
 
@@ -108,17 +112,17 @@ class ModelRegistry:
         return cls(engines, settings.default_model or settings.models[0], settings.model_aliases)
 
     @classmethod
-    def load_frontends(cls, settings: Settings, decode, align) -> ModelRegistry:
+    def load_frontends(cls, settings: Settings, models: ModelServiceClient) -> ModelRegistry:
         """The API side when a model service holds the weights: tokenizers only, windows sent
-        to ``decode``/``align`` (the batching model service)."""
+        to ``models`` (the batching model service)."""
         from openstt.hub import resolve_model
 
         engines = []
         for name in settings.models:
             spec = CATALOG[name]
-            engines.append(build_frontend(spec, resolve_model(spec, download=False), decode, align,
+            engines.append(build_frontend(spec, resolve_model(spec, download=False), models,
                                           chunk_seconds=settings.voxtral_chunk_seconds,
-                                          max_batch_windows=settings.max_batch_windows))
+                                          max_batch_windows=settings.batch_windows))
         return cls(engines, settings.default_model or settings.models[0], settings.model_aliases)
 
     # --- the current set ---------------------------------------------------------------------

@@ -14,6 +14,23 @@ from openstt.catalog import CATALOG, lookup
 
 LOG_LEVELS = ("trace", "debug", "info", "warning", "warn", "error", "critical", "off")
 
+# Defaults that other modules need too; each is defined here only.
+MAX_UPLOAD_BYTES = 25 * 1024 * 1024  # OpenAI's limit, on the whole request body
+MAX_CONCURRENT_REQUESTS = 64  # transcriptions in flight per API worker
+REQUEST_TIMEOUT_S = 3600  # per-transcription deadline
+MAX_AUDIO_SECONDS = 7200.0  # longest decoded audio; a few KB of FLAC can hold hours (decompression bomb)
+# 30 s windows decoded together when OPEN_STT_MAX_BATCH_WINDOWS is unset. On CPU 8 beat 16
+# (whisper-base int8, 10 min in VAD mode: 16.7 s vs 19.2 s, peak RSS 1431 vs 1552 MB; tiny.en
+# equal): at 16 rows the decoder's cross-attention keys/values (16 x 1500 x d_model float32 per
+# layer) overflow the CPU caches and each row's attention costs three times as much. GPUs keep 16.
+CPU_BATCH_WINDOWS = 8
+GPU_BATCH_WINDOWS = 16
+
+
+def default_batch_windows(device_type: str) -> int:
+    """The default batch of 30 s windows on a device of type ``device_type`` (cpu, cuda, mps)."""
+    return CPU_BATCH_WINDOWS if device_type == "cpu" else GPU_BATCH_WINDOWS
+
 
 def _split_csv(value: object) -> object:
     if isinstance(value, str):
@@ -59,13 +76,14 @@ class Settings(BaseSettings):
     log_level: str | None = Field(None, validate_default=True)
     log_format: Literal["text", "json"] = "text"
     # Whole request body, like OpenAI's 25 MiB; 0 disables the check.
-    max_upload_bytes: int = Field(25 * 1024 * 1024, ge=0)
+    max_upload_bytes: int = Field(MAX_UPLOAD_BYTES, ge=0)
     # Inference: precision, attention kernel, CPU int8 quantisation, threads.
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     quantize: Literal["none", "int8"] = "none"
     torch_threads: int | None = Field(None, ge=1)
-    max_batch_windows: int = Field(16, ge=1, le=256)
+    # None: the device's default (CPU_BATCH_WINDOWS, GPU_BATCH_WINDOWS); read it as batch_windows.
+    max_batch_windows: int | None = Field(None, ge=1, le=256)
     # Voxtral has no timestamps: audio is cut at quiet moments into chunks of at most this
     # length, one segment each (its encoder reads 30 s windows; up to 30 minutes per chunk).
     voxtral_chunk_seconds: float = Field(30.0, ge=5, le=1800)
@@ -75,11 +93,11 @@ class Settings(BaseSettings):
     # Beam search width for Whisper at temperature 0 when a request has no beam_size (1: greedy).
     beam_size: int = Field(1, ge=1, le=10)
     # Per-request deadline for a transcription; BentoML's own is set a minute later.
-    request_timeout: int = Field(3600, ge=10)
+    request_timeout: int = Field(REQUEST_TIMEOUT_S, ge=10)
     # Longest decoded audio accepted (guards against decompression bombs), and how many
     # transcriptions may be in flight before new ones get 429 + Retry-After.
-    max_audio_seconds: float = Field(7200, gt=0)
-    max_concurrent_requests: int = Field(64, ge=1)
+    max_audio_seconds: float = Field(MAX_AUDIO_SECONDS, gt=0)
+    max_concurrent_requests: int = Field(MAX_CONCURRENT_REQUESTS, ge=1)
     # At startup: refuse models that cannot fit in the device's memory (auto), only warn, or skip.
     memory_check: Literal["auto", "warn", "off"] = "auto"
     # Runtime model management: POST/DELETE /v1/models/{id} (off by default), and unloading models
@@ -125,7 +143,7 @@ class Settings(BaseSettings):
     def _empty_is_zero(cls, value: object) -> object:
         return 0 if isinstance(value, str) and not value.strip() else value
 
-    @field_validator("default_model", "torch_threads", mode="before")
+    @field_validator("default_model", "torch_threads", "max_batch_windows", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         # compose files pass unset variables as empty strings
@@ -178,6 +196,16 @@ class Settings(BaseSettings):
         return self
 
     @property
+    def batch_windows(self) -> int:
+        """``max_batch_windows``, or the default of the device the models run on (the one
+        ``Placement.from_settings`` picks: CUDA, then MPS, then CPU, unless ``force_cpu``)."""
+        if self.max_batch_windows is not None:
+            return self.max_batch_windows
+        from openstt.device import pick_device
+
+        return default_batch_windows(pick_device(self.force_cpu).type)
+
+    @property
     def python_log_level(self) -> int:
         level = re.sub("^warn$", "warning", self.log_level or "info")
         return {"trace": logging.DEBUG, "off": logging.CRITICAL + 1}.get(level) or logging.getLevelName(level.upper())
@@ -194,11 +222,3 @@ def format_validation_error(exc: Exception) -> str:
         msg = err.get("msg", "").removeprefix("Value error, ")
         lines.append(f"{('OPEN_STT_' + field.upper() + ': ') if field else ''}{msg}")
     return "\n".join(lines)
-
-
-def env_int(name: str, default: int) -> int:
-    """An integer setting needed at import time (BentoML decorators), before full validation."""
-    try:
-        return int(os.environ.get(name, "") or default)
-    except ValueError:
-        return default

@@ -41,10 +41,10 @@ class Activity:
             return 0.0 if self.busy else time.monotonic() - self.last
 
 
-def defer_sigterm_until_idle(activity: Activity, idle_seconds: float = 5.0, max_wait: float = 3600.0) -> bool:
+def defer_sigterm_until_idle(activity: Activity, max_wait: float, idle_seconds: float = 5.0) -> bool:
     """Wrap the current SIGTERM handler (uvicorn's) so it runs once ``activity`` has been idle for
-    ``idle_seconds``. Must be called on the main thread with a running event loop; returns whether
-    the handler was installed."""
+    ``idle_seconds`` (or after ``max_wait`` seconds, the longest a request may run). Must be called
+    on the main thread with a running event loop; returns whether the handler was installed."""
     if threading.current_thread() is not threading.main_thread():
         return False
     original = signal.getsignal(signal.SIGTERM)

@@ -3,7 +3,7 @@
 Real large weights cannot be fetched where this project is built, so this builds checkpoints
 with the real architectures and sizes (large-v3: 1.55 B parameters, 128 mel bins; Voxtral Mini:
 ~4.7 B) filled with random weights, saves them, and runs them through ``load_engine`` in bf16 on
-CUDA: load time, one transcription, a batch of 16 windows, peak GPU memory next to the
+CUDA: load time, one transcription, a batch of 16 windows (the CUDA default), peak GPU memory next to the
 startup memory estimate. It proves the code
 paths and memory at real shapes — not accuracy (random weights say nothing).
 
@@ -29,10 +29,11 @@ from openstt.audio import SAMPLE_RATE, decode_audio
 from openstt.catalog import CATALOG
 from openstt.device import Placement
 from openstt.engines import TranscribeOptions, load_engine
-from openstt.engines.jobs import WindowJob
 from openstt.memory import estimate
+from openstt.model_service import WindowJob
+from openstt.settings import GPU_BATCH_WINDOWS
 
-BATCH = 16  # the default OPEN_STT_MAX_BATCH_WINDOWS
+BATCH = GPU_BATCH_WINDOWS  # OPEN_STT_MAX_BATCH_WINDOWS's default on CUDA
 
 LARGE_V3 = {"d_model": 1280, "encoder_layers": 32, "decoder_layers": 32, "encoder_attention_heads": 20,
             "decoder_attention_heads": 20, "encoder_ffn_dim": 5120, "decoder_ffn_dim": 5120, "num_mel_bins": 128}
@@ -77,7 +78,8 @@ def measure(name: str, path: Path, audio: np.ndarray, options: TranscribeOptions
         torch.cuda.synchronize()
     single = time.perf_counter() - started
     window = audio[: 30 * SAMPLE_RATE]
-    batch = [WindowJob(window, [], "transcribe", "en", 0.0) for _ in range(BATCH)]
+    batch = [WindowJob(audio=window, prompt=[], task="transcribe", language="en", temperature=0.0)
+             for _ in range(BATCH)]
     started = time.perf_counter()
     replies = engine.core.decode_windows(batch)
     if cuda:

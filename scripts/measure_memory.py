@@ -30,9 +30,9 @@ def main() -> None:
     from openstt.catalog import CATALOG
     from openstt.device import Placement
     from openstt.engines import load_engine
-    from openstt.engines.whisper_decoding import WindowJob
     from openstt.hub import resolve_model
     from openstt.memory import estimate
+    from openstt.model_service import WindowJob
 
     imported, _ = rss()
     spec = CATALOG[args.model]
@@ -46,7 +46,8 @@ def main() -> None:
         audio = long_english_clip(30)[0][: 30 * 16000].astype(np.float32)
     except Exception:  # no real speech installed: noise still exercises every buffer
         audio = (np.random.default_rng(0).standard_normal(30 * 16000) * 0.1).astype(np.float32)
-    jobs = [WindowJob(audio, [], "transcribe", "en", 0.0) for _ in range(args.windows)]
+    jobs = [WindowJob(audio=audio, prompt=[], task="transcribe", language="en", temperature=0.0)
+            for _ in range(args.windows)]
     engine.core.decode_windows(jobs)
     _, peak = rss()
     est = estimate(spec, "cpu", "float32", args.quantize, args.windows, path=path)

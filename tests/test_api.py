@@ -7,6 +7,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from openstt.api.app import create_app
+from openstt.api.state import app_state
 from openstt.catalog import CATALOG
 from openstt.engines.base import Engine, Segment, TranscribeOptions, TranscriptionRun
 from openstt.engines.jobs import LoopState
@@ -20,13 +21,13 @@ ENVELOPE_KEYS = {"message", "type", "param", "code"}
 @pytest.fixture(scope="module")
 def app(tiny_en_engine):
     app = create_app()
-    app.state.registry = ModelRegistry([tiny_en_engine], "whisper-tiny.en")
+    app_state(app).registry = ModelRegistry([tiny_en_engine], "whisper-tiny.en")
     return app
 
 
 @pytest.fixture()
 def client(app):
-    app.state.api_keys = []
+    app_state(app).api_keys = []
     with TestClient(app) as c:
         yield c
 
@@ -185,10 +186,10 @@ def test_unknown_routes_and_methods_use_the_envelope(client):
 class TestAuth:
     @pytest.fixture()
     def keyed(self, app):
-        app.state.api_keys = ["sk-primary-0123456789", "sk-rotated-9876543210"]
+        app_state(app).api_keys = ["sk-primary-0123456789", "sk-rotated-9876543210"]
         with TestClient(app) as c:
             yield c
-        app.state.api_keys = []
+        app_state(app).api_keys = []
 
     def test_missing_key(self, keyed):
         err = error_of(keyed.get("/v1/models"), 401)
@@ -227,7 +228,7 @@ class _Named(Engine):
 )
 def test_whisper_1_alias(loaded, default, expected):
     app = create_app()
-    app.state.registry = ModelRegistry([_Named(CATALOG[n]) for n in loaded], default)
+    app_state(app).registry = ModelRegistry([_Named(CATALOG[n]) for n in loaded], default)
     with TestClient(app) as c:
         r = c.post("/v1/audio/transcriptions", data={"model": "whisper-1"}, files=fox_file())
         assert r.json()["text"] == expected
@@ -251,7 +252,7 @@ def test_mid_stream_error_reaches_the_sdk_as_api_error():
     import openai
 
     app = create_app()
-    app.state.registry = ModelRegistry([_Failing(CATALOG["whisper-tiny"])], "whisper-tiny")
+    app_state(app).registry = ModelRegistry([_Failing(CATALOG["whisper-tiny"])], "whisper-tiny")
     with TestClient(app, base_url="http://testserver") as http:
         raw = http.post("/v1/audio/transcriptions", data={"model": "whisper-1", "stream": "true"}, files=fox_file())
         frames = [f for f in raw.text.split("\n\n") if f]

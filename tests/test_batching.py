@@ -1,4 +1,5 @@
-"""The batch function of the model service and the engine that drives requests through it."""
+"""The model service's protocol (its messages and batch function) and the engine that drives
+requests through it."""
 
 from __future__ import annotations
 
@@ -8,18 +9,33 @@ import numpy as np
 import pytest
 
 from openstt.audio import decode_audio
-from openstt.batching import MODEL_NOT_LOADED, BatchedEngine, WindowRequest, decode_batch
+from openstt.batching import BatchedEngine
 from openstt.catalog import CATALOG
 from openstt.engines import TranscribeOptions
+from openstt.engines.base import Word
 from openstt.engines.whisper import WhisperFrontend
 from openstt.hub import resolve_model
+from openstt.model_service import (
+    AlignJob,
+    AlignReply,
+    DecodeResult,
+    ErrorCode,
+    InMemoryModelService,
+    ModelFailure,
+    WeightsReply,
+    WindowJob,
+    align_request,
+    call_with_reconnect,
+    decode_batch,
+)
 from tests.conftest import clip
 
 FOX = "The quick brown fox jumps over the lazy dog."
 
 
-def request(model: str, name: str, **kw) -> WindowRequest:
-    return WindowRequest(model=model, audio=decode_audio(clip(name).read_bytes()), prompt=[], task="transcribe", **kw)
+def request(model: str, name: str, **kw) -> WindowJob:
+    return WindowJob(model=model, audio=decode_audio(clip(name).read_bytes()), prompt=[], task="transcribe",
+                     language=None, temperature=0.0, **kw)
 
 
 def test_windows_of_many_requests_decode_together(tiny_en_engine):
@@ -34,8 +50,8 @@ def test_windows_of_many_requests_decode_together(tiny_en_engine):
 
 def test_models_batch_separately_and_failures_stay_local(tiny_en_engine):
     engines = {"whisper-tiny.en": tiny_en_engine, "whisper-tiny": tiny_en_engine}
-    broken = WindowRequest(model="whisper-tiny.en", audio=np.zeros((2, 3, 4), np.float32), prompt=[],
-                           task="transcribe")
+    broken = WindowJob(model="whisper-tiny.en", audio=np.zeros((2, 3, 4), np.float32), prompt=[], task="transcribe",
+                       language=None, temperature=0.0)
     before = len(tiny_en_engine.core.batch_sizes)
     replies = decode_batch(engines, [request("whisper-tiny.en", "en/quick_brown_fox"), broken,
                                      request("whisper-tiny", "en/hello_world"), request("nope", "en/hello_world")])
@@ -43,27 +59,16 @@ def test_models_batch_separately_and_failures_stay_local(tiny_en_engine):
     # tiny.en: a batch of 2 that failed, then each item alone; tiny: its own batch of 1
     assert sizes == [2, 1, 1, 1]
     assert replies[0].error is None and tiny_en_engine.core.text_of(replies[0].tokens).strip() == FOX
-    assert replies[1].error is not None and replies[2].error is None
-    assert replies[3].error == MODEL_NOT_LOADED
+    assert replies[1].error is ErrorCode.failed and replies[2].error is None
+    assert replies[3].error is ErrorCode.model_not_loaded
 
 
 @pytest.mark.parametrize("options", [TranscribeOptions(), TranscribeOptions(word_timestamps=True, prompt="Foxes.")])
 def test_batched_engine_matches_in_process_engine(tiny_en_engine, hf_cache, options):
     spec = CATALOG["whisper-tiny.en"]
     frontend = WhisperFrontend(spec, resolve_model(spec, download=False, cache=hf_cache))
-    engines = {spec.name: tiny_en_engine}
-
-    async def decode(req):
-        return (await asyncio.to_thread(decode_batch, engines, [req]))[0]
-
-    async def align(req):
-        from openstt.engines.jobs import AlignJob
-
-        words = tiny_en_engine.core.align(AlignJob(req.audio, req.language, req.task, req.segment_tokens,
-                                                   req.num_frames))
-        return [[{"word": w.word, "start": w.start, "end": w.end} for w in seg] for seg in words]
-
-    engine = BatchedEngine(spec, frontend, decode, align)
+    engine = BatchedEngine(spec, frontend, InMemoryModelService(lambda: {spec.name: tiny_en_engine}),
+                           max_batch_windows=8)
     audio = decode_audio(clip("en/quick_brown_fox").read_bytes())
     remote = asyncio.run(engine.start(audio, options).acollect())
     local = tiny_en_engine.transcribe(audio, options)
@@ -72,10 +77,44 @@ def test_batched_engine_matches_in_process_engine(tiny_en_engine, hf_cache, opti
     assert [(w.word, w.start) for w in remote.words] == [(w.word, w.start) for w in local.words]
 
 
+def test_a_model_unloaded_while_its_request_runs_fails_it_with_model_not_loaded(hf_cache):
+    spec = CATALOG["whisper-tiny.en"]
+    frontend = WhisperFrontend(spec, resolve_model(spec, download=False, cache=hf_cache))
+    engine = BatchedEngine(spec, frontend, InMemoryModelService(dict), max_batch_windows=8)  # no model there
+    audio = decode_audio(clip("en/quick_brown_fox").read_bytes())
+    with pytest.raises(ModelFailure) as err:
+        asyncio.run(engine.start(audio, TranscribeOptions()).acollect())
+    assert err.value.code is ErrorCode.model_not_loaded
+    align = AlignJob(model=spec.name, audio=audio, language="en", task="transcribe", segment_tokens=[[1]],
+                     num_frames=100)
+    assert align_request(None, align).error is ErrorCode.model_not_loaded
+
+
+def test_messages_cross_bentomls_pickle_serde_intact():
+    """What the API process and the model service exchange, in BentoML's inter-service form."""
+    from _bentoml_impl.serde import PickleSerde
+
+    serde = PickleSerde()
+
+    def wire(message):
+        return serde.deserialize_model(serde.serialize_model(message), type(message))
+
+    job = WindowJob(model="whisper-tiny.en", audio=np.arange(4, dtype=np.float64), prompt=[7], task="transcribe",
+                    language=None, temperature=0.2, fallback=[0.4])
+    assert job.audio.dtype == np.float32  # converted once, on construction
+    back = wire(job)
+    assert back.audio.dtype == np.float32 and back.audio.tolist() == [0.0, 1.0, 2.0, 3.0]
+    assert back.model_dump(exclude={"audio"}) == job.model_dump(exclude={"audio"})
+    for reply in (DecodeResult(tokens=[1, 2], error=ErrorCode.out_of_memory),
+                  AlignReply(words=[[Word("hi", 0.0, 0.5)], []]), AlignReply(error=ErrorCode.model_not_loaded),
+                  WeightsReply(error=ErrorCode.insufficient_memory, message="needs 97 GB")):
+        assert wire(reply) == reply
+    assert type(wire(AlignReply(words=[[Word("hi", 0.0, 0.5)]])).words[0][0]) is Word
+    assert isinstance(wire(DecodeResult(error=ErrorCode.failed)).error, ErrorCode)
+
+
 def test_dropped_keepalive_connection_is_retried():
     import aiohttp
-
-    from openstt.batching import call_with_reconnect
 
     calls = []
 

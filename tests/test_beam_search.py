@@ -10,12 +10,14 @@ import torch
 from fastapi.testclient import TestClient
 
 from openstt.api.app import create_app
+from openstt.api.state import app_state
 from openstt.audio import SAMPLE_RATE, decode_audio
 from openstt.catalog import CATALOG
 from openstt.engines import TranscribeOptions
 from openstt.engines.base import Engine, Segment, TranscriptionRun, UnsupportedRequest
-from openstt.engines.jobs import LoopState, WindowJob
+from openstt.engines.jobs import LoopState
 from openstt.evaluation import english_clip, wer
+from openstt.model_service import WindowJob
 from openstt.registry import ModelRegistry
 from tests.conftest import clip, needs_asterisk, reference
 
@@ -27,8 +29,8 @@ def audio_of(name: str) -> np.ndarray:
 
 
 def job(audio: np.ndarray, beam_size: int = 1, temperature: float = 0.0, prompt: list[int] | None = None):
-    return WindowJob(audio, prompt or [], "transcribe", "en", temperature, beam_size=beam_size,
-                     compression_ratio_threshold=None, logprob_threshold=None)
+    return WindowJob(audio=audio, prompt=prompt or [], task="transcribe", language="en", temperature=temperature,
+                     beam_size=beam_size, compression_ratio_threshold=None, logprob_threshold=None)
 
 
 def score(result) -> float:
@@ -80,9 +82,9 @@ def openai_beam_search(core, audio: np.ndarray, beam_size: int, prompt: list[int
 def test_beam_size_one_is_the_greedy_decoder(tiny_en_engine):
     core = tiny_en_engine.core
     fox, counting = audio_of("en/quick_brown_fox"), audio_of("en/counting")
-    assert WindowJob(fox, [], "transcribe", "en", 0.0).beam_size == 1 and TranscribeOptions().beam_size == 1
-    default = core.decode_windows([WindowJob(fox, [], "transcribe", "en", 0.0), WindowJob(counting, [], "transcribe",
-                                                                                           "en", 0.0)])
+    greedy = [WindowJob(audio=a, prompt=[], task="transcribe", language="en", temperature=0.0) for a in (fox, counting)]
+    assert greedy[0].beam_size == 1 and TranscribeOptions().beam_size == 1
+    default = core.decode_windows(greedy)
     core.decoder_rows.clear()
     one = core.decode_windows([job(fox, 1), job(counting, 1)])
     assert [r.tokens for r in one] == [r.tokens for r in default]
@@ -197,8 +199,9 @@ def test_fallback_temperatures_sample_without_beams(tiny_en_engine, monkeypatch)
         return original(encoded, jobs, languages, temperatures)
 
     monkeypatch.setattr(core, "_decode_rows", spy)
-    window = WindowJob(audio_of("en/hello_world"), [], "transcribe", "en", 0.0, beam_size=5, fallback=[0.2, 0.4],
-                        logprob_threshold=0.0, no_speech_threshold=None)  # every attempt "fails"
+    window = WindowJob(audio=audio_of("en/hello_world"), prompt=[], task="transcribe", language="en", temperature=0.0,
+                       beam_size=5, fallback=[0.2, 0.4], logprob_threshold=0.0,
+                       no_speech_threshold=None)  # every attempt "fails"
     result = core.decode_windows([window])[0]
     assert seen == [[0.0], [0.2], [0.4]]
     assert result.temperature in (0.0, 0.2, 0.4)
@@ -239,7 +242,7 @@ def fox_file():
 def captured():
     whisper, voxtral = _Capture(CATALOG["whisper-tiny"]), _Capture(CATALOG["voxtral-mini"])
     app = create_app()
-    app.state.registry = ModelRegistry([whisper, voxtral], "whisper-tiny")
+    app_state(app).registry = ModelRegistry([whisper, voxtral], "whisper-tiny")
     with TestClient(app) as client:
         yield app, client, whisper, voxtral
 
@@ -258,15 +261,15 @@ def test_invalid_beam_size_is_400(captured, route, value):
 @pytest.mark.parametrize("route", ["/v1/audio/transcriptions", "/v1/audio/translations"])
 def test_beam_size_field_and_server_default(captured, route):
     app, client, whisper, voxtral = captured
-    assert app.state.beam_size == 1
+    assert app_state(app).beam_size == 1
     for data, default, expected in [({}, 1, 1), ({"beam_size": "5"}, 1, 5), ({}, 4, 4), ({"beam_size": "1"}, 4, 1),
                                     ({"beam_size": "10"}, 4, 10)]:
-        app.state.beam_size = default
+        app_state(app).beam_size = default
         r = client.post(route, data={"model": "whisper-tiny", **data}, files=fox_file())
         assert r.status_code == 200, r.text
         assert whisper.options[-1].beam_size == expected
     # the server default is Whisper's: other families decode without beams
-    app.state.beam_size = 5
+    app_state(app).beam_size = 5
     assert client.post(route, data={"model": "voxtral-mini"}, files=fox_file()).status_code == 200
     assert voxtral.options[-1].beam_size == 1
 
@@ -275,7 +278,7 @@ def test_beam_search_through_the_api(tiny_en_engine):
     import openai
 
     app = create_app()
-    app.state.registry = ModelRegistry([tiny_en_engine], "whisper-tiny.en")
+    app_state(app).registry = ModelRegistry([tiny_en_engine], "whisper-tiny.en")
     with TestClient(app, base_url="http://testserver") as http:
         sdk = openai.OpenAI(api_key="unused", base_url="http://testserver/v1", http_client=http, max_retries=0)
         text = sdk.audio.transcriptions.create(model="whisper-tiny.en", file=("fox.wav", fox_file()["file"][1]),
@@ -299,7 +302,7 @@ def test_beam_size_setting_and_flag(monkeypatch):
     assert settings.beam_size == 3
     app = create_app()
     attach(app, ModelRegistry([_Capture(CATALOG["whisper-tiny.en"])], "whisper-tiny.en"), settings)
-    assert app.state.beam_size == 3
+    assert app_state(app).beam_size == 3
     for bad in ("0", "11"):
         monkeypatch.setenv("OPEN_STT_BEAM_SIZE", bad)
         with pytest.raises(ValueError):

@@ -25,11 +25,13 @@ from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
 from openstt.api.app import create_app
-from openstt.api.limits import Limits, unless_disconnected
-from openstt.batching import BatchedEngine, WindowReply
+from openstt.api.limits import unless_disconnected
+from openstt.api.state import app_state
+from openstt.batching import BatchedEngine
 from openstt.catalog import CATALOG
 from openstt.engines.base import Segment
-from openstt.engines.jobs import LoopState, WindowJob
+from openstt.engines.jobs import LoopState
+from openstt.model_service import AlignJob, AlignReply, DecodeResult, WindowJob
 from openstt.registry import ModelRegistry
 from tests.conftest import API_KEY, REPORT, clip, encode, needs_asterisk
 
@@ -60,7 +62,8 @@ class _Frontend:
     def run(self, audio, options, state):
         try:
             for i, start in enumerate(range(0, len(audio), WINDOW)):
-                yield WindowJob(audio[start:start + WINDOW], [], options.task, "en", 0.0)
+                yield WindowJob(audio=audio[start:start + WINDOW], prompt=[], task=options.task, language="en",
+                                temperature=0.0)
                 end = min(start + WINDOW, len(audio)) / 16000
                 yield Segment(i, start // 160, start / 16000, end, f" Window {i}.", [1], 0.0, -0.1, 1.0, 0.0)
         finally:
@@ -68,18 +71,18 @@ class _Frontend:
 
 
 class _ModelService:
-    """The model service's ``decode_windows``, one window at a time: counts what it is sent."""
+    """The model service (``ModelServiceClient``), one window at a time: counts what it is sent."""
 
     def __init__(self):
         self.received = self.decoded = 0
 
-    async def decode(self, request) -> WindowReply:
+    async def decode(self, job: WindowJob) -> DecodeResult:
         self.received += 1
         await asyncio.sleep(WINDOW_S)
         self.decoded += 1
-        return WindowReply(language="en")
+        return DecodeResult(language="en")
 
-    async def align(self, request):
+    async def align(self, job: AlignJob) -> AlignReply:
         raise AssertionError("no word timestamps in these tests")
 
 
@@ -136,12 +139,12 @@ class _Lines(logging.Handler):
 def api():
     """The app with a model served by the fake model service, and its pieces."""
     frontend, service = _Frontend(), _ModelService()
-    default = BatchedEngine(CATALOG["whisper-base"], _Frontend(), service.decode, service.align)
+    default = BatchedEngine(CATALOG["whisper-base"], _Frontend(), service, 8)
     registry = ModelRegistry([default], default.name)
-    entry = registry.add(BatchedEngine(CATALOG["whisper-tiny.en"], frontend, service.decode, service.align))
+    entry = registry.add(BatchedEngine(CATALOG["whisper-tiny.en"], frontend, service, 8))
     app = create_app()
-    app.state.registry, app.state.limits = registry, Limits()
-    app.state.long_form = "sequential"  # the fake loop's 30 s windows, one after another
+    app_state(app).registry = registry
+    app_state(app).long_form = "sequential"  # the fake loop's 30 s windows, one after another
     lines = _Lines()
     logging.getLogger("openstt.api").addHandler(lines)
     logging.getLogger("openstt.api").setLevel(logging.INFO)
@@ -189,7 +192,7 @@ def test_disconnect_stops_the_transcription(api, stream, spec_version):
     (sent, done, sent_then, closed), reported = _run(scenario)
     assert sent_then == done + 1 and service.received == sent_then  # not one window more: 16 of 20 never sent
     assert closed == 1  # the window loop was closed right away
-    assert app.state.limits.in_flight == 0 and entry.in_flight == 0  # slot and model lease are free
+    assert app_state(app).limits.in_flight == 0 and entry.in_flight == 0  # slot and model lease are free
     assert not reported, reported
     assert _sample("openstt_requests_cancelled_total", **labels) == before[0] + 1
     assert _sample("openstt_requests_total", **labels, status="499") == before[1] + 1
@@ -217,7 +220,7 @@ def test_watching_for_a_disconnect_leaves_finished_requests_alone(api, stream):
     assert sent[0]["status"] == 200 and service.received == 5 and frontend.closed == 1
     text = b"".join(m.get("body", b"") for m in sent[1:])
     assert (b"transcript.text.done" if stream else b'"text":"Window 0.') in text
-    assert app.state.limits.in_flight == 0 and entry.in_flight == 0
+    assert app_state(app).limits.in_flight == 0 and entry.in_flight == 0
     assert not reported, reported
 
 

@@ -9,7 +9,8 @@ import pytest
 
 from openstt.audio import SAMPLE_RATE, decode_audio
 from openstt.engines import TranscribeOptions
-from openstt.engines.jobs import DecodeResult, WindowJob, needs_fallback, settle
+from openstt.engines.jobs import needs_fallback, settle
+from openstt.model_service import DecodeResult, WindowJob
 from tests.conftest import clip, normalize
 
 FOX = "The quick brown fox jumps over the lazy dog."
@@ -20,12 +21,14 @@ def audio_of(name: str) -> np.ndarray:
 
 
 def result(avg_logprob: float, compression_ratio: float, temperature: float, no_speech_prob: float = 0.0):
-    return DecodeResult([1], [avg_logprob], avg_logprob, avg_logprob, no_speech_prob, temperature, "en",
-                        compression_ratio)
+    return DecodeResult(tokens=[1], token_logprobs=[avg_logprob], avg_logprob=avg_logprob, sum_logprob=avg_logprob,
+                        no_speech_prob=no_speech_prob, temperature=temperature, language="en",
+                        compression_ratio=compression_ratio)
 
 
 def test_fallback_rule():
-    job = WindowJob(np.zeros(1, np.float32), [], "transcribe", "en", 0.0, fallback=[0.2, 0.4])
+    job = WindowJob(audio=np.zeros(1, np.float32), prompt=[], task="transcribe", language="en", temperature=0.0,
+                    fallback=[0.2, 0.4])
     assert not needs_fallback(result(-0.3, 1.5, 0.0), job)
     assert needs_fallback(result(-0.3, 2.6, 0.0), job)  # a loop
     assert needs_fallback(result(-1.4, 1.5, 0.0), job)  # unlikely
@@ -71,12 +74,12 @@ def test_fallback_reuses_the_encoding_and_keeps_the_likeliest(tiny_en_engine, mo
 def test_sampling_is_seeded_by_the_audio(tiny_en_engine):
     core = tiny_en_engine.core
     fox = audio_of("en/quick_brown_fox")
-    job = WindowJob(fox, [], "transcribe", "en", 1.0, compression_ratio_threshold=None, logprob_threshold=None)
+    job = WindowJob(audio=fox, prompt=[], task="transcribe", language="en", temperature=1.0,
+                    compression_ratio_threshold=None, logprob_threshold=None)
     first, again = core.decode_windows([job])[0], core.decode_windows([job])[0]
     assert first.temperature == 1.0 and first.tokens == again.tokens
     # whatever the window is batched with, and wherever it sits in the batch
-    other = WindowJob(audio_of("en/hello_world"), [], "transcribe", "en", 1.0, compression_ratio_threshold=None,
-                      logprob_threshold=None)
+    other = job.model_copy(update={"audio": audio_of("en/hello_world")})
     assert core.decode_windows([other, job])[1].tokens == first.tokens
 
 
@@ -86,7 +89,7 @@ def test_ended_rows_leave_the_batch(tiny_en_engine):
     core = tiny_en_engine.core
     short = audio_of("en/hello_world")
     full = np.concatenate([audio_of("en/counting"), audio_of("en/quick_brown_fox")] * 3)[: 29 * SAMPLE_RATE]
-    jobs = [WindowJob(short, [], "transcribe", "en", 0.0), WindowJob(full, [], "transcribe", "en", 0.0)]
+    jobs = [WindowJob(audio=a, prompt=[], task="transcribe", language="en", temperature=0.0) for a in (short, full)]
     alone = [core.decode_windows([job])[0].tokens for job in jobs]
     core.decoder_rows.clear()
     together = core.decode_windows(jobs)

@@ -9,6 +9,7 @@ from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
 
 from openstt.api.app import create_app
+from openstt.api.state import app_state
 from openstt.registry import ModelRegistry
 
 app = create_app()
@@ -17,9 +18,9 @@ schema = schemathesis.openapi.from_asgi("/openapi.json", app)
 
 @pytest.fixture(scope="module", autouse=True)
 def loaded(tiny_en_engine):
-    app.state.registry = ModelRegistry([tiny_en_engine], "whisper-tiny.en")
+    app_state(app).registry = ModelRegistry([tiny_en_engine], "whisper-tiny.en")
     yield
-    app.state.registry = None
+    app_state(app).registry = None
 
 
 @schema.parametrize()

@@ -11,7 +11,7 @@ from openstt.audio import decode_audio
 from openstt.bootstrap import StartupError, load_settings, prepare_models
 from openstt.catalog import CATALOG
 from openstt.cli import apply_flags, build_parser
-from openstt.device import Placement, pick_dtype
+from openstt.device import Int8Linear, Placement, pick_dtype
 from openstt.engines import TranscribeOptions, load_engine
 from openstt.hub import resolve_model
 from openstt.settings import Settings
@@ -29,9 +29,26 @@ def clean_env(monkeypatch):
 def test_defaults():
     s = Settings()
     assert (s.dtype, s.attn_implementation, s.quantize, s.torch_threads, s.max_batch_windows) == \
-        ("auto", "sdpa", "none", None, 16)
+        ("auto", "sdpa", "none", None, None)
     placement = Placement.from_settings(Settings(force_cpu=True))
     assert placement.device.type == "cpu" and placement.dtype == torch.float32
+
+
+def test_batch_windows_follow_the_device(monkeypatch):
+    """8 windows on CPU (16 overflow its caches), 16 on GPUs; a configured value always wins."""
+    from openstt.settings import CPU_BATCH_WINDOWS, GPU_BATCH_WINDOWS
+
+    assert (CPU_BATCH_WINDOWS, GPU_BATCH_WINDOWS) == (8, 16)
+    assert Settings(force_cpu=True).batch_windows == 8
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert Settings().batch_windows == 16  # the device Placement.from_settings picks: CUDA
+    assert Settings(force_cpu=True).batch_windows == 8
+    assert Settings(max_batch_windows=4).batch_windows == 4
+    monkeypatch.setenv("OPEN_STT_MAX_BATCH_WINDOWS", "")  # compose passes unset variables as ""
+    assert Settings().max_batch_windows is None
+    monkeypatch.setenv("OPEN_STT_MAX_BATCH_WINDOWS", "300")
+    with pytest.raises(StartupError, match="OPEN_STT_MAX_BATCH_WINDOWS: Input should be less than or equal to 256"):
+        load_settings()
 
 
 def test_flags_reach_the_environment():
@@ -67,9 +84,8 @@ def test_int8_and_eager_reach_the_model(hf_cache):
     spec = CATALOG["whisper-tiny.en"]
     path = resolve_model(spec, download=False, cache=hf_cache)
     engine = load_engine(spec, path, Placement(torch.device("cpu"), torch.float32, "eager", "int8"))
-    quantized = torch.ao.nn.quantized.dynamic.Linear
-    linears = [m for m in engine.model.modules() if isinstance(m, (torch.nn.Linear, quantized))]
-    assert linears and all(isinstance(m, quantized) for m in linears)
+    linears = [m for m in engine.model.modules() if isinstance(m, (torch.nn.Linear, Int8Linear))]
+    assert linears and all(isinstance(m, Int8Linear) for m in linears)
     assert engine.model.config._attn_implementation == "eager"
     assert engine.describe()["quantize"] == "int8"
     audio = decode_audio(clip("en/quick_brown_fox").read_bytes())
@@ -85,3 +101,26 @@ def test_bfloat16_weights(hf_cache):
     assert next(engine.model.parameters()).dtype == torch.bfloat16
     text = engine.transcribe(decode_audio(clip("en/hello_world").read_bytes()), TranscribeOptions()).text
     assert "hello" in text.lower()
+
+
+def test_int8_scales_each_row_on_its_own():
+    """CTranslate2's scheme: one loud row (a token or window with an outlier) must not coarsen the
+    other rows' quantisation, as torch's per-tensor dynamic int8 does."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(384, 512)
+    x = torch.randn(64, 384)
+    x[0] *= 200  # one loud row
+    with torch.inference_mode():
+        expected = linear(x)
+        ours = Int8Linear(linear)(x)
+        per_tensor = torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(linear), {torch.nn.Linear},
+                                                            dtype=torch.qint8)(x)
+
+    def error(y):  # relative error over the quiet rows
+        return float((y[1:] - expected[1:]).norm() / expected[1:].norm())
+
+    assert error(ours) < 0.02
+    assert error(ours) * 5 < error(per_tensor)
+    assert torch.allclose(ours[0], expected[0], rtol=0.05, atol=0.05 * float(expected[0].abs().max()))
+    assert Int8Linear(torch.nn.Linear(8, 4, bias=False))(torch.zeros(2, 3, 8)).shape == (2, 3, 4)
+

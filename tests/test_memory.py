@@ -178,6 +178,7 @@ def test_runtime_load_refusal_reaches_the_client_as_a_400(fake_shape, monkeypatc
 
     from openstt.device import Placement
     from openstt.model_manager import WeightsManager
+    from openstt.model_service import ErrorCode
     from openstt.registry import ModelRegistry
 
     monkeypatch.setattr(memory, "capacity", lambda device: Capacity(device, 64 * GB, int(0.1 * GB)))
@@ -187,6 +188,6 @@ def test_runtime_load_refusal_reaches_the_client_as_a_400(fake_shape, monkeypatc
         name = "whisper-tiny.en"
 
     weights = WeightsManager(ModelRegistry([Tiny()], "whisper-tiny.en"), Placement(torch.device("cpu"), torch.float32),
-                             download=False)
+                             download=False, batch_windows=8)
     reply = weights.load("whisper-base")
-    assert reply["error"] == "insufficient_memory" and "whisper-base" in reply["message"]
+    assert reply.error == ErrorCode.insufficient_memory and "whisper-base" in reply.message

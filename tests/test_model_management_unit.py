@@ -10,10 +10,12 @@ import pytest
 from fastapi.testclient import TestClient
 
 from openstt.api.app import create_app
+from openstt.api.state import app_state
 from openstt.catalog import CATALOG
 from openstt.engines.base import Engine, Segment, TranscribeOptions, TranscriptionRun
 from openstt.engines.whisper_decoding import LoopState
 from openstt.model_manager import ModelManager
+from openstt.model_service import ErrorCode, WeightsReply
 from openstt.registry import ModelRegistry, UnknownModel
 from tests.conftest import clip
 
@@ -31,7 +33,7 @@ def registry(*names: str, default: str | None = None) -> ModelRegistry:
 
 
 class FakeModelService:
-    """Stands in for OpenSTTModels' load_model/unload_model; counts calls, can be slow."""
+    """Stands in for the model service's load/unload (``ModelServiceClient``); counts calls, can be slow."""
 
     def __init__(self, delay: float = 0.0, cached: tuple[str, ...] = ("whisper-base", "whisper-small")):
         self.delay, self.cached = delay, cached
@@ -39,26 +41,27 @@ class FakeModelService:
         self.unloads: list[str] = []
         self.loaded: set[str] = set()
 
-    async def load(self, name: str) -> dict:
+    async def load(self, name: str) -> WeightsReply:
         self.loads.append(name)
         await asyncio.sleep(self.delay)
         if name == "voxtral-small":  # what the model service's memory check answers on a small box
-            return {"error": "insufficient_memory", "message": f"Model '{name}' needs about 97.0 GB ..."}
+            return WeightsReply(error=ErrorCode.insufficient_memory, message=f"Model '{name}' needs about 97.0 GB ...")
         if name not in self.cached:
-            return {"error": "not_available", "message": f"Model '{name}' is not in the Hugging Face cache. "
-                    "Start the server with --download (or OPEN_STT_DOWNLOAD=true) to fetch it."}
+            return WeightsReply(error=ErrorCode.not_available,
+                                message=f"Model '{name}' is not in the Hugging Face cache. Start the server with "
+                                "--download (or OPEN_STT_DOWNLOAD=true) to fetch it.")
         self.loaded.add(name)
-        return {"loaded": True, "created": 0}
+        return WeightsReply(loaded=True, created=0)
 
-    async def unload(self, name: str) -> dict:
+    async def unload(self, name: str) -> WeightsReply:
         self.unloads.append(name)
         self.loaded.discard(name)
-        return {"unloaded": True}
+        return WeightsReply(unloaded=True)
 
 
 def manager(reg: ModelRegistry, service: FakeModelService, **kwargs) -> ModelManager:
     kwargs.setdefault("enabled", True)
-    return ModelManager(reg, load=service.load, unload=service.unload, frontend=_Named, **kwargs)
+    return ModelManager(reg, models=service, frontend=_Named, **kwargs)
 
 
 # --- registry ------------------------------------------------------------------------------------
@@ -201,8 +204,8 @@ def test_idle_unloading_works_without_the_endpoints():
 def managed():
     app = create_app()
     reg, service = registry("whisper-tiny.en"), FakeModelService()
-    app.state.registry = reg
-    app.state.model_manager = manager(reg, service)
+    app_state(app).registry = reg
+    app_state(app).model_manager = manager(reg, service)
     with TestClient(app) as c:
         yield c, app, service
 
@@ -223,14 +226,14 @@ def test_routes(managed):
     assert c.delete("/v1/models/whisper-base").status_code == 404
     assert c.delete("/v1/models/whisper-tiny.en").status_code == 409
     assert c.post("/v1/models/whisper-nope").json()["error"]["code"] == "model_not_found"
-    app.state.model_manager.enabled = False
+    app_state(app).model_manager.enabled = False
     err = c.post("/v1/models/whisper-base")
     assert err.status_code == 403 and err.json()["error"]["code"] == "model_management_disabled"
 
 
 def test_routes_without_a_manager_are_disabled():
     app = create_app()
-    app.state.registry = registry("whisper-tiny.en")
+    app_state(app).registry = registry("whisper-tiny.en")
     with TestClient(app) as c:
         for method in ("POST", "DELETE"):
             r = c.request(method, "/v1/models/whisper-base")

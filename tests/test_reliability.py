@@ -23,10 +23,12 @@ from fastapi.testclient import TestClient
 
 from openstt.api.app import create_app
 from openstt.api.limits import Limits
+from openstt.api.state import app_state
 from openstt.catalog import CATALOG
 from openstt.engines.base import Engine, Segment, TranscribeOptions, TranscriptionRun
-from openstt.engines.jobs import LoopState, ModelFailure
+from openstt.engines.jobs import LoopState
 from openstt.evaluation import english_clip, wer
+from openstt.model_service import ErrorCode, ModelFailure
 from openstt.registry import ModelRegistry
 from tests.conftest import API_KEY, REPORT, Server, clip, encode, free_port, needs_asterisk, normalize, server_env
 
@@ -143,7 +145,7 @@ class _Gate(Engine):
 
 
 class _Failing(Engine):
-    def __init__(self, spec, reason: str):
+    def __init__(self, spec, reason: ErrorCode):
         super().__init__(spec)
         self.reason = reason
 
@@ -157,8 +159,8 @@ class _Failing(Engine):
 
 def _app(engine: Engine, **limits) -> TestClient:
     app = create_app()
-    app.state.registry = ModelRegistry([engine], engine.name)
-    app.state.limits = Limits(**limits)
+    app_state(app).registry = ModelRegistry([engine], engine.name)
+    app_state(app).limits = Limits(**limits)
     return TestClient(app)
 
 
@@ -173,17 +175,17 @@ def test_overload_gets_429_with_retry_after():
         with ThreadPoolExecutor(2) as pool:
             first = [pool.submit(_post, client) for _ in range(2)]
             deadline = time.monotonic() + 10
-            while client.app.state.limits.in_flight < 2 and time.monotonic() < deadline:
+            while app_state(client.app).limits.in_flight < 2 and time.monotonic() < deadline:
                 time.sleep(0.05)
             busy = _post(client)
             assert busy.status_code == 429 and busy.headers["retry-after"] == "2"
             assert busy.json()["error"]["type"] == "rate_limit_error"
             _Gate.gate.set()
             assert [f.result().status_code for f in first] == [200, 200]
-        assert client.app.state.limits.in_flight == 0
+        assert app_state(client.app).limits.in_flight == 0
         assert _post(client).status_code == 200  # slots were given back
         assert _post(client, stream="true").status_code == 200
-        assert client.app.state.limits.in_flight == 0  # streams give theirs back too
+        assert app_state(client.app).limits.in_flight == 0  # streams give theirs back too
 
 
 def test_deadline_gives_504_that_the_sdk_will_not_retry():
@@ -195,7 +197,7 @@ def test_deadline_gives_504_that_the_sdk_will_not_retry():
     assert r.json()["error"]["code"] == "timeout"
 
 
-@pytest.mark.parametrize("reason, status", [("out_of_memory", 503), ("RuntimeError", 500)])
+@pytest.mark.parametrize("reason, status", [(ErrorCode.out_of_memory, 503), (ErrorCode.failed, 500)])
 def test_model_failures(reason, status):
     with _app(_Failing(CATALOG["whisper-tiny"], reason)) as client:
         r = _post(client)

@@ -15,6 +15,7 @@ import torch
 from fastapi.testclient import TestClient
 
 from openstt.api.app import create_app
+from openstt.api.state import app_state
 from openstt.audio import decode_audio
 from openstt.bootstrap import StartupError, load_settings
 from openstt.catalog import CATALOG
@@ -91,7 +92,7 @@ def test_bad_aliases_stop_startup(clean_env, aliases, message):
 @pytest.fixture()
 def routed():
     app = create_app()
-    app.state.registry = ModelRegistry([_Named(CATALOG[n]) for n in ("whisper-base", "whisper-small")],
+    app_state(app).registry = ModelRegistry([_Named(CATALOG[n]) for n in ("whisper-base", "whisper-small")],
                                        "whisper-base", {"gpt-4o-transcribe": "whisper-small"})
     with TestClient(app) as c:
         yield c
@@ -133,7 +134,7 @@ def test_aliases_never_hide_the_model(routed, caplog):
 
 
 def test_alias_of_an_unloaded_model_says_so(routed):
-    routed.app.state.registry.remove("whisper-small")
+    app_state(routed.app).registry.remove("whisper-small")
     r = routed.post("/v1/audio/transcriptions", data={"model": "gpt-4o-transcribe"}, files=fox_file())
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
     assert "alias of `whisper-small`, which is not loaded" in r.json()["error"]["message"]
@@ -158,12 +159,12 @@ def test_languages_restrict_detection(base_engine):
 
 def test_languages_apply_per_window_in_a_mixed_batch(base_engine):
     """Rows with and without candidates decoded in one batch each keep their own restriction."""
-    from openstt.engines.jobs import WindowJob
+    from openstt.model_service import WindowJob
 
     french = audio_of("fr/bonjour_monde")
-    results = base_engine.core.decode_windows([WindowJob(french, [], "transcribe", None, 0.0),
-                                               WindowJob(french, [], "transcribe", None, 0.0, ["es", "it"]),
-                                               WindowJob(french, [], "transcribe", None, 0.0, ["fr", "de"])])
+    results = base_engine.core.decode_windows([
+        WindowJob(audio=french, prompt=[], task="transcribe", language=None, temperature=0.0, languages=languages)
+        for languages in ([], ["es", "it"], ["fr", "de"])])
     assert results[0].language == "fr" and results[1].language in ("es", "it") and results[2].language == "fr"
 
 

@@ -75,6 +75,21 @@ def test_invalid_configuration_stops_startup(monkeypatch, env, message):
     assert message in str(err.value.code)
 
 
+def test_one_settings_object_per_process(monkeypatch):
+    from openstt.bootstrap import get_settings
+
+    get_settings.cache_clear()
+    try:
+        with pytest.raises(StartupError, match="no model configured"):  # invalid: refused at every call
+            get_settings()
+        monkeypatch.setenv("OPEN_STT_MODELS", "whisper-tiny.en")
+        first = get_settings()
+        monkeypatch.setenv("OPEN_STT_MODELS", "whisper-base")
+        assert get_settings() is first and first.models == ["whisper-tiny.en"]  # built once, then kept
+    finally:
+        get_settings.cache_clear()
+
+
 def test_flags_win_over_env():
     env = {"OPEN_STT_MODELS": "whisper-base", "OPEN_STT_PORT": "1234", "OPEN_STT_API_KEY": "sk-env"}
     args = build_parser().parse_args(["--model", "whisper-tiny.en", "--model", "whisper-tiny", "--port", "8081",

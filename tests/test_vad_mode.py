@@ -7,7 +7,6 @@ service runs; the live-server tests send the same audio through the official SDK
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import io
 import wave
 
@@ -17,9 +16,10 @@ import pytest
 
 from openstt.audio import SAMPLE_RATE, decode_audio
 from openstt.engines import TranscribeOptions
-from openstt.engines.jobs import DecodeResult, LoopState, WindowJob, needs_fallback
+from openstt.engines.jobs import LoopState, needs_fallback
 from openstt.engines.vad_chunked import adrive_chunks, drive_chunks
 from openstt.evaluation import ASTERISK_SOUNDS, asterisk_prompts, long_english_clip, wer
+from openstt.model_service import DecodeResult, WindowJob
 from openstt.vad import VadOptions
 from tests.conftest import API_KEY
 
@@ -125,7 +125,7 @@ def test_chunks_are_decoded_together(tiny_en_engine, speech_with_gap, monkeypatc
     batches.clear()
     state = LoopState(language=None)
     options = TranscribeOptions(vad=VAD)
-    list(drive_chunks(audio, options, lambda a: frontend.loop.run(a, options, state), core))
+    list(drive_chunks(audio, options, lambda a: frontend.loop.run(a, options, state), core, max_batch=16))
     assert len(batches[0]) == 1 and batches[0][0].language is None
     assert all(job.language == "en" for b in batches[1:] for job in b) and len(batches[1]) >= 2
 
@@ -191,7 +191,7 @@ def test_async_driver_batches_streams_in_order_and_cancels(tiny_en_engine, speec
             calls.append(job)
             return await decode(job, 0.0 if len(calls) == 1 else 30.0)
 
-        gen = adrive_chunks(audio, options, lambda a: frontend.loop.run(a, options, state), slow, align)
+        gen = adrive_chunks(audio, options, lambda a: frontend.loop.run(a, options, state), slow, align, 16)
         first = await asyncio.wait_for(gen.__anext__(), 20)
         await gen.aclose()
         return first
@@ -263,11 +263,13 @@ def test_repeated_speech_is_not_taken_for_a_loop():
     """Cutting the pauses out packs a phrase said again and again into one chunk, whose text then
     compresses like a loop. In a speech-only window that alone does not send it down the fallback
     ladder (sampled rows to the token limit); running to the token limit as well does."""
-    job = WindowJob(np.zeros(16000, np.float32), [], "transcribe", "en", 0.0, fallback=[0.2], speech_only=True)
-    result = DecodeResult([1, 2], [-0.1, -0.1], -0.2, -0.4, 0.01, 0.0, "en", compression_ratio=2.7)
+    job = WindowJob(audio=np.zeros(16000, np.float32), prompt=[], task="transcribe", language="en", temperature=0.0,
+                    fallback=[0.2], speech_only=True)
+    result = DecodeResult(tokens=[1, 2], token_logprobs=[-0.1, -0.1], avg_logprob=-0.2, sum_logprob=-0.4,
+                          no_speech_prob=0.01, temperature=0.0, language="en", compression_ratio=2.7)
     assert not needs_fallback(result, job)
-    assert needs_fallback(dataclasses.replace(result, truncated=True), job)
-    assert needs_fallback(result, dataclasses.replace(job, speech_only=False))  # sequential: Whisper's rule
+    assert needs_fallback(result.model_copy(update={"truncated": True}), job)
+    assert needs_fallback(result, job.model_copy(update={"speech_only": False}))  # sequential: Whisper's rule
 
 
 def test_repeated_prompts_decode_once_in_vad_mode(tiny_en_engine):

@@ -25,9 +25,9 @@ from openstt.audio import SAMPLE_RATE, decode_audio
 from openstt.catalog import CATALOG
 from openstt.engines import TranscribeOptions, UnsupportedRequest, load_engine, load_frontend
 from openstt.engines.chunking import plan_chunks
-from openstt.engines.jobs import WindowJob
 from openstt.evaluation import english_clip, long_english_clip
 from openstt.hub import install_snapshot, resolve_model
+from openstt.model_service import WindowJob
 from tests.conftest import Server, clip, encode, free_port, needs_asterisk, server_env
 from tests.voxtral_checkpoint import build_voxtral
 
@@ -77,8 +77,10 @@ def test_chunks_of_real_speech_cut_in_quiet_moments():
 
 def test_processor_template_and_features_come_from_the_checkpoint(engine):
     audio = decode_audio(clip("en/quick_brown_fox").read_bytes())
-    batch = engine.core.inputs([WindowJob(audio, [], "transcribe", "fr", 0.0),
-                                WindowJob(audio[: SAMPLE_RATE], [], "transcribe", None, 0.0)], "transcribe")
+    batch = engine.core.inputs([
+        WindowJob(audio=audio, prompt=[], task="transcribe", language="fr", temperature=0.0),
+        WindowJob(audio=audio[: SAMPLE_RATE], prompt=[], task="transcribe", language=None, temperature=0.0)],
+        "transcribe")
     assert tuple(batch["input_features"].shape) == (2, 128, 3000)  # Voxtral's 128 mel bins
     tokenizer = engine.core.processor.tokenizer
     first = tokenizer.decode(batch["input_ids"][0].tolist())
@@ -86,7 +88,8 @@ def test_processor_template_and_features_come_from_the_checkpoint(engine):
     assert "[BEGIN_AUDIO]" in first and first.rstrip().endswith("lang:fr[TRANSCRIBE]")
     assert second.rstrip().endswith("[/INST][TRANSCRIBE]")  # no language: Voxtral detects it
     assert (batch["input_ids"] == 24).sum() == 2 * 375  # one 30 s encoder window = 375 audio tokens each
-    translate = engine.core.inputs([WindowJob(audio, [], "translate", None, 0.0)], "translate")
+    translate = engine.core.inputs(
+        [WindowJob(audio=audio, prompt=[], task="translate", language=None, temperature=0.0)], "translate")
     assert "Translate this audio into English" in tokenizer.decode(translate["input_ids"][0].tolist())
 
 
@@ -106,9 +109,10 @@ def test_long_audio_becomes_one_segment_per_chunk(engine):
 @needs_asterisk
 def test_batched_chunks_match_one_by_one(engine):
     audio, _ = long_english_clip(30)
-    jobs = [WindowJob(audio[: 8 * SAMPLE_RATE], [], "transcribe", "en", 0.0),
-            WindowJob(audio[8 * SAMPLE_RATE: 20 * SAMPLE_RATE], [], "transcribe", None, 0.0),
-            WindowJob(audio[: 5 * SAMPLE_RATE], [], "translate", None, 0.0)]
+    jobs = [WindowJob(audio=audio[: 8 * SAMPLE_RATE], prompt=[], task="transcribe", language="en", temperature=0.0),
+            WindowJob(audio=audio[8 * SAMPLE_RATE: 20 * SAMPLE_RATE], prompt=[], task="transcribe", language=None,
+                      temperature=0.0),
+            WindowJob(audio=audio[: 5 * SAMPLE_RATE], prompt=[], task="translate", language=None, temperature=0.0)]
     together = engine.core.decode_windows(jobs)
     alone = [engine.core.decode_windows([job])[0] for job in jobs]
     for a, b in zip(together, alone):
@@ -238,8 +242,10 @@ def test_recorded_logprobs_equal_transformers_transition_scores(engine):
     from openstt.engines.voxtral import ChosenLogprobs
 
     audio = _noise(7, seed=1)
-    batch = engine.core.inputs([WindowJob(audio, [], "transcribe", "en", 0.0),
-                                WindowJob(audio[: 3 * SAMPLE_RATE], [], "transcribe", None, 0.0)], "transcribe")
+    batch = engine.core.inputs([
+        WindowJob(audio=audio, prompt=[], task="transcribe", language="en", temperature=0.0),
+        WindowJob(audio=audio[: 3 * SAMPLE_RATE], prompt=[], task="transcribe", language=None, temperature=0.0)],
+        "transcribe")
     recorder = ChosenLogprobs()
     out = engine.model.generate(**batch, max_new_tokens=20, do_sample=False, pad_token_id=11, eos_token_id=2,
                                 logits_processor=LogitsProcessorList([recorder]), return_dict_in_generate=True,

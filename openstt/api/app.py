@@ -1,7 +1,8 @@
 """The FastAPI app with OpenAI's audio and model routes.
 
 The app is built once per process; the service attaches the loaded ``ModelRegistry`` (and the
-settings) to ``app.state`` when its models are ready. Until then, routes answer 503.
+settings) to its ``AppState`` (``openstt.api.state``) when its models are ready. Until then,
+routes answer 503.
 """
 
 from __future__ import annotations
@@ -36,23 +37,22 @@ from openstt.api.limits import (
     unless_disconnected,
 )
 from openstt.api.middleware import ApiKeyMiddleware, MaxBodySizeMiddleware, RequestIdMiddleware
-from openstt.audio import AudioError, decode_audio
-from openstt.batching import MODEL_NOT_LOADED
+from openstt.api.state import AppState, app_state
+from openstt.audio import SAMPLE_RATE, AudioError, decode_audio
 from openstt.engines.base import Segment, TranscribeOptions, TranscriptionRun, UnsupportedRequest
-from openstt.engines.jobs import ModelFailure
 from openstt.formats import delta_event, done_event, error_event, render, sse, token_usage
 from openstt.metrics import metrics
+from openstt.model_service import ErrorCode, ModelFailure
 from openstt.registry import ModelRegistry, UnknownModel
 from openstt.vad import VadOptions
 
 log = logging.getLogger("openstt.api")
 
 OWNER = "open-stt-server"
-DEFAULT_MAX_UPLOAD_BYTES = 25 * 1024 * 1024  # OpenAI's limit, on the whole request body
 
 
 def _registry(request: Request) -> ModelRegistry:
-    registry = getattr(request.app.state, "registry", None)
+    registry = app_state(request.app).registry
     if registry is None:
         raise OpenAIError(503, "The server is still loading its models; retry shortly.", type="server_error",
                           headers={"retry-after": "5"})
@@ -61,16 +61,14 @@ def _registry(request: Request) -> ModelRegistry:
 
 async def _models_ready(app: FastAPI) -> bool:
     """Whether the process holding the weights answers (always, when they are in-process)."""
-    if getattr(app.state, "models_ready_cached", False):
-        return True
-    probe = getattr(app.state, "models_ready", None)
-    if probe is None:
+    state = app_state(app)
+    if state.models_ready_cached or state.models_ready is None:
         return True
     try:
-        ready = bool(await asyncio.wait_for(probe(), timeout=5))
+        ready = bool(await asyncio.wait_for(state.models_ready(), timeout=5))
     except Exception:  # not up yet: connection refused, timeout
         return False
-    app.state.models_ready_cached = ready
+    state.models_ready_cached = ready
     return ready
 
 
@@ -122,10 +120,10 @@ def _client_error(exc: Exception) -> OpenAIError:
 
 
 def _model_failure(exc: ModelFailure, request_id: str | None, model: str = "") -> OpenAIError:
-    if exc.reason == MODEL_NOT_LOADED:
+    if exc.code == ErrorCode.model_not_loaded:
         return OpenAIError(404, f"The model `{model}` was unloaded while this request was in progress.",
                            param="model", code="model_not_found")
-    if exc.reason == "out_of_memory":
+    if exc.code == ErrorCode.out_of_memory:
         return OpenAIError(503, "The model ran out of memory on this request. Retry later or send shorter audio.",
                            type="server_error", code="model_out_of_memory", headers={"retry-after": "10"})
     return internal_error(request_id)
@@ -133,7 +131,7 @@ def _model_failure(exc: ModelFailure, request_id: str | None, model: str = "") -
 
 async def _transcribe(request: Request, task: str) -> Response:
     registry = _registry(request)
-    limits: Limits = request.app.state.limits
+    limits: Limits = app_state(request.app).limits
     route = "transcriptions" if task == "transcribe" else "translations"
     slot = limits.try_acquire(route)
     if slot is None:
@@ -179,10 +177,11 @@ async def _transcribe_admitted(request: Request, registry: ModelRegistry, limits
     try:
         # Decoding and inference run in worker threads so the event loop (and /health) stay free.
         audio = await run_in_threadpool(decode_audio, req.file.file, max_duration=limits.max_audio_seconds)
-        slot.audio_seconds = len(audio) / 16000
+        slot.audio_seconds = len(audio) / SAMPLE_RATE
         # the server's default beam size is Whisper's; other families decode without beams
-        beam_size = request.app.state.beam_size if engine.spec.family == "whisper" else 1
-        run = await run_in_threadpool(engine.start, audio, _options(req, request.app.state.long_form, beam_size))
+        state = app_state(request.app)
+        beam_size = state.beam_size if engine.spec.family == "whisper" else 1
+        run = await run_in_threadpool(engine.start, audio, _options(req, state.long_form, beam_size))
     except (AudioError, UnsupportedRequest) as exc:
         raise _client_error(exc) from None
     finally:
@@ -315,7 +314,7 @@ def _audio_openapi(task: str) -> dict:
 def _manager(request: Request):
     """The runtime model management, or a clear 403 when this server does not allow it."""
     _registry(request)
-    manager = getattr(request.app.state, "model_manager", None)
+    manager = app_state(request.app).model_manager
     if manager is None or not manager.enabled:
         from openstt.model_manager import DISABLED_MESSAGE
 
@@ -325,33 +324,28 @@ def _manager(request: Request):
 
 @contextlib.asynccontextmanager
 async def _lifespan(app: FastAPI):
-    manager = getattr(app.state, "model_manager", None)
+    # BentoML enters a mounted app's lifespan after the service's __init__ has attached the manager
+    manager = app_state(app).model_manager
     if manager is not None:
-        manager.start()  # the idle checker (already running if the service started it)
+        manager.start()  # the idle checker: started here only
     yield
-    manager = getattr(app.state, "model_manager", None)
+    manager = app_state(app).model_manager
     if manager is not None:
         await manager.stop()
 
 
 def create_app() -> FastAPI:
-    """Build the app; attach ``app.state.registry`` (and ``api_keys``, ``max_upload_bytes``) to serve."""
+    """Build the app; set ``app_state(app).registry`` (``bootstrap.attach`` does, with the settings) to serve."""
     app = FastAPI(title="open-stt", version="0.1.0", docs_url="/docs", redoc_url=None, lifespan=_lifespan)
-    app.state.registry = None
-    app.state.model_manager = None
-    app.state.api_keys = []
-    app.state.max_upload_bytes = DEFAULT_MAX_UPLOAD_BYTES
-    app.state.long_form = "vad"
-    app.state.beam_size = 1
-    app.state.limits = Limits()
+    app.state.openstt = AppState()
     install_error_handlers(app)
-    app.add_middleware(MaxBodySizeMiddleware, max_bytes=lambda: app.state.max_upload_bytes)
-    app.add_middleware(ApiKeyMiddleware, keys=lambda: app.state.api_keys)
+    app.add_middleware(MaxBodySizeMiddleware, max_bytes=lambda: app_state(app).max_upload_bytes)
+    app.add_middleware(ApiKeyMiddleware, keys=lambda: app_state(app).api_keys)
     app.add_middleware(RequestIdMiddleware)
 
     @app.get("/health")
     async def health(request: Request) -> JSONResponse:
-        if getattr(request.app.state, "registry", None) is None or not await _models_ready(request.app):
+        if app_state(request.app).registry is None or not await _models_ready(request.app):
             return JSONResponse({"status": "loading"}, status_code=503)
         return JSONResponse({"status": "ok"})
 

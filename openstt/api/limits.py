@@ -15,6 +15,7 @@ from fastapi.responses import StreamingResponse
 from starlette.types import Receive
 
 from openstt.metrics import metrics
+from openstt.settings import MAX_AUDIO_SECONDS, MAX_CONCURRENT_REQUESTS, REQUEST_TIMEOUT_S
 
 log = logging.getLogger("openstt.api")
 T = TypeVar("T")
@@ -27,9 +28,9 @@ CLIENT_CLOSED_REQUEST = 499
 class Limits:
     """Per-process admission control and deadlines for transcriptions."""
 
-    max_in_flight: int = 64
-    max_audio_seconds: float = 7200.0
-    request_timeout: float = 3600.0
+    max_in_flight: int = MAX_CONCURRENT_REQUESTS
+    max_audio_seconds: float = MAX_AUDIO_SECONDS
+    request_timeout: float = REQUEST_TIMEOUT_S
     in_flight: int = 0
 
     def try_acquire(self, route: str) -> Slot | None:

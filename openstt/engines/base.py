@@ -5,11 +5,15 @@ from __future__ import annotations
 import abc
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from openstt.catalog import ModelSpec
 from openstt.vad import VadOptions
+
+if TYPE_CHECKING:
+    from openstt.model_service import Core
 
 # Whisper's fallback ladder: start at the requested temperature, step up on failure.
 TEMPERATURE_STEP = 0.2
@@ -47,7 +51,6 @@ class Word:
     word: str
     start: float
     end: float
-    probability: float = 0.0
 
 
 @dataclass
@@ -141,6 +144,9 @@ class Engine(abc.ABC):
     """
 
     supports_word_timestamps = True
+    # The weights' side, on an engine that holds them: what the model service decodes windows
+    # with (``openstt.model_service``); None on the API side's engines.
+    core: Core | None = None
 
     def __init__(self, spec: ModelSpec):
         self.spec = spec
@@ -151,7 +157,8 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     def start(self, audio: np.ndarray, options: TranscribeOptions) -> TranscriptionRun:
-        """Validate the request, detect the language if needed, and return a lazy run."""
+        """Validate the request and return a lazy run: nothing is decoded until its segments are
+        read (a language not given is detected by the model side, on the first window)."""
 
     def transcribe(self, audio: np.ndarray, options: TranscribeOptions) -> Transcript:
         """Transcribe (or translate) one clip completely."""

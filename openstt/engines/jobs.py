@@ -3,78 +3,26 @@
 Every engine splits a transcription in two: a sans-IO *loop* (a generator that yields a
 ``WindowJob`` or ``AlignJob`` whenever it needs the model and yields finished ``Segment``s in
 between) and a *core* that holds the weights and answers jobs in batches. ``drive`` connects the
-two in one process; ``adrive`` sends the jobs to the batching model service (``openstt.batching``).
+two in one process; ``adrive`` sends the jobs to the batching model service. The jobs and their
+answers are the model service's messages (``openstt.model_service``).
 """
 
 from __future__ import annotations
 
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterator
-from dataclasses import dataclass, field
-from typing import Protocol
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from openstt.audio import SAMPLE_RATE
 from openstt.engines.base import Engine, Segment, TranscribeOptions, TranscriptionRun, Word
+from openstt.model_service import AlignJob, Core, DecodeResult, WindowJob
+from openstt.settings import default_batch_windows
 
-
-@dataclass
-class WindowJob:
-    """One window of audio to decode (at most 30 s for Whisper, one chunk for Voxtral): what a
-    transcription asks of the model, and the unit that is batched across requests."""
-
-    audio: np.ndarray  # at most 30 s of 16 kHz float32
-    prompt: list[int]  # previous text tokens (context)
-    task: str
-    language: str | None  # None: detect it from this window
-    temperature: float
-    languages: list[str] = field(default_factory=list)  # detection candidates (empty: any)
-    # Whisper's fallback ladder, run by the model service on the window's one encoding: the
-    # temperatures to try after ``temperature`` while the result looks like a loop (compression
-    # ratio above the threshold) or garbage (average logprob below it), unless it is silence.
-    fallback: list[float] = field(default_factory=list)
-    compression_ratio_threshold: float | None = 2.4
-    logprob_threshold: float | None = -1.0
-    no_speech_threshold: float | None = 0.6
-    # Speech only (a VAD chunk): its text may well repeat itself (the silences between repeated
-    # phrases are cut out), so a high compression ratio counts as a loop only when decoding also
-    # ran to the token limit without ending, as a real loop does.
-    speech_only: bool = False
-    beam_size: int = 1  # beam search at temperature 0 when > 1 (sampled fallbacks use best-of)
-
-
-@dataclass
-class DecodeResult:
-    tokens: list[int]  # sampled tokens without eot (text and timestamps)
-    token_logprobs: list[float]
-    avg_logprob: float
-    sum_logprob: float
-    no_speech_prob: float
-    temperature: float
-    language: str
-    compression_ratio: float = 0.0
-    truncated: bool = False  # decoding hit the token limit without end-of-text
-    error: str | None = None  # set when this item failed; its batch-mates are unaffected
-
-
-@dataclass
-class AlignJob:
-    """Word timing for the segments of one decoded window."""
-
-    audio: np.ndarray
-    language: str
-    task: str
-    segment_tokens: list[list[int]]  # text tokens of each segment
-    num_frames: int
-
-
-class ModelFailure(RuntimeError):
-    """The model could not decode a window (``reason`` is e.g. ``out_of_memory``)."""
-
-    def __init__(self, reason: str, at_seconds: float = 0.0):
-        super().__init__(f"decoding the window at {at_seconds:.1f} s failed: {reason}")
-        self.reason = reason
+if TYPE_CHECKING:
+    from openstt.device import Placement
 
 
 # A window whose loudest sample is below -60 dBFS holds no speech. Whisper, fed digital silence,
@@ -122,20 +70,11 @@ def compression_ratio(text: str) -> float:
     return len(data) / len(zlib.compress(data)) if data else 0.0
 
 
-class Core(Protocol):
-    """The model side of an engine: decodes windows of any requests together."""
-
-    def decode_windows(self, jobs: list[WindowJob]) -> list[DecodeResult]: ...
-
-    def align(self, job: AlignJob) -> list[list[Word]]: ...
-
-
 @dataclass
 class LoopState:
     """What a running transcription has learnt so far (the language, once detected)."""
 
     language: str | None = None
-    extra: dict = field(default_factory=dict)
 
 
 def drive(loop: Generator, core: Core) -> Iterator[Segment]:
@@ -184,7 +123,9 @@ class InProcessEngine(Engine):
 
     frontend: object  # has check(options), new_state(options), loop, supports_word_timestamps
     core: Core
-    max_batch_windows = 16  # windows decoded together in VAD-chunked mode
+    # Windows decoded together in VAD-chunked mode (None: the device's default, see openstt.settings).
+    max_batch_windows: int | None = None
+    placement: Placement
 
     @property
     def supports_word_timestamps(self) -> bool:  # type: ignore[override]
@@ -196,8 +137,9 @@ class InProcessEngine(Engine):
         if options.vad is not None:
             from openstt.engines.vad_chunked import drive_chunks
 
+            batch = self.max_batch_windows or default_batch_windows(self.placement.device.type)
             segments = drive_chunks(audio, options, lambda chunk: self.frontend.loop.run(chunk, options, state),
-                                    self.core, self.max_batch_windows)
+                                    self.core, batch)
         else:
             segments = drive(self.frontend.loop.run(audio, options, state), self.core)
         return TranscriptionRun(state=state, duration=len(audio) / SAMPLE_RATE, segments=segments)

@@ -26,7 +26,8 @@ import numpy as np
 
 from openstt.audio import SAMPLE_RATE
 from openstt.engines.base import Segment, TranscribeOptions, Word
-from openstt.engines.jobs import AlignJob, Core, DecodeResult, WindowJob, adrive
+from openstt.engines.jobs import adrive
+from openstt.model_service import AlignJob, Core, DecodeResult, WindowJob
 from openstt.vad import Chunk, VadOptions, speech_chunks
 
 CHUNK_SECONDS = 30.0  # Whisper's window: a chunk decodes as one window
@@ -53,7 +54,7 @@ def to_file(segment: Segment, chunk: Chunk, duration: float) -> Segment:
     def at(seconds: float, is_end: bool = False) -> float:
         return round(min(chunk.to_file_seconds(seconds, is_end=is_end), duration), 3)
 
-    words = [Word(w.word, at(w.start), max(at(w.end, True), at(w.start)), w.probability) for w in segment.words]
+    words = [Word(w.word, at(w.start), max(at(w.end, True), at(w.start))) for w in segment.words]
     start, end = at(segment.start), at(segment.end, True)
     return dataclasses.replace(segment, seek=chunk.start // HOP, start=start, end=max(end, start), words=words)
 
@@ -82,7 +83,7 @@ class _Ordered:
 
 
 def drive_chunks(audio: np.ndarray, options: TranscribeOptions, make_loop: MakeLoop, core: Core,
-                 max_batch: int = 16) -> Iterator[Segment]:
+                 max_batch: int) -> Iterator[Segment]:
     """VAD-chunked transcription in-process: the chunks' loops advance together, their pending
     windows decoded by ``core`` in batches of up to ``max_batch``."""
     chunks = plan(audio, options.vad or VadOptions())
@@ -135,7 +136,7 @@ def _advance(loops: dict[int, Loop], i: int, replies: dict, outputs: dict[int, l
 async def adrive_chunks(audio: np.ndarray, options: TranscribeOptions, make_loop: MakeLoop,
                         decode: Callable[[WindowJob], Awaitable[DecodeResult]],
                         align: Callable[[AlignJob], Awaitable[list[list[Word]]]],
-                        max_in_flight: int = 16) -> AsyncIterator[Segment]:
+                        max_in_flight: int) -> AsyncIterator[Segment]:
     """VAD-chunked transcription against the batching model service: every chunk's loop runs as
     its own task, at most ``max_in_flight`` windows of this request in flight (so one long file
     keeps batches full without flooding the model service's queue). Segments are yielded in audio

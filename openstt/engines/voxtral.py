@@ -29,16 +29,8 @@ from openstt.audio import SAMPLE_RATE
 from openstt.device import Placement, quantize_int8
 from openstt.engines.base import Segment, TokenLogprob, TranscribeOptions, UnsupportedRequest, Word
 from openstt.engines.chunking import plan_chunks
-from openstt.engines.jobs import (
-    AlignJob,
-    DecodeResult,
-    InProcessEngine,
-    LoopState,
-    ModelFailure,
-    WindowJob,
-    compression_ratio,
-    is_silent,
-)
+from openstt.engines.jobs import InProcessEngine, LoopState, compression_ratio, is_silent
+from openstt.model_service import AlignJob, DecodeResult, ModelFailure, WindowJob
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +38,7 @@ log = logging.getLogger(__name__)
 # request; 30 s chunks keep segment times useful for subtitles and batch like Whisper windows.
 DEFAULT_CHUNK_SECONDS = 30.0
 # Generation budget per chunk: fast speech is ~5 tokens/s; non-Latin scripts need more.
-TOKENS_PER_SECOND = 12
+TEXT_TOKENS_PER_SECOND = 12
 MIN_NEW_TOKENS = 32
 TRANSLATE_INSTRUCTION = "Translate this audio into English. Reply with the translation only."
 UNKNOWN_LANGUAGE = "unknown"  # Voxtral does not report the language it heard
@@ -160,8 +152,9 @@ class VoxtralCore:
         from transformers import LogitsProcessorList
 
         recorder = ChosenLogprobs()
-        sequences = self.model.generate(**batch, max_new_tokens=int(longest * TOKENS_PER_SECOND) + MIN_NEW_TOKENS,
-                                        pad_token_id=self.pad, eos_token_id=self.tokens.eos,
+        budget = int(longest * TEXT_TOKENS_PER_SECOND) + MIN_NEW_TOKENS
+        sequences = self.model.generate(**batch, max_new_tokens=budget, pad_token_id=self.pad,
+                                        eos_token_id=self.tokens.eos,
                                         logits_processor=LogitsProcessorList([recorder]), **sampling)
         prompt_len = batch["input_ids"].shape[1]
         scores = recorder.finish(sequences, prompt_len)
@@ -205,7 +198,8 @@ class ChunkLoop:
                 continue
             result = None
             for temperature in options.temperatures():
-                result = yield WindowJob(chunk, [], options.task, options.language, temperature)
+                result = yield WindowJob(audio=chunk, prompt=[], task=options.task, language=options.language,
+                                         temperature=temperature)
                 if result.error:
                     raise ModelFailure(result.error, start / SAMPLE_RATE)
                 if result.compression_ratio <= options.compression_ratio_threshold:

@@ -21,17 +21,8 @@ from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
 from openstt.audio import SAMPLE_RATE
 from openstt.engines.base import Segment, TokenLogprob, TranscribeOptions, Word
-from openstt.engines.jobs import (
-    AlignJob,
-    DecodeResult,
-    LoopState,
-    ModelFailure,
-    WindowJob,
-    compression_ratio,
-    is_silent,
-    needs_fallback,
-    settle,
-)
+from openstt.engines.jobs import LoopState, compression_ratio, is_silent, needs_fallback, settle
+from openstt.model_service import AlignJob, DecodeResult, ModelFailure, WindowJob
 
 HOP_LENGTH = 160
 N_FRAMES = 3000  # mel frames in one 30 s window
@@ -95,7 +86,18 @@ def _byte_decoder() -> dict[str, int]:
 _BYTE_DECODER = _byte_decoder()
 
 
-class WhisperCore:
+class Detokenizer:
+    """``text_of`` for the model side and the loop alike (both have a ``tokenizer`` and a ``table``)."""
+
+    tokenizer: object
+    table: TokenTable
+
+    def text_of(self, tokens: list[int]) -> str:
+        """The text of ``tokens``, timestamps and other special tokens left out."""
+        return self.tokenizer.decode([tok for tok in tokens if tok < self.table.eot])
+
+
+class WhisperCore(Detokenizer):
     """The model side: batched encoder + KV-cached decoder over windows of any requests.
 
     Thread-safe: one batch runs at a time per model."""
@@ -103,6 +105,7 @@ class WhisperCore:
     def __init__(self, model, processor, table: TokenTable, multilingual: bool, device: torch.device,
                  dtype: torch.dtype, aligner=None):
         self.model, self.processor, self.table = model, processor, table
+        self.tokenizer = processor.tokenizer
         self.multilingual = multilingual
         self.device, self.dtype = device, dtype
         self.n_text_ctx = model.config.max_target_positions
@@ -428,11 +431,8 @@ class WhisperCore:
             return self.aligner(encoded, job.segment_tokens, job.num_frames,
                                 self.sot_sequence(job.language, job.task), job.language)
 
-    def text_of(self, tokens: list[int]) -> str:
-        return self.processor.tokenizer.decode([tok for tok in tokens if tok < self.table.eot])
 
-
-class WindowLoop:
+class WindowLoop(Detokenizer):
     """Whisper's long-form procedure over windows, free of model calls.
 
     ``run`` is a generator that yields a ``WindowJob`` or ``AlignJob`` whenever it needs the model
@@ -450,9 +450,6 @@ class WindowLoop:
         if not keywords:
             return []
         return self.tokenizer.encode(" " + ", ".join(keywords), add_special_tokens=False)
-
-    def text_of(self, tokens: list[int]) -> str:
-        return self.tokenizer.decode([tok for tok in tokens if tok < self.table.eot])
 
     def logprob_entries(self, tokens: list[int], logprobs: list[float]) -> list[TokenLogprob]:
         out = []
@@ -491,8 +488,9 @@ class WindowLoop:
             context = all_tokens[prompt_reset_since:][-context_budget:] if context_budget > 0 else []
             temperatures = options.temperatures()
             result = yield WindowJob(
-                chunk, keywords + context, options.task, state.language, temperatures[0], list(options.languages),
-                fallback=list(temperatures[1:]), compression_ratio_threshold=options.compression_ratio_threshold,
+                audio=chunk, prompt=keywords + context, task=options.task, language=state.language,
+                temperature=temperatures[0], languages=list(options.languages), fallback=list(temperatures[1:]),
+                compression_ratio_threshold=options.compression_ratio_threshold,
                 logprob_threshold=options.logprob_threshold, no_speech_threshold=options.no_speech_threshold,
                 beam_size=options.beam_size, speech_only=options.vad is not None)
             if result.error:
@@ -543,8 +541,9 @@ class WindowLoop:
                     logprobs=self.logprob_entries(piece, piece_logprobs) if options.token_logprobs else [],
                 ))
             if window and options.word_timestamps:
-                words = yield AlignJob(chunk, state.language, options.task,
-                                       [[tok for tok in s.tokens if tok < t.eot] for s in window], segment_size)
+                words = yield AlignJob(audio=chunk, language=state.language, task=options.task,
+                                       segment_tokens=[[tok for tok in s.tokens if tok < t.eot] for s in window],
+                                       num_frames=segment_size)
                 for segment, segment_words in zip(window, words):
                     segment.words = [Word(w.word, round(time_offset + w.start, 3), round(time_offset + w.end, 3))
                                      for w in segment_words]

@@ -17,7 +17,7 @@ import torch
 
 from openstt.engines.base import Word
 
-TOKENS_PER_SECOND = 50  # encoder frames per second (20 ms each)
+ENCODER_FRAMES_PER_SECOND = 50  # 20 ms each
 MEDIAN_FILTER_WIDTH = 7
 PREPEND_PUNCTUATIONS = "\"'“¿([{-"
 APPEND_PUNCTUATIONS = "\"'.。,，!！?？:：”)]}、"
@@ -190,7 +190,7 @@ class CrossAttentionAligner:
             return out
         boundaries = np.pad(np.cumsum([len(w) for w in word_tokens[:-1]]), (1, 0))
         jumps = np.pad(np.diff(text_indices), (1, 0), constant_values=1).astype(bool)
-        jump_times = time_indices[jumps] / TOKENS_PER_SECOND
+        jump_times = time_indices[jumps] / ENCODER_FRAMES_PER_SECOND
         starts = jump_times[boundaries[:-1]]
         ends = jump_times[boundaries[1:]]
         timed = [_Timing(w, toks, float(s), float(e))

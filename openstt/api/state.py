@@ -1,0 +1,43 @@
+"""What the app serves with: one typed object on ``app.state``, read and written through ``app_state``."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from openstt.api.limits import Limits
+from openstt.settings import MAX_UPLOAD_BYTES, Settings
+
+if TYPE_CHECKING:
+    from starlette.applications import Starlette
+
+    from openstt.model_manager import ModelManager
+    from openstt.registry import ModelRegistry
+
+
+def _setting_default(name: str):
+    return Settings.model_fields[name].default
+
+
+@dataclass
+class AppState:
+    """Created with the app (``create_app``: defaults, no models); ``bootstrap.attach`` fills it
+    from the settings once the models are loaded. Tests set fields directly."""
+
+    registry: ModelRegistry | None = None  # None: still loading, the routes answer 503
+    model_manager: ModelManager | None = None  # runtime load/unload and the idle TTL (two-service layout)
+    api_keys: list[str] = field(default_factory=list)  # empty: no authentication
+    max_upload_bytes: int = MAX_UPLOAD_BYTES  # whole request body; 0: unchecked
+    long_form: str = _setting_default("long_form")  # "vad" or "sequential", without chunking_strategy
+    beam_size: int = _setting_default("beam_size")  # Whisper's, for requests without beam_size
+    limits: Limits = field(default_factory=Limits)
+    # The model service's readiness probe (two-service layout; None: the weights are in-process),
+    # and whether it has answered yes (then it is not asked again).
+    models_ready: Callable[[], Awaitable[bool]] | None = None
+    models_ready_cached: bool = False
+
+
+def app_state(app: Starlette) -> AppState:
+    """``app``'s state (``create_app`` sets it)."""
+    return app.state.openstt

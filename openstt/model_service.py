@@ -1,0 +1,271 @@
+"""The model service's protocol, defined once: its messages, its error codes, the functions that
+answer them next to the weights, and the client the API process calls it with.
+
+The API process runs each request's transcription loop and asks the model service (the process
+holding the weights, ``service.py``'s ``OpenSTTModels``) to decode each window (``WindowJob`` ->
+``DecodeResult``), to time the words of a decoded window (``AlignJob`` -> ``AlignReply``) and,
+for runtime model management, to load and unload weights (-> ``WeightsReply``). The message
+classes are at once the in-process form (what a loop yields, what an engine's ``Core`` answers)
+and the wire form (BentoML pickles them over a local socket), and a failure crosses as an
+``ErrorCode``, never as an exception to string-match.
+
+Model side: ``decode_batch`` and ``align_request``. API side: ``ModelServiceClient`` (over
+BentoML) and ``InMemoryModelService`` (the same functions in this process: tests, one process).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Protocol
+
+import bentoml
+import numpy as np
+from pydantic import Field, field_validator
+
+from openstt.engines.base import Engine, Word
+from openstt.metrics import metrics
+
+if TYPE_CHECKING:
+    from openstt.model_manager import WeightsManager
+
+log = logging.getLogger("openstt.model_service")
+
+
+class ErrorCode(str, enum.Enum):
+    """Why the model service could not answer; crosses the wire as itself."""
+
+    model_not_loaded = "model_not_loaded"  # not (any more) in the model service: unloaded while its request ran
+    out_of_memory = "out_of_memory"  # the device ran out of memory on this window (retryable)
+    failed = "failed"  # any other failure (logged with its traceback by the model service)
+    # loading weights at runtime
+    unknown_model = "unknown_model"
+    insufficient_memory = "insufficient_memory"  # the memory check refused it
+    not_available = "not_available"  # not in the cache, and downloading is off
+    download_failed = "download_failed"
+    unsupported_family = "unsupported_family"
+    default_model = "default_model"  # unloading the default model
+
+    def __str__(self) -> str:  # the code itself in messages and labels, on every Python version
+        return self.value
+
+
+def _float32(audio) -> np.ndarray:
+    return np.asarray(audio, dtype=np.float32)  # no copy when it is float32 already
+
+
+class WindowJob(bentoml.IODescriptor):
+    """One window of audio to decode (at most 30 s for Whisper, one chunk for Voxtral): what a
+    transcription asks of the model, and the unit that is batched across requests."""
+
+    audio: np.ndarray  # at most 30 s of 16 kHz float32
+    prompt: list[int]  # previous text tokens (context)
+    task: str
+    language: str | None  # None: detect it from this window
+    temperature: float
+    languages: list[str] = Field(default_factory=list)  # detection candidates (empty: any)
+    # Whisper's fallback ladder, run by the model service on the window's one encoding: the
+    # temperatures to try after ``temperature`` while the result looks like a loop (compression
+    # ratio above the threshold) or garbage (average logprob below it), unless it is silence.
+    fallback: list[float] = Field(default_factory=list)
+    compression_ratio_threshold: float | None = 2.4
+    logprob_threshold: float | None = -1.0
+    no_speech_threshold: float | None = 0.6
+    # Speech only (a VAD chunk): its text may well repeat itself (the silences between repeated
+    # phrases are cut out), so a high compression ratio counts as a loop only when decoding also
+    # ran to the token limit without ending, as a real loop does.
+    speech_only: bool = False
+    beam_size: int = 1  # beam search at temperature 0 when > 1 (sampled fallbacks use best-of)
+    model: str = ""  # the catalog model to decode with (set by the API side's engine)
+
+    _audio = field_validator("audio")(_float32)
+
+
+class DecodeResult(bentoml.IODescriptor):
+    tokens: list[int] = Field(default_factory=list)  # sampled tokens without eot (text and timestamps)
+    token_logprobs: list[float] = Field(default_factory=list)
+    avg_logprob: float = 0.0
+    sum_logprob: float = 0.0
+    no_speech_prob: float = 0.0
+    temperature: float = 0.0
+    language: str = "en"
+    compression_ratio: float = 0.0
+    truncated: bool = False  # decoding hit the token limit without end-of-text
+    error: ErrorCode | None = None  # set when this item failed; its batch-mates are unaffected
+
+
+class AlignJob(bentoml.IODescriptor):
+    """Word timing for the segments of one decoded window."""
+
+    audio: np.ndarray
+    language: str
+    task: str
+    segment_tokens: list[list[int]]  # text tokens of each segment
+    num_frames: int
+    model: str = ""
+
+    _audio = field_validator("audio")(_float32)
+
+
+class AlignReply(bentoml.IODescriptor):
+    words: list[list[Word]] = Field(default_factory=list)  # per segment, times relative to the window
+    error: ErrorCode | None = None
+
+
+class WeightsReply(bentoml.IODescriptor):
+    """The model service's answer to loading or unloading a model's weights."""
+
+    loaded: bool = False  # False with no error: it was loaded already
+    unloaded: bool = False  # False with no error: it was not loaded
+    created: int = 0  # when it was loaded (Unix time)
+    error: ErrorCode | None = None
+    message: str = ""  # for the client, path-free
+
+
+class ModelFailure(RuntimeError):
+    """The model could not answer a window (``code`` is e.g. ``ErrorCode.out_of_memory``)."""
+
+    def __init__(self, code: ErrorCode, at_seconds: float = 0.0):
+        super().__init__(f"decoding the window at {at_seconds:.1f} s failed: {code}")
+        self.code = code
+
+
+class Core(Protocol):
+    """The model side of an engine: decodes windows of any requests together."""
+
+    def decode_windows(self, jobs: list[WindowJob]) -> list[DecodeResult]: ...
+
+    def align(self, job: AlignJob) -> list[list[Word]]: ...
+
+
+# --- model side -----------------------------------------------------------------------------------
+
+def failure_reason(exc: BaseException) -> ErrorCode:
+    """A failed window's code; ``out_of_memory`` is retryable."""
+    import torch
+
+    if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower():
+        return ErrorCode.out_of_memory
+    return ErrorCode.failed
+
+
+def decode_batch(engines: Mapping[str, Engine], jobs: list[WindowJob]) -> list[DecodeResult]:
+    """Decode a batch of windows, grouped by model. A failing group is retried item by item so
+    that one bad window fails only its own request."""
+    replies: list[DecodeResult | None] = [None] * len(jobs)
+    groups: dict[str, list[int]] = {}
+    for i, job in enumerate(jobs):
+        groups.setdefault(job.model, []).append(i)
+    for model, indices in groups.items():
+        engine = engines.get(model)
+        core = engine.core if engine is not None else None
+        if core is None:
+            for i in indices:  # unloaded while its request ran
+                replies[i] = DecodeResult(error=ErrorCode.model_not_loaded)
+            continue
+        group = [jobs[i] for i in indices]
+        started = time.perf_counter()
+        try:
+            results = core.decode_windows(group)
+        except Exception:
+            log.exception("batch of %d windows for %s failed; retrying them one by one", len(group), model)
+            results = []
+            for job in group:
+                try:
+                    results.append(core.decode_windows([job])[0])
+                except Exception as exc:  # reported to the one request it belongs to
+                    log.exception("window for %s failed", model)
+                    results.append(DecodeResult(temperature=job.temperature, language=job.language or "en",
+                                                error=failure_reason(exc)))
+        elapsed = time.perf_counter() - started
+        log.debug("decoded batch of %d windows for %s in %.2f s", len(group), model, elapsed)
+        metrics().batch_windows.labels(model).observe(len(group))
+        metrics().window_seconds.labels(model).observe(elapsed)
+        for i, result in zip(indices, results):
+            replies[i] = result
+    return replies  # type: ignore[return-value]
+
+
+def align_request(engine: Engine | None, job: AlignJob) -> AlignReply:
+    """Word times for the segments of one window."""
+    core = engine.core if engine is not None else None
+    if core is None:
+        return AlignReply(error=ErrorCode.model_not_loaded)  # unloaded while its request ran
+    try:
+        return AlignReply(words=core.align(job))
+    except Exception as exc:  # reported to the request it belongs to
+        log.exception("aligning a window for %s failed", job.model)
+        return AlignReply(error=failure_reason(exc))
+
+
+# --- API side -------------------------------------------------------------------------------------
+
+async def call_with_reconnect(call: Callable[[], Awaitable], attempts: int = 3):
+    """Call the model service, retrying when a pooled keep-alive connection turns out to be closed.
+
+    The model service's server drops idle connections after a few seconds; a request that picks
+    such a connection fails with "Server disconnected" before the service saw it, so retrying is
+    safe (decoding a window has no side effects)."""
+    import aiohttp
+
+    for attempt in range(attempts):
+        try:
+            return await call()
+        except aiohttp.ClientConnectionError:
+            if attempt == attempts - 1:
+                raise
+            log.debug("model service connection dropped; retrying (%d)", attempt + 1)
+
+
+class ModelServiceClient:
+    """The API process's handle on the model service: ``service`` is the BentoML dependency
+    (``bentoml.depends(OpenSTTModels)``); every call survives a dropped keep-alive connection."""
+
+    def __init__(self, service):
+        self.service = service
+
+    async def decode(self, job: WindowJob) -> DecodeResult:
+        return (await call_with_reconnect(lambda: self.service.to_async.decode_windows([job])))[0]
+
+    async def align(self, job: AlignJob) -> AlignReply:
+        return await call_with_reconnect(lambda: self.service.to_async.align(job))
+
+    async def ready(self) -> bool:
+        return await call_with_reconnect(lambda: self.service.to_async.ready())
+
+    async def load(self, name: str) -> WeightsReply:
+        return await call_with_reconnect(lambda: self.service.to_async.load_model(name))
+
+    async def unload(self, name: str) -> WeightsReply:
+        return await call_with_reconnect(lambda: self.service.to_async.unload_model(name))
+
+
+class InMemoryModelService(ModelServiceClient):
+    """The model service in this process: the same functions on the engines holding the weights
+    that ``engines()`` returns by name (e.g. a ``ModelRegistry``'s ``engines``), each call in a
+    worker thread, one window per batch. Loading and unloading need ``weights``."""
+
+    def __init__(self, engines: Callable[[], Mapping[str, Engine]], weights: WeightsManager | None = None):
+        self.engines, self.weights = engines, weights
+
+    async def decode(self, job: WindowJob) -> DecodeResult:
+        return (await asyncio.to_thread(decode_batch, self.engines(), [job]))[0]
+
+    async def align(self, job: AlignJob) -> AlignReply:
+        return await asyncio.to_thread(align_request, self.engines().get(job.model), job)
+
+    async def ready(self) -> bool:
+        return True
+
+    async def load(self, name: str) -> WeightsReply:
+        if self.weights is None:
+            raise NotImplementedError("this model service cannot load models")
+        return await asyncio.to_thread(self.weights.load, name)
+
+    async def unload(self, name: str) -> WeightsReply:
+        if self.weights is None:
+            raise NotImplementedError("this model service cannot unload models")
+        return await asyncio.to_thread(self.weights.unload, name)
