@@ -6,7 +6,7 @@ the idle TTL (OPEN_STT_MODEL_IDLE_TTL) all go through ``ModelManager`` in the AP
 - load: the model service loads the weights (``WeightsManager.load``, downloading only with
   OPEN_STT_DOWNLOAD), then the API process builds the model's tokenizer-side frontend; only then
   is the model listed and servable. Concurrent loads of one model share one load (a lock per name).
-- unload: the model leaves the API registry first (new requests get 404 ``model_not_found``),
+- unload: the model leaves the API registry first (new requests get ``ModelNotFound``),
   requests already in flight on it may finish (up to ``drain_timeout``), then the model service
   drops the weights. A request still running after that gets a clean 404 (the model service
   answers its windows with ``model_not_loaded``).
@@ -14,6 +14,9 @@ the idle TTL (OPEN_STT_MODEL_IDLE_TTL) all go through ``ModelManager`` in the AP
   end: a request start counts as use, and a model with requests in flight is never idle (the model
   service only sees 30-second windows, with gaps between them). The default model is never
   unloaded, so ``whisper-1`` and default requests keep working.
+
+Failures are raised as ``openstt.errors`` exceptions (``ModelNotFound``, ``ModelLoadFailed``, ...);
+the API maps them to responses (``openstt.api.errors``).
 """
 
 from __future__ import annotations
@@ -26,19 +29,20 @@ import threading
 import time
 from collections.abc import Callable
 
-from openstt.api.errors import OpenAIError, model_not_found
-from openstt.catalog import CATALOG, OPENAI_ALIAS, ModelSpec, lookup
+from openstt.catalog import CATALOG, ModelSpec, lookup
 from openstt.device import release_freed_memory
 from openstt.engines.base import Engine
+from openstt.errors import (
+    DefaultModelPinned,
+    ModelIsAlias,
+    ModelLoadFailed,
+    ModelManagementDisabled,
+    ModelNotFound,
+)
 from openstt.model_service import ErrorCode, ModelServiceClient, WeightsReply
 from openstt.registry import ModelRegistry, load_weights
 
 log = logging.getLogger("openstt.models")
-
-DISABLED_MESSAGE = (
-    "Loading and unloading models at runtime is disabled on this server. Start it with "
-    "--enable-model-management (OPEN_STT_ENABLE_MODEL_MANAGEMENT=true) to allow it."
-)
 
 
 class WeightsManager:
@@ -98,8 +102,8 @@ class WeightsManager:
         with self._lock(name):
             try:
                 entry = self.registry.remove(name)
-            except ValueError as exc:
-                return WeightsReply(error=ErrorCode.default_model, message=str(exc))
+            except DefaultModelPinned as exc:
+                return WeightsReply(error=ErrorCode.default_model, message=exc.message)
             if entry is None:
                 return WeightsReply(unloaded=False)
             del entry
@@ -127,18 +131,15 @@ class ModelManager:
     def _spec(self, model_id: str) -> ModelSpec:
         target = self.registry.alias_target(model_id)
         if target is not None:
-            raise OpenAIError(400, f"'{model_id}' is an alias (of '{target}' now); "
-                              "load or unload the model it names instead.", param="model", code="invalid_value")
+            raise ModelIsAlias(model_id, target)
         spec = lookup(model_id)
         if spec is None:
-            raise OpenAIError(404, f"The model `{model_id}` does not exist. Models this server can load: "
-                              f"{', '.join(CATALOG)} (or their Hugging Face repo ids).", param="model",
-                              code="model_not_found")
+            raise ModelNotFound(model_id, self.registry.names(), loadable=list(CATALOG))
         return spec
 
     def _check_enabled(self) -> None:
         if not self.enabled:
-            raise OpenAIError(403, DISABLED_MESSAGE, code="model_management_disabled")
+            raise ModelManagementDisabled()
 
     # --- load ------------------------------------------------------------------------------
 
@@ -154,12 +155,8 @@ class ModelManager:
                 return spec.name
             started = time.perf_counter()
             reply = await self.models.load(spec.name)
-            if reply.error == ErrorCode.download_failed:
-                raise OpenAIError(502, reply.message, type="server_error", code="model_download_failed")
-            if reply.error == ErrorCode.insufficient_memory:
-                raise OpenAIError(400, reply.message, param="model", code="insufficient_memory")
             if reply.error is not None:
-                raise OpenAIError(400, reply.message, param="model", code="model_not_available")
+                raise ModelLoadFailed(spec.name, reply.error, reply.message)
             try:
                 engine = await asyncio.to_thread(self._frontend, spec)
             except Exception:
@@ -177,12 +174,10 @@ class ModelManager:
         self._check_enabled()
         spec = self._spec(model_id)
         if spec.name == self.registry.default:
-            raise OpenAIError(409, f"Model '{spec.name}' is the default model (OPEN_STT_DEFAULT_MODEL) and serves "
-                              f"'{OPENAI_ALIAS}' and default requests; it cannot be unloaded.", param="model",
-                              code="default_model")
+            raise DefaultModelPinned(spec.name)
         async with self._lock(spec.name):
             if spec.name not in self.registry:
-                raise model_not_found(model_id, self.registry.names())
+                raise ModelNotFound(model_id, self.registry.names())
             await self._remove(spec.name, reason="request")
         return spec.name
 

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from openstt.catalog import CATALOG, OPENAI_ALIAS, OPENAI_MODEL_IDS, ModelSpec, lookup
 from openstt.engines.base import Engine
+from openstt.errors import DefaultModelPinned, ModelNotFound
 from openstt.settings import Settings
 
 if TYPE_CHECKING:
@@ -24,10 +25,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-class UnknownModel(LookupError):
-    def __init__(self, name: str, available: list[str], alias_of: str | None = None):
-        super().__init__(name)
-        self.name, self.available, self.alias_of = name, available, alias_of
+UnknownModel = ModelNotFound  # the name this module used to raise
 
 
 @dataclass
@@ -159,10 +157,10 @@ class ModelRegistry:
 
     def remove(self, name: str) -> LoadedModel | None:
         """Stop serving ``name``; returns its entry (None if it was not loaded). The default
-        model cannot be removed: ``whisper-1`` and default requests rely on it."""
+        model cannot be removed (``DefaultModelPinned``): ``whisper-1`` and default requests rely on it."""
         with self._lock:
             if name == self.default:
-                raise ValueError(f"model {name!r} is the default model and cannot be unloaded")
+                raise DefaultModelPinned(name)
             return self._models.pop(name, None)
 
     # --- requests ----------------------------------------------------------------------------
@@ -180,18 +178,18 @@ class ModelRegistry:
 
     def resolve(self, requested: str | None) -> str:
         """Map a requested id (catalog name, HF repo id or alias; None: the default model) to a
-        loaded model name."""
+        loaded model name; ``ModelNotFound`` when none is loaded under it."""
         with self._lock:
             if not requested:
                 return self.default
             target = self.alias_target(requested)
             if target is not None:
                 if target not in self._models:  # a configured alias whose model was unloaded
-                    raise UnknownModel(requested, self.names(), alias_of=target)
+                    raise ModelNotFound(requested, self.names(), alias_of=target)
                 return target
             spec = lookup(requested)
             if spec is None or spec.name not in self._models:
-                raise UnknownModel(requested, self.names())
+                raise ModelNotFound(requested, self.names())
             return spec.name
 
     def get(self, requested: str) -> Engine:

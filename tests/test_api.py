@@ -1,4 +1,5 @@
-"""The OpenAI routes in-process (FastAPI TestClient) with the real tiny.en model."""
+"""The OpenAI routes in-process (FastAPI TestClient) with the real tiny.en model, built as the
+server builds its API process (``tests.inmemory``: frontends, BatchedEngine, model service)."""
 
 from __future__ import annotations
 
@@ -8,21 +9,20 @@ from fastapi.testclient import TestClient
 
 from openstt.api.app import create_app
 from openstt.api.state import app_state
+from openstt.batching import BatchedEngine
 from openstt.catalog import CATALOG
-from openstt.engines.base import Engine, Segment, TranscribeOptions, TranscriptionRun
-from openstt.engines.jobs import LoopState
-from openstt.registry import ModelRegistry
+from openstt.engines.jobs import InProcessEngine
+from openstt.model_service import WindowJob
 from tests.conftest import clip
+from tests.inmemory import FakeModel, Named, inmemory_app, stand_in_cache
 
 FOX = "The quick brown fox jumps over the lazy dog."
 ENVELOPE_KEYS = {"message", "type", "param", "code"}
 
 
 @pytest.fixture(scope="module")
-def app(tiny_en_engine):
-    app = create_app()
-    app_state(app).registry = ModelRegistry([tiny_en_engine], "whisper-tiny.en")
-    return app
+def app(tiny_en_engine, hf_cache):
+    return inmemory_app([tiny_en_engine], hf_cache)
 
 
 @pytest.fixture()
@@ -212,12 +212,22 @@ class TestAuth:
         assert keyed.post("/v1/audio/foo").status_code == 401
 
 
-class _Named(Engine):
-    """Routing probe: answers with its own model name. Used only to test alias resolution."""
+def test_requests_take_the_servers_path(app, client, tiny_en_engine, monkeypatch):
+    """API side: a BatchedEngine without weights; windows reach the weights through the model service."""
+    engine = app_state(app).registry.get("whisper-tiny.en")
+    assert isinstance(engine, BatchedEngine) and engine.core is None
+    assert engine.describe()["served_by"] == "model service (batched)"
 
-    def start(self, audio, options: TranscribeOptions) -> TranscriptionRun:
-        segment = Segment(0, 0, 0.0, 1.0, self.name, [], 0.0, 0.0, 1.0, 0.0)
-        return TranscriptionRun(state=LoopState("en"), duration=len(audio) / 16000, segments=iter([segment]))
+    def in_process(*args, **kwargs):
+        raise AssertionError("the server's API process never drives an engine in-process")
+
+    monkeypatch.setattr(InProcessEngine, "start", in_process)
+    before = len(tiny_en_engine.core.batch_sizes)
+    for stream in ("false", "true"):
+        r = client.post("/v1/audio/transcriptions", data={"model": "whisper-tiny.en", "stream": stream},
+                        files=fox_file())
+        assert r.status_code == 200 and FOX[:-1] in r.text
+    assert len(tiny_en_engine.core.batch_sizes) > before  # decoded by decode_batch on the model side
 
 
 @pytest.mark.parametrize(
@@ -226,9 +236,9 @@ class _Named(Engine):
      (["whisper-base", "whisper-small"], "whisper-small", "whisper-small")],
     ids=["tiny-loaded", "tiny-absent-uses-default"],
 )
-def test_whisper_1_alias(loaded, default, expected):
-    app = create_app()
-    app_state(app).registry = ModelRegistry([_Named(CATALOG[n]) for n in loaded], default)
+def test_whisper_1_alias(loaded, default, expected, base_model, tmp_path):
+    cache = stand_in_cache(tmp_path, {n: base_model for n in loaded})  # base's tokenizer for every name
+    app = inmemory_app([Named(CATALOG[n], cache) for n in loaded], cache, default=default)
     with TestClient(app) as c:
         r = c.post("/v1/audio/transcriptions", data={"model": "whisper-1"}, files=fox_file())
         assert r.json()["text"] == expected
@@ -237,22 +247,22 @@ def test_whisper_1_alias(loaded, default, expected):
         assert ids == loaded
 
 
-class _Failing(Engine):
-    """Fault injection for the streaming error path: one segment, then the decoder breaks."""
+class _Failing(FakeModel):
+    """Fault injection for the streaming error path: one segment, then the decoder breaks. The
+    first window's segment ends at 1 s, so the loop asks for the next window (its prompt holds
+    the first one's text), and decoding that one raises."""
 
-    def start(self, audio, options: TranscribeOptions) -> TranscriptionRun:
-        def segments():
-            yield Segment(0, 0, 0.0, 1.0, " First words", [1, 2], 0.0, -0.1, 1.0, 0.0)
+    def answer(self, job: WindowJob) -> list[int]:
+        if job.prompt:
             raise RuntimeError("decoder exploded (injected)")
+        return self.tokens("First words", until=1.0)
 
-        return TranscriptionRun(state=LoopState("en"), duration=len(audio) / 16000, segments=segments())
 
-
-def test_mid_stream_error_reaches_the_sdk_as_api_error():
+def test_mid_stream_error_reaches_the_sdk_as_api_error(hf_cache):
     import openai
 
-    app = create_app()
-    app_state(app).registry = ModelRegistry([_Failing(CATALOG["whisper-tiny"])], "whisper-tiny")
+    # sequential: segments stream window by window (a VAD chunk's come out when the chunk is done)
+    app = inmemory_app([_Failing(CATALOG["whisper-tiny.en"], hf_cache)], hf_cache, long_form="sequential")
     with TestClient(app, base_url="http://testserver") as http:
         raw = http.post("/v1/audio/transcriptions", data={"model": "whisper-1", "stream": "true"}, files=fox_file())
         frames = [f for f in raw.text.split("\n\n") if f]

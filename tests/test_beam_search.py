@@ -16,10 +16,10 @@ from openstt.catalog import CATALOG
 from openstt.engines import TranscribeOptions
 from openstt.engines.base import Engine, Segment, TranscriptionRun, UnsupportedRequest
 from openstt.engines.jobs import LoopState
-from openstt.evaluation import english_clip, wer
 from openstt.model_service import WindowJob
 from openstt.registry import ModelRegistry
 from tests.conftest import clip, needs_asterisk, reference
+from tests.evaluation import english_clip, wer
 
 FOX = "The quick brown fox jumps over the lazy dog."
 

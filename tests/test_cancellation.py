@@ -265,7 +265,7 @@ with open(path, "rb") as f:
 @pytest.fixture(scope="module")
 def five_minutes(tmp_path_factory) -> Path:
     """Five minutes (ten windows) of real read speech as FLAC."""
-    from openstt.evaluation import long_english_clip
+    from tests.evaluation import long_english_clip
 
     audio, _ = long_english_clip(300)
     path = tmp_path_factory.mktemp("long") / "five_minutes.flac"

@@ -1,5 +1,6 @@
 """Property-based fuzzing of the HTTP API from its own OpenAPI document (schemathesis), in-process
-with the real tiny.en model. Whatever the generated request, the server must not answer 5xx."""
+with the real tiny.en model behind the server's API side (``tests.inmemory``). Whatever the
+generated request, the server must not answer 5xx."""
 
 from __future__ import annotations
 
@@ -10,15 +11,15 @@ from schemathesis.checks import not_a_server_error
 
 from openstt.api.app import create_app
 from openstt.api.state import app_state
-from openstt.registry import ModelRegistry
+from tests.inmemory import inmemory_app
 
 app = create_app()
 schema = schemathesis.openapi.from_asgi("/openapi.json", app)
 
 
 @pytest.fixture(scope="module", autouse=True)
-def loaded(tiny_en_engine):
-    app_state(app).registry = ModelRegistry([tiny_en_engine], "whisper-tiny.en")
+def loaded(tiny_en_engine, hf_cache):
+    inmemory_app([tiny_en_engine], hf_cache, app=app)
     yield
     app_state(app).registry = None
 

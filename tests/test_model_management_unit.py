@@ -10,10 +10,18 @@ import pytest
 from fastapi.testclient import TestClient
 
 from openstt.api.app import create_app
+from openstt.api.errors import OpenAIError, openai_error
 from openstt.api.state import app_state
 from openstt.catalog import CATALOG
 from openstt.engines.base import Engine, Segment, TranscribeOptions, TranscriptionRun
 from openstt.engines.whisper_decoding import LoopState
+from openstt.errors import (
+    DefaultModelPinned,
+    ModelIsAlias,
+    ModelLoadFailed,
+    ModelManagementDisabled,
+    ModelNotFound,
+)
 from openstt.model_manager import ModelManager
 from openstt.model_service import ErrorCode, WeightsReply
 from openstt.registry import ModelRegistry, UnknownModel
@@ -123,32 +131,32 @@ def test_load_is_idempotent_and_concurrent_loads_load_once():
 
 
 def test_errors():
+    """The manager raises domain errors (no HTTP); the API answers each with its status and code."""
     reg, service = registry("whisper-tiny.en"), FakeModelService()
     m = manager(reg, service)
-    with pytest.raises(Exception) as err:
-        run(m.load("nope"))
-    assert err.value.status == 404 and err.value.code == "model_not_found"
-    with pytest.raises(Exception) as err:
-        run(m.load("whisper-medium"))  # not in the (fake) cache
-    assert err.value.status == 400 and err.value.code == "model_not_available" and "--download" in err.value.message
+
+    def answer(call, kind: type[Exception]) -> OpenAIError:
+        with pytest.raises(kind) as err:
+            run(call)
+        return openai_error(err.value)
+
+    err = answer(m.load("nope"), ModelNotFound)
+    assert err.status == 404 and err.code == "model_not_found" and "whisper-large-v3" in err.message  # loadable
+    err = answer(m.load("whisper-medium"), ModelLoadFailed)  # not in the (fake) cache
+    assert err.status == 400 and err.code == "model_not_available" and "--download" in err.message
     assert "whisper-medium" not in reg
-    with pytest.raises(Exception) as err:
-        run(m.load("voxtral-small"))
-    assert err.value.status == 400 and err.value.code == "insufficient_memory" and "voxtral-small" not in reg
-    with pytest.raises(Exception) as err:
-        run(m.unload("whisper-tiny.en"))
-    assert err.value.status == 409 and err.value.code == "default_model"
-    with pytest.raises(Exception) as err:
-        run(m.unload("whisper-base"))
-    assert err.value.status == 404 and err.value.code == "model_not_found"
-    with pytest.raises(Exception) as err:
-        run(m.unload("whisper-1"))
-    assert err.value.status == 400
+    err = answer(m.load("voxtral-small"), ModelLoadFailed)
+    assert err.status == 400 and err.code == "insufficient_memory" and "voxtral-small" not in reg
+    err = answer(m.unload("whisper-tiny.en"), DefaultModelPinned)
+    assert err.status == 409 and err.code == "default_model"
+    err = answer(m.unload("whisper-base"), ModelNotFound)
+    assert err.status == 404 and err.code == "model_not_found"
+    err = answer(m.unload("whisper-1"), ModelIsAlias)
+    assert err.status == 400
     disabled = manager(reg, service, enabled=False)
     for call in (disabled.load("whisper-base"), disabled.unload("whisper-base")):
-        with pytest.raises(Exception) as err:
-            run(call)
-        assert err.value.status == 403 and "OPEN_STT_ENABLE_MODEL_MANAGEMENT" in err.value.message
+        err = answer(call, ModelManagementDisabled)
+        assert err.status == 403 and "OPEN_STT_ENABLE_MODEL_MANAGEMENT" in err.message
 
 
 def test_unload_drains_requests_in_flight():

@@ -301,7 +301,7 @@ def test_b44_chunking_strategy_strings(raw, value):
 
 @needs_asterisk
 def test_b45_sse_framing_and_incremental_delivery(raw):
-    from openstt.evaluation import long_english_clip
+    from tests.evaluation import long_english_clip
 
     audio, _ = long_english_clip(75)
     data = encode(audio, "flac", "flac")

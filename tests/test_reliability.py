@@ -19,18 +19,16 @@ import openai
 import psutil
 import pytest
 import soundfile as sf
+import torch
 from fastapi.testclient import TestClient
 
-from openstt.api.app import create_app
 from openstt.api.limits import Limits
 from openstt.api.state import app_state
 from openstt.catalog import CATALOG
-from openstt.engines.base import Engine, Segment, TranscribeOptions, TranscriptionRun
-from openstt.engines.jobs import LoopState
-from openstt.evaluation import english_clip, wer
-from openstt.model_service import ErrorCode, ModelFailure
-from openstt.registry import ModelRegistry
+from openstt.model_service import ErrorCode, WindowJob
 from tests.conftest import API_KEY, REPORT, Server, clip, encode, free_port, needs_asterisk, normalize, server_env
+from tests.evaluation import english_clip, wer
+from tests.inmemory import FakeModel, inmemory_app
 
 FOX = "The quick brown fox jumps over the lazy dog."
 
@@ -128,39 +126,38 @@ def test_truncated_mp3_and_silence(server):
         assert r.text == "" and r.segments == []  # no hallucinated "you" / "Thank you."
 
 
-# -- overload, deadlines and model failures (in-process; engines here are fault injectors) --------
+# -- overload, deadlines and model failures (in-process, built as the server builds its API side;
+# -- the model side's engines here are fault injectors) -------------------------------------------
 
 
-class _Gate(Engine):
-    """Blocks every transcription until released: used to fill the server's admission slots."""
+class _Gate(FakeModel):
+    """Blocks every window until released: used to fill the server's admission slots."""
 
     gate = threading.Event()
 
-    def start(self, audio, options: TranscribeOptions) -> TranscriptionRun:
-        def segments():
-            self.gate.wait(30)
-            yield Segment(0, 0, 0.0, 1.0, " done", [1], 0.0, -0.1, 1.0, 0.0)
-
-        return TranscriptionRun(state=LoopState("en"), duration=1.0, segments=segments())
+    def answer(self, job: WindowJob) -> list[int]:
+        self.gate.wait(30)
+        return self.tokens("done")
 
 
-class _Failing(Engine):
-    def __init__(self, spec, reason: ErrorCode):
-        super().__init__(spec)
+# What the model's core raises for each failure; decode_batch reports it as that ErrorCode.
+INJECTED = {ErrorCode.out_of_memory: lambda: torch.OutOfMemoryError("CUDA out of memory (injected)"),
+            ErrorCode.failed: lambda: RuntimeError("decoder exploded (injected)")}
+
+
+class _Failing(FakeModel):
+    def __init__(self, spec, cache, reason: ErrorCode):
+        super().__init__(spec, cache)
         self.reason = reason
 
-    def start(self, audio, options: TranscribeOptions) -> TranscriptionRun:
-        def segments():
-            raise ModelFailure(self.reason, 0.0)
-            yield  # pragma: no cover
-
-        return TranscriptionRun(state=LoopState("en"), duration=1.0, segments=segments())
+    def answer(self, job: WindowJob) -> list[int]:
+        raise INJECTED[self.reason]()
 
 
-def _app(engine: Engine, **limits) -> TestClient:
-    app = create_app()
-    app_state(app).registry = ModelRegistry([engine], engine.name)
-    app_state(app).limits = Limits(**limits)
+def _app(engine: FakeModel, hf_cache, **limits) -> TestClient:
+    """``engine`` (whisper-tiny.en: its tokenizer is in ``hf_cache``) on the model side."""
+    app = inmemory_app([engine], hf_cache)
+    app_state(app).limits = Limits(**limits)  # below what Settings allow (a deadline of 0.5 s)
     return TestClient(app)
 
 
@@ -169,9 +166,9 @@ def _post(client: TestClient, **data):
                        files={"file": ("fox.wav", clip("en/quick_brown_fox").read_bytes())})
 
 
-def test_overload_gets_429_with_retry_after():
+def test_overload_gets_429_with_retry_after(hf_cache):
     _Gate.gate.clear()
-    with _app(_Gate(CATALOG["whisper-tiny"]), max_in_flight=2) as client:
+    with _app(_Gate(CATALOG["whisper-tiny.en"], hf_cache), hf_cache, max_in_flight=2) as client:
         with ThreadPoolExecutor(2) as pool:
             first = [pool.submit(_post, client) for _ in range(2)]
             deadline = time.monotonic() + 10
@@ -188,9 +185,9 @@ def test_overload_gets_429_with_retry_after():
         assert app_state(client.app).limits.in_flight == 0  # streams give theirs back too
 
 
-def test_deadline_gives_504_that_the_sdk_will_not_retry():
+def test_deadline_gives_504_that_the_sdk_will_not_retry(hf_cache):
     _Gate.gate.clear()
-    with _app(_Gate(CATALOG["whisper-tiny"]), request_timeout=0.5) as client:
+    with _app(_Gate(CATALOG["whisper-tiny.en"], hf_cache), hf_cache, request_timeout=0.5) as client:
         r = _post(client)
         _Gate.gate.set()
     assert r.status_code == 504 and r.headers["x-should-retry"] == "false"
@@ -198,8 +195,8 @@ def test_deadline_gives_504_that_the_sdk_will_not_retry():
 
 
 @pytest.mark.parametrize("reason, status", [(ErrorCode.out_of_memory, 503), (ErrorCode.failed, 500)])
-def test_model_failures(reason, status):
-    with _app(_Failing(CATALOG["whisper-tiny"], reason)) as client:
+def test_model_failures(reason, status, hf_cache):
+    with _app(_Failing(CATALOG["whisper-tiny.en"], hf_cache, reason), hf_cache) as client:
         r = _post(client)
         assert r.status_code == status
         err = r.json()["error"]

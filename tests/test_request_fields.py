@@ -14,18 +14,16 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from openstt.api.app import create_app
 from openstt.api.state import app_state
 from openstt.audio import decode_audio
 from openstt.bootstrap import StartupError, load_settings
 from openstt.catalog import CATALOG
 from openstt.engines import TranscribeOptions, load_engine
 from openstt.engines.jobs import LoopState
-from openstt.evaluation import ASTERISK_SOUNDS
-from openstt.registry import ModelRegistry
 from openstt.settings import Settings
 from tests.conftest import API_KEY, clip, needs_asterisk, normalize
-from tests.test_api import _Named  # routing probe: answers with its own model name
+from tests.evaluation import ASTERISK_SOUNDS
+from tests.inmemory import Named, inmemory_app, stand_in_cache  # Named: routing probe, answers its own name
 
 FOX = "The quick brown fox jumps over the lazy dog."
 # Real read speech (asterisk's demo-abouttotry prompt) with a product name that whisper-tiny.en
@@ -89,11 +87,18 @@ def test_bad_aliases_stop_startup(clean_env, aliases, message):
 # --- routing: which model answers ---------------------------------------------------------------
 
 
+@pytest.fixture(scope="module")
+def named(base_model, tmp_path_factory):
+    """Routing probes for whisper-base and whisper-small (base's tokenizer for both), and their cache."""
+    names = ("whisper-base", "whisper-small")
+    cache = stand_in_cache(tmp_path_factory.mktemp("named"), {n: base_model for n in names})
+    return [Named(CATALOG[n], cache) for n in names], cache
+
+
 @pytest.fixture()
-def routed():
-    app = create_app()
-    app_state(app).registry = ModelRegistry([_Named(CATALOG[n]) for n in ("whisper-base", "whisper-small")],
-                                       "whisper-base", {"gpt-4o-transcribe": "whisper-small"})
+def routed(named):
+    engines, cache = named
+    app = inmemory_app(engines, cache, default="whisper-base", model_aliases={"gpt-4o-transcribe": "whisper-small"})
     with TestClient(app) as c:
         yield c
 

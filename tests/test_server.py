@@ -200,7 +200,7 @@ def test_plain_bentoml_serve_fails_fast_on_bad_config(hf_cache, tmp_path):
 def test_health_answers_while_a_long_transcription_runs(server):
     import threading
 
-    from openstt.evaluation import long_english_clip
+    from tests.evaluation import long_english_clip
 
     audio, _ = long_english_clip(60)
     data = encode(audio, "flac", "flac")

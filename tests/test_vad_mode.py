@@ -18,10 +18,10 @@ from openstt.audio import SAMPLE_RATE, decode_audio
 from openstt.engines import TranscribeOptions
 from openstt.engines.jobs import LoopState, needs_fallback
 from openstt.engines.vad_chunked import adrive_chunks, drive_chunks
-from openstt.evaluation import ASTERISK_SOUNDS, asterisk_prompts, long_english_clip, wer
 from openstt.model_service import DecodeResult, WindowJob
 from openstt.vad import VadOptions
 from tests.conftest import API_KEY
+from tests.evaluation import ASTERISK_SOUNDS, asterisk_prompts, long_english_clip, wer
 
 VAD = VadOptions()
 

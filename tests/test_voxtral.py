@@ -25,10 +25,10 @@ from openstt.audio import SAMPLE_RATE, decode_audio
 from openstt.catalog import CATALOG
 from openstt.engines import TranscribeOptions, UnsupportedRequest, load_engine, load_frontend
 from openstt.engines.chunking import plan_chunks
-from openstt.evaluation import english_clip, long_english_clip
 from openstt.hub import install_snapshot, resolve_model
 from openstt.model_service import WindowJob
 from tests.conftest import Server, clip, encode, free_port, needs_asterisk, server_env
+from tests.evaluation import english_clip, long_english_clip
 from tests.voxtral_checkpoint import build_voxtral
 
 SPEC = CATALOG["voxtral-mini"]

@@ -3,6 +3,10 @@
 Clients (the official SDKs above all) read ``{"error": {"message", "type", "param", "code"}}``
 and decide on retries from the status: deterministic problems must be 4xx, or one bad upload
 gets transcribed three times.
+
+The domain's errors (``openstt.errors``: unknown model, management disabled, ...) carry their own
+message; ``openai_error`` adds the status, type, code and param they are answered with, and the
+handler ``install_error_handlers`` registers lets routes simply let them propagate.
 """
 
 from __future__ import annotations
@@ -13,6 +17,17 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from openstt.errors import (
+    DefaultModelPinned,
+    ModelIsAlias,
+    ModelLoadFailed,
+    ModelManagementDisabled,
+    ModelNotFound,
+    ModelsLoading,
+    OpenSTTError,
+)
+from openstt.model_service import ErrorCode, ModelFailure
 
 log = logging.getLogger("openstt.api")
 
@@ -42,16 +57,52 @@ def bad_request(message: str, *, param: str | None = None, code: str | None = "i
     return OpenAIError(400, message, param=param, code=code)
 
 
-def model_not_found(name: str, available: list[str], alias_of: str | None = None) -> OpenAIError:
-    reason = (f"is an alias of `{alias_of}`, which is not loaded now" if alias_of
-              else "does not exist or you do not have access to it")
-    return OpenAIError(404, f"The model `{name}` {reason}. Models served here: {', '.join(available)}.",
-                       param="model", code="model_not_found")
-
-
 def internal_error(request_id: str | None) -> OpenAIError:
     suffix = f" (request id {request_id})" if request_id else ""
     return OpenAIError(500, INTERNAL_ERROR_MESSAGE + suffix, type="server_error")
+
+
+# How each domain error is answered: its status and OpenAI's type/param/code (the message is its own).
+_ANSWERS: dict[type[OpenSTTError], tuple[int, dict]] = {
+    ModelsLoading: (503, {"type": "server_error", "headers": {"retry-after": "5"}}),
+    ModelNotFound: (404, {"param": "model", "code": "model_not_found"}),
+    ModelIsAlias: (400, {"param": "model", "code": "invalid_value"}),
+    ModelManagementDisabled: (403, {"code": "model_management_disabled"}),
+    DefaultModelPinned: (409, {"param": "model", "code": "default_model"}),
+}
+# A failed runtime load, by the model service's code; any other code: model_not_available.
+_LOAD_FAILURES: dict[ErrorCode, tuple[int, dict]] = {
+    ErrorCode.download_failed: (502, {"type": "server_error", "code": "model_download_failed"}),
+    ErrorCode.insufficient_memory: (400, {"param": "model", "code": "insufficient_memory"}),
+}
+_LOAD_FAILED = (400, {"param": "model", "code": "model_not_available"})
+
+
+def openai_error(exc: OpenAIError | OpenSTTError, request_id: str | None = None) -> OpenAIError:
+    """``exc`` as the API answers it (an ``OpenAIError`` is already)."""
+    if isinstance(exc, OpenAIError):
+        return exc
+    if isinstance(exc, ModelLoadFailed):
+        answer = _LOAD_FAILURES.get(exc.code, _LOAD_FAILED)
+    else:
+        answer = next((_ANSWERS[kind] for kind in type(exc).__mro__ if kind in _ANSWERS), None)
+    if answer is None:  # a domain error without an answer yet: a bug here, not the client's
+        log.error("no response defined for %s: %s (request id %s)", type(exc).__name__, exc, request_id)
+        return internal_error(request_id)
+    status, fields = answer
+    headers = dict(fields.get("headers", {}))
+    return OpenAIError(status, exc.message, **{**fields, "headers": headers})
+
+
+def model_failure(exc: ModelFailure, request_id: str | None, model: str = "") -> OpenAIError:
+    """A window of ``model`` failed in the model service while this request ran."""
+    if exc.code == ErrorCode.model_not_loaded:
+        return OpenAIError(404, f"The model `{model}` was unloaded while this request was in progress.",
+                           param="model", code="model_not_found")
+    if exc.code == ErrorCode.out_of_memory:
+        return OpenAIError(503, "The model ran out of memory on this request. Retry later or send shorter audio.",
+                           type="server_error", code="model_out_of_memory", headers={"retry-after": "10"})
+    return internal_error(request_id)
 
 
 def request_id_of(request: Request) -> str | None:
@@ -59,11 +110,15 @@ def request_id_of(request: Request) -> str | None:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """Route FastAPI/Starlette's own errors (422, 404, 405, crashes) through the envelope."""
+    """Route the domain's errors and FastAPI/Starlette's own (422, 404, 405, crashes) through the envelope."""
 
     @app.exception_handler(OpenAIError)
     async def _openai(_: Request, exc: OpenAIError) -> JSONResponse:
         return exc.response()
+
+    @app.exception_handler(OpenSTTError)
+    async def _domain(request: Request, exc: OpenSTTError) -> JSONResponse:
+        return openai_error(exc, request_id_of(request)).response()
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:

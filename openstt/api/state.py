@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from openstt.api.limits import Limits
+from openstt.errors import ModelsLoading
 from openstt.settings import MAX_UPLOAD_BYTES, Settings
 
 if TYPE_CHECKING:
@@ -36,6 +37,12 @@ class AppState:
     # and whether it has answered yes (then it is not asked again).
     models_ready: Callable[[], Awaitable[bool]] | None = None
     models_ready_cached: bool = False
+
+    def serving_registry(self) -> ModelRegistry:
+        """The registry to serve with; ``ModelsLoading`` (503) until the models are attached."""
+        if self.registry is None:
+            raise ModelsLoading()
+        return self.registry
 
 
 def app_state(app: Starlette) -> AppState:

@@ -1,4 +1,6 @@
-"""Word error rate with Whisper's own text normalisers, for tests and benchmarks."""
+"""Word error rate with Whisper's own text normalisers, and long real-speech clips (Debian's
+asterisk prompts), for tests and benchmarks. Not part of the runtime package: tests import it as
+``tests.evaluation``, and the scripts put the repository root on ``sys.path`` first."""
 
 from __future__ import annotations
 
