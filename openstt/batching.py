@@ -13,8 +13,9 @@ from __future__ import annotations
 import numpy as np
 
 from openstt.audio import SAMPLE_RATE
+from openstt.catalog import ModelSpec
 from openstt.engines.base import Engine, TranscribeOptions, TranscriptionRun, Word
-from openstt.engines.jobs import adrive
+from openstt.engines.jobs import Frontend, adrive
 from openstt.model_service import AlignJob, DecodeResult, ModelFailure, ModelServiceClient, WindowJob
 
 
@@ -23,7 +24,7 @@ class BatchedEngine(Engine):
     loop here (``frontend``: tokenizer + loop of any family) and sends its windows to be batched
     there."""
 
-    def __init__(self, spec, frontend, models: ModelServiceClient, max_batch_windows: int):
+    def __init__(self, spec: ModelSpec, frontend: Frontend, models: ModelServiceClient, max_batch_windows: int):
         super().__init__(spec)
         self.max_batch_windows = max_batch_windows  # windows of one request in flight in VAD-chunked mode
         self.frontend, self.models = frontend, models

@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from openstt.catalog import CATALOG
 from openstt.hub import ModelNotAvailable, cache_dir, resolve_model
 from openstt.logs import configure_logging
-from openstt.registry import ModelRegistry, build_frontend
+from openstt.registry import ModelRegistry, build_batched_engine
 from openstt.settings import Settings, format_validation_error
 
 if TYPE_CHECKING:
@@ -151,10 +151,10 @@ def start_api(app: FastAPI, models: ModelServiceClient) -> ModelRegistry:
 
     settings = get_settings()
     configure_logging(settings.python_log_level, settings.log_format)
-    registry = ModelRegistry.load_frontends(settings, models)
+    registry = ModelRegistry.load_batched_engines(settings, models)
     manager = ModelManager(
         registry, models=models,
-        frontend=lambda spec: build_frontend(spec, resolve_model(spec, download=False), models,
+        batched_engine=lambda spec: build_batched_engine(spec, resolve_model(spec, download=False), models,
                                              chunk_seconds=settings.voxtral_chunk_seconds,
                                              max_batch_windows=settings.batch_windows),
         enabled=settings.enable_model_management, idle_ttl=settings.model_idle_ttl)

@@ -116,11 +116,11 @@ class WeightsManager:
 class ModelManager:
     """API process side: runtime load/unload through both processes, and the idle TTL."""
 
-    def __init__(self, registry: ModelRegistry, *, models: ModelServiceClient, frontend: Callable[[ModelSpec], Engine],
+    def __init__(self, registry: ModelRegistry, *, models: ModelServiceClient, batched_engine: Callable[[ModelSpec], Engine],
                  enabled: bool = False, idle_ttl: float = 0.0, drain_timeout: float = 30.0):
-        """``models`` loads and unloads the weights in the model service; ``frontend`` builds a
+        """``models`` loads and unloads the weights in the model service; ``batched_engine`` builds a
         model's API-side engine (blocking; it runs in a thread)."""
-        self.registry, self.models, self._frontend = registry, models, frontend
+        self.registry, self.models, self._batched_engine = registry, models, batched_engine
         self.enabled, self.idle_ttl, self.drain_timeout = enabled, idle_ttl, drain_timeout
         self._locks: dict[str, asyncio.Lock] = {}
         self._reaper: asyncio.Task | None = None
@@ -158,7 +158,7 @@ class ModelManager:
             if reply.error is not None:
                 raise ModelLoadFailed(spec.name, reply.error, reply.message)
             try:
-                engine = await asyncio.to_thread(self._frontend, spec)
+                engine = await asyncio.to_thread(self._batched_engine, spec)
             except Exception:
                 log.exception("building the frontend of %s failed; unloading its weights again", spec.name)
                 await self.models.unload(spec.name)

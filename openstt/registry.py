@@ -2,7 +2,7 @@
 
 Per-model construction goes through two functions, used both at startup and when a model is
 loaded at runtime (``POST /v1/models/{id}``): ``load_weights`` (the model service: weights on a
-device) and ``build_frontend`` (the API process: tokenizer side, windows sent to the model
+device) and ``build_batched_engine`` (the API process: tokenizer side, windows sent to the model
 service). A new engine family only has to be added there.
 """
 
@@ -70,7 +70,7 @@ def load_weights(spec: ModelSpec, placement, *, download: bool, chunk_seconds: f
     return engine
 
 
-def build_frontend(spec: ModelSpec, path, models: ModelServiceClient, *, chunk_seconds: float | None = None,
+def build_batched_engine(spec: ModelSpec, path, models: ModelServiceClient, *, chunk_seconds: float | None = None,
                    max_batch_windows: int) -> Engine:
     """API process: the request side of a model whose weights live in the model service."""
     from openstt.batching import BatchedEngine
@@ -110,7 +110,7 @@ class ModelRegistry:
         return cls(engines, settings.default_model or settings.models[0], settings.model_aliases)
 
     @classmethod
-    def load_frontends(cls, settings: Settings, models: ModelServiceClient) -> ModelRegistry:
+    def load_batched_engines(cls, settings: Settings, models: ModelServiceClient) -> ModelRegistry:
         """The API side when a model service holds the weights: tokenizers only, windows sent
         to ``models`` (the batching model service)."""
         from openstt.hub import resolve_model
@@ -118,7 +118,7 @@ class ModelRegistry:
         engines = []
         for name in settings.models:
             spec = CATALOG[name]
-            engines.append(build_frontend(spec, resolve_model(spec, download=False), models,
+            engines.append(build_batched_engine(spec, resolve_model(spec, download=False), models,
                                           chunk_seconds=settings.voxtral_chunk_seconds,
                                           max_batch_windows=settings.batch_windows))
         return cls(engines, settings.default_model or settings.models[0], settings.model_aliases)

@@ -14,7 +14,7 @@ from openstt.api.errors import OpenAIError, openai_error
 from openstt.api.state import app_state
 from openstt.catalog import CATALOG
 from openstt.engines.base import Engine, Segment, TranscribeOptions, TranscriptionRun
-from openstt.engines.whisper_decoding import LoopState
+from openstt.engines.base import LoopState
 from openstt.errors import (
     DefaultModelPinned,
     ModelIsAlias,
@@ -69,7 +69,7 @@ class FakeModelService:
 
 def manager(reg: ModelRegistry, service: FakeModelService, **kwargs) -> ModelManager:
     kwargs.setdefault("enabled", True)
-    return ModelManager(reg, models=service, frontend=_Named, **kwargs)
+    return ModelManager(reg, models=service, batched_engine=_Named, **kwargs)
 
 
 # --- registry ------------------------------------------------------------------------------------

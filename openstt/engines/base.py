@@ -89,12 +89,19 @@ class Transcript:
 
 
 @dataclass
+class LoopState:
+    """What a running transcription has learnt so far (the language, once detected)."""
+
+    language: str | None = None
+
+
+@dataclass
 class TranscriptionRun:
     """A transcription in progress. Segments arrive as each window is decoded (which is what
     streaming sends), from a plain iterator (in-process) or an async one (model service). The
     language is known once the first window is decoded."""
 
-    state: object  # has .language (ISO code, None until detected)
+    state: LoopState  # its language is None until detected
     duration: float
     segments: Iterator[Segment] | AsyncIterator[Segment]
 

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterator
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 from openstt.audio import SAMPLE_RATE
-from openstt.engines.base import Engine, Segment, TranscribeOptions, TranscriptionRun, Word
+from openstt.engines.base import Engine, LoopState, Segment, TranscribeOptions, TranscriptionRun, Word
 from openstt.model_service import AlignJob, Core, DecodeResult, WindowJob
 from openstt.settings import default_batch_windows
 
@@ -70,11 +69,29 @@ def compression_ratio(text: str) -> float:
     return len(data) / len(zlib.compress(data)) if data else 0.0
 
 
-@dataclass
-class LoopState:
-    """What a running transcription has learnt so far (the language, once detected)."""
 
-    language: str | None = None
+
+class TranscriptionLoop(Protocol):
+    """A family's sans-IO transcription loop (Whisper's ``WindowLoop``, Voxtral's ``ChunkLoop``):
+    a generator that yields ``WindowJob``/``AlignJob``s, is sent their replies, and yields
+    finished ``Segment``s in between."""
+
+    def run(self, audio: np.ndarray, options: TranscribeOptions,
+            state: LoopState) -> Generator[WindowJob | AlignJob | Segment, object, None]: ...
+
+
+class Frontend(Protocol):
+    """The request side of a model family, without weights: checks a request's options, holds
+    the tokenizer and the transcription loop (``WhisperFrontend``, ``VoxtralFrontend``). The same
+    object serves an in-process engine and the API process's ``BatchedEngine``."""
+
+    multilingual: bool
+    supports_word_timestamps: bool
+    loop: TranscriptionLoop
+
+    def check(self, options: TranscribeOptions) -> None: ...
+
+    def new_state(self, options: TranscribeOptions) -> LoopState: ...
 
 
 def drive(loop: Generator, core: Core) -> Iterator[Segment]:
@@ -121,7 +138,7 @@ class InProcessEngine(Engine):
     """An engine that holds its weights: its ``frontend`` (tokenizer + loop, the same object the
     API process uses in the two-service layout) driven against its own ``core``."""
 
-    frontend: object  # has check(options), new_state(options), loop, supports_word_timestamps
+    frontend: Frontend
     core: Core
     # Windows decoded together in VAD-chunked mode (None: the device's default, see openstt.settings).
     max_batch_windows: int | None = None
