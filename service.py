@@ -12,16 +12,27 @@ import asyncio
 import bentoml
 
 from openstt.api.app import create_app
-from openstt.bootstrap import StartupError, get_settings, load_models, prepare_once, start_api, weights_manager
+from openstt.bootstrap import (
+    StartupError,
+    get_settings,
+    load_diarizer,
+    load_models,
+    prepare_once,
+    start_api,
+    weights_manager,
+)
 from openstt.model_service import (
     AlignJob,
     AlignReply,
     DecodeResult,
+    DiarizeJob,
+    DiarizeReply,
     ModelServiceClient,
     WeightsReply,
     WindowJob,
     align_request,
     decode_batch,
+    diarize_request,
 )
 from openstt.settings import Settings
 from openstt.shutdown import Activity, defer_sigterm_until_idle
@@ -51,6 +62,7 @@ class OpenSTTModels:
     def __init__(self) -> None:
         self.registry = load_models()
         self.weights = weights_manager(self.registry)
+        self.diarizer = load_diarizer()  # None unless --enable-diarization
         # keep serving windows to in-flight transcriptions after SIGTERM (see openstt/shutdown.py)
         self.activity = Activity()
         defer_sigterm_until_idle(self.activity, max_wait=REQUEST_TIMEOUT_S)
@@ -65,6 +77,12 @@ class OpenSTTModels:
     def align(self, job: AlignJob) -> AlignReply:
         with self.activity:
             return align_request(self.registry.engine(job.model), job)
+
+    # Async, in a thread of its own: a request's speakers are found while its windows are decoded.
+    @bentoml.api
+    async def diarize(self, job: DiarizeJob) -> DiarizeReply:
+        with self.activity:
+            return await asyncio.to_thread(diarize_request, self.diarizer, job)
 
     # Async, loading in a thread of its own: the sync APIs' single worker thread keeps decoding.
     @bentoml.api

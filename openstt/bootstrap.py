@@ -55,6 +55,13 @@ def prepare_models(settings: Settings) -> None:
     except ValueError as exc:
         raise StartupError(str(exc)) from None
     check_memory(settings, placement)  # before any download: refusing a 48 GB model must not fetch it first
+    if settings.enable_diarization:
+        from openstt.diarization.weights import DiarizationUnavailable, weights_path
+
+        try:
+            weights_path(download=settings.download)
+        except DiarizationUnavailable as exc:
+            raise StartupError(str(exc)) from None
     for name in settings.models:
         try:
             resolve_model(CATALOG[name], download=settings.download)
@@ -75,12 +82,12 @@ def prepare_once() -> None:
 
 def check_memory(settings: Settings, placement) -> None:
     """Log the configured models' memory estimate; refuse (``memory_check=auto``) what cannot fit."""
-    from openstt.memory import NotEnoughMemory, check
+    from openstt.memory import DIARIZATION, NotEnoughMemory, check
 
     try:
         check([CATALOG[name] for name in settings.models], placement.device.type,
               str(placement.dtype).removeprefix("torch."), settings.quantize, settings.batch_windows,
-              settings.memory_check)
+              settings.memory_check, extra=(DIARIZATION,) if settings.enable_diarization else ())
     except NotEnoughMemory as exc:
         raise StartupError(str(exc)) from None
     except Exception as exc:  # guidance only: a failing estimate never stops a server that may well fit
@@ -100,6 +107,24 @@ def load_models() -> ModelRegistry:
     for name in registry.names():
         log.info("model %s", registry.get(name).describe())
     return registry
+
+
+def load_diarizer():
+    """The speaker-diarization pipeline on the models' device, when enabled (else None)."""
+    settings = get_settings()
+    if not settings.enable_diarization:
+        return None
+    from openstt.device import Placement
+    from openstt.diarization.pipeline import Diarizer
+    from openstt.diarization.weights import DiarizationUnavailable
+
+    started = time.perf_counter()
+    try:
+        diarizer = Diarizer.load(Placement.from_settings(settings).device, download=settings.download)
+    except DiarizationUnavailable as exc:
+        raise StartupError(str(exc)) from None
+    log.info("diarization: speaker model loaded in %.1f s on %s", time.perf_counter() - started, diarizer.device)
+    return diarizer
 
 
 def weights_manager(registry: ModelRegistry):
@@ -128,15 +153,17 @@ def attach(app: FastAPI, registry: ModelRegistry, settings: Settings | None = No
     state.max_upload_bytes = settings.max_upload_bytes
     state.long_form = settings.long_form
     state.beam_size = settings.beam_size
+    state.diarization = settings.enable_diarization
     state.limits = Limits(max_in_flight=settings.max_concurrent_requests,
                           max_audio_seconds=settings.max_audio_seconds, request_timeout=settings.request_timeout)
     state.registry = registry
     log.info("open-stt ready on port %s: models=%s default=%s cache=%s auth=%s limits: upload=%d B audio=%gs "
-             "concurrent=%d timeout=%ds batch=%d windows long-form=%s; try it at /ui, metrics at /metrics", settings.port,
+             "concurrent=%d timeout=%ds batch=%d windows long-form=%s diarization=%s; try it at /ui, metrics at /metrics",
+             settings.port,
              ",".join(registry.names()), registry.default, cache_dir(),
              f"on ({len(settings.api_key)} key(s))" if settings.api_key else "off", settings.max_upload_bytes,
              settings.max_audio_seconds, settings.max_concurrent_requests, settings.request_timeout,
-             settings.batch_windows, settings.long_form)
+             settings.batch_windows, settings.long_form, "on" if settings.enable_diarization else "off")
     if manager is not None:
         log.info("model management: endpoints %s, idle unload %s", "on" if manager.enabled else "off",
                  f"after {manager.idle_ttl:g} s" if manager.idle_ttl else "off")
@@ -159,5 +186,6 @@ def start_api(app: FastAPI, models: ModelServiceClient) -> ModelRegistry:
                                              max_batch_windows=settings.batch_windows),
         enabled=settings.enable_model_management, idle_ttl=settings.model_idle_ttl)
     app_state(app).models_ready = models.ready
+    app_state(app).diarize = models.diarize
     attach(app, registry, settings, manager)  # the app's lifespan starts the manager's idle checker
     return registry

@@ -46,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--model-idle-ttl", type=float, metavar="SECONDS",
                    help="unload models (except the default) after this long without a request "
                         "(OPEN_STT_MODEL_IDLE_TTL, default 0 = never)")
+    d = p.add_argument_group("speaker diarization")
+    d.add_argument("--enable-diarization", action="store_true", default=None,
+                   help="load the speaker model so requests can ask who spoke when (response_format="
+                        "diarized_json, or diarize=true) (OPEN_STT_ENABLE_DIARIZATION, default off)")
     g = p.add_argument_group("inference")
     g.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"],
                    help="weights/activations precision (OPEN_STT_DTYPE; auto: bf16/fp16 on GPU, fp32 on CPU)")
@@ -95,6 +99,7 @@ def apply_flags(args: argparse.Namespace, env: dict[str, str]) -> dict[str, str]
         "OPEN_STT_ENABLE_MODEL_MANAGEMENT": "true" if args.enable_model_management else None,
         "OPEN_STT_MODEL_IDLE_TTL": args.model_idle_ttl, "OPEN_STT_LONG_FORM": args.long_form,
         "OPEN_STT_BEAM_SIZE": args.beam_size,
+        "OPEN_STT_ENABLE_DIARIZATION": "true" if args.enable_diarization else None,
     }
     env.update({k: str(v) for k, v in values.items() if v is not None})
     return env

@@ -45,14 +45,27 @@ def _cues(segments: list[Segment]) -> list[tuple[Segment, str]]:
 
 
 def to_srt(segments: list[Segment]) -> str:
+    """SubRip cues; a diarized segment's text starts with its speaker (``A: ...``)."""
     return "".join(
-        f"{i}\n{_timestamp(s.start, ',')} --> {_timestamp(s.end, ',')}\n{text}\n\n"
+        f"{i}\n{_timestamp(s.start, ',')} --> {_timestamp(s.end, ',')}\n"
+        f"{f'{s.speaker}: ' if s.speaker else ''}{text}\n\n"
         for i, (s, text) in enumerate(_cues(segments), start=1)
     )
 
 
+def _voice(speaker: str) -> str:
+    # a voice annotation ends at ">" and must not hold a line break (WebVTT 5.4)
+    return " ".join(speaker.replace(">", "").replace("&", "&amp;").replace("<", "&lt;").split())
+
+
+def _vtt_text(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;")
+
+
 def to_vtt(segments: list[Segment]) -> str:
-    cues = "".join(f"{_timestamp(s.start, '.')} --> {_timestamp(s.end, '.')}\n{text}\n\n"
+    """WebVTT cues; a diarized segment is a voice span (``<v A>...``)."""
+    cues = "".join(f"{_timestamp(s.start, '.')} --> {_timestamp(s.end, '.')}\n"
+                   f"{f'<v {_voice(s.speaker)}>' + _vtt_text(text) if s.speaker else text}\n\n"
                    for s, text in _cues(segments))
     return "WEBVTT\n\n" + cues
 
@@ -62,9 +75,38 @@ def _logprobs(entries: list[TokenLogprob]) -> list[dict]:
 
 
 def segment_dict(s: Segment) -> dict:
-    return {"id": s.id, "seek": s.seek, "start": s.start, "end": s.end, "text": s.text, "tokens": s.tokens,
+    body = {"id": s.id, "seek": s.seek, "start": s.start, "end": s.end, "text": s.text, "tokens": s.tokens,
             "temperature": s.temperature, "avg_logprob": s.avg_logprob, "compression_ratio": s.compression_ratio,
             "no_speech_prob": s.no_speech_prob}
+    if s.speaker is not None:  # diarize=true (beyond OpenAI's schema; the SDK keeps extra fields)
+        body["speaker"] = s.speaker
+    return body
+
+
+def diarized_segment(s: Segment) -> dict:
+    """A segment of ``diarized_json``, also the ``transcript.text.segment`` stream event."""
+    return {"type": "transcript.text.segment", "id": f"seg_{s.id + 1:03d}", "start": s.start, "end": s.end,
+            "text": s.text.strip(), "speaker": s.speaker or "A"}
+
+
+def speaker_lines(segments: list[Segment]) -> str:
+    """The transcript as ``Speaker: text`` lines, one per change of speaker (OpenAI's example)."""
+    lines: list[list] = []
+    for s in segments:
+        text = s.text.strip()
+        if not text:
+            continue
+        if lines and lines[-1][0] == s.speaker:
+            lines[-1][1].append(text)
+        else:
+            lines.append([s.speaker, [text]])
+    return "\n".join(f"{speaker or 'A'}: {' '.join(texts)}" for speaker, texts in lines)
+
+
+def to_diarized_json(transcript: Transcript) -> dict:
+    return {"task": "transcribe", "duration": transcript.duration, "text": speaker_lines(transcript.segments),
+            "segments": [diarized_segment(s) for s in transcript.segments if s.text.strip()],
+            "usage": usage(transcript.duration)}
 
 
 def to_verbose_json(transcript: Transcript, *, task: str, granularities: list[str], model: str | None = None) -> dict:
@@ -97,6 +139,8 @@ def render(transcript: Transcript, response_format: str, *, task: str = "transcr
         return PlainTextResponse(to_vtt(transcript.segments), media_type=TEXT_MEDIA_TYPE)
     if response_format == "verbose_json":
         return JSONResponse(to_verbose_json(transcript, task=task, granularities=list(granularities), model=model))
+    if response_format == "diarized_json":
+        return JSONResponse(to_diarized_json(transcript))
     if response_format == "json":
         body: dict = {"text": transcript.text}
         if logprobs:

@@ -226,13 +226,20 @@ def check_runtime_load(spec: ModelSpec, device: str, dtype: str, quantize: str, 
     log.warning("memory: %s", message)
 
 
+# The speaker-diarization model (--enable-diarization): CAM++'s 6.9M float32 parameters, and a
+# batch of 64 spans of 1.5 s through its convolutional front end (a few 48 MB activations).
+DIARIZATION = Estimate(name="speaker diarization (CAM++)", params=6_930_842, precision="float32",
+                       weights=28_000_000, working=int(0.3 * GB), load_extra=0)
+
+
 def check(specs: list[ModelSpec], device: str, dtype: str, quantize: str, windows: int, mode: str = "auto",
-          cap: Capacity | None = None) -> list[Estimate]:
-    """Estimate ``specs`` together, log it, and raise NotEnoughMemory (``auto``) when they cannot fit
-    in the device's total memory; warn when they exceed what is available now."""
+          cap: Capacity | None = None, extra: tuple[Estimate, ...] = ()) -> list[Estimate]:
+    """Estimate ``specs`` (and ``extra``, e.g. ``DIARIZATION``) together, log it, and raise
+    NotEnoughMemory (``auto``) when they cannot fit in the device's total memory; warn when they
+    exceed what is available now."""
     if mode == "off":
         return []
-    estimates = [estimate(spec, device, dtype, quantize, windows) for spec in specs]
+    estimates = [estimate(spec, device, dtype, quantize, windows) for spec in specs] + list(extra)
     cap = cap or capacity(device)
     runtime = runtime_bytes(device)
     need = runtime + sum(e.total for e in estimates)

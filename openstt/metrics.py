@@ -42,6 +42,13 @@ class SttMetrics:
                                      ["model", "reason"])
         self.failures = Counter("openstt_decode_failures_total", "Requests refused or failed, by reason",
                                 ["route", "reason"])
+        self.diarization_seconds = Histogram("openstt_diarization_duration_seconds",
+                                             "Time to diarize one request's audio (model service)",
+                                             buckets=LATENCY_BUCKETS)
+        self.diarization_audio_seconds = Counter("openstt_diarization_audio_seconds_total",
+                                                 "Seconds of audio diarized")
+        self.diarization_failures = Counter("openstt_diarization_failures_total",
+                                            "Diarizations that failed in the model service")
         self.cancelled = Counter("openstt_requests_cancelled_total",
                                  "Transcriptions stopped because their client disconnected", ["route", "model"])
 

@@ -30,6 +30,7 @@ from openstt.engines.base import Engine, Word
 from openstt.metrics import metrics
 
 if TYPE_CHECKING:
+    from openstt.diarization.pipeline import Diarizer
     from openstt.model_manager import WeightsManager
 
 log = logging.getLogger("openstt.model_service")
@@ -48,6 +49,7 @@ class ErrorCode(str, enum.Enum):
     download_failed = "download_failed"
     unsupported_family = "unsupported_family"
     default_model = "default_model"  # unloading the default model
+    diarization_disabled = "diarization_disabled"  # the model service was started without --enable-diarization
 
     def __str__(self) -> str:  # the code itself in messages and labels, on every Python version
         return self.value
@@ -123,6 +125,36 @@ class WeightsReply(bentoml.IODescriptor):
     created: int = 0  # when it was loaded (Unix time)
     error: ErrorCode | None = None
     message: str = ""  # for the client, path-free
+
+
+class SpeakerTurn(bentoml.IODescriptor):
+    start: float  # seconds
+    end: float
+    speaker: str  # a known speaker's name, or A, B, C... in order of appearance
+
+
+class DiarizeJob(bentoml.IODescriptor):
+    """Who spoke when in one request's audio (runs while its windows are transcribed)."""
+
+    audio: np.ndarray  # 16 kHz float32, the whole file
+    # The VAD's speech probabilities, computed once per request and shared with the transcription
+    # (empty: the model service computes them).
+    probabilities: np.ndarray = Field(default_factory=lambda: np.zeros(0, np.float32))
+    references: list[np.ndarray] = Field(default_factory=list)  # known speakers' voices, 1-10 s each
+    names: list[str] = Field(default_factory=list)  # their names, paired by position
+    num_speakers: int | None = None  # None: estimated from the audio
+
+    _audio = field_validator("audio", "probabilities")(_float32)
+
+    @field_validator("references")
+    @classmethod
+    def _references(cls, value: list) -> list[np.ndarray]:
+        return [_float32(v) for v in value]
+
+
+class DiarizeReply(bentoml.IODescriptor):
+    turns: list[SpeakerTurn] = Field(default_factory=list)  # in time order
+    error: ErrorCode | None = None
 
 
 class ModelFailure(RuntimeError):
@@ -201,6 +233,28 @@ def align_request(engine: Engine | None, job: AlignJob) -> AlignReply:
         return AlignReply(error=failure_reason(exc))
 
 
+def diarize_request(diarizer: Diarizer | None, job: DiarizeJob) -> DiarizeReply:
+    """The speaker turns of one request's audio."""
+    if diarizer is None:
+        return DiarizeReply(error=ErrorCode.diarization_disabled)
+    started = time.perf_counter()
+    try:
+        known = {name: diarizer.voice(audio) for name, audio in zip(job.names, job.references)}
+        turns = diarizer.diarize(job.audio, probabilities=job.probabilities if len(job.probabilities) else None,
+                                 known=known,
+                                 num_speakers=job.num_speakers)
+    except Exception as exc:  # reported to the request it belongs to
+        log.exception("diarizing %.1f s of audio failed", len(job.audio) / 16000)
+        metrics().diarization_failures.inc()
+        return DiarizeReply(error=failure_reason(exc))
+    elapsed = time.perf_counter() - started
+    metrics().diarization_seconds.observe(elapsed)
+    metrics().diarization_audio_seconds.inc(len(job.audio) / 16000)
+    log.debug("diarized %.1f s of audio in %.2f s: %d turns, %d speakers", len(job.audio) / 16000, elapsed,
+              len(turns), len({t.speaker for t in turns}))
+    return DiarizeReply(turns=[SpeakerTurn(start=t.start, end=t.end, speaker=t.speaker) for t in turns])
+
+
 # --- API side -------------------------------------------------------------------------------------
 
 async def call_with_reconnect(call: Callable[[], Awaitable], attempts: int = 3):
@@ -233,6 +287,9 @@ class ModelServiceClient:
     async def align(self, job: AlignJob) -> AlignReply:
         return await call_with_reconnect(lambda: self.service.to_async.align(job))
 
+    async def diarize(self, job: DiarizeJob) -> DiarizeReply:
+        return await call_with_reconnect(lambda: self.service.to_async.diarize(job))
+
     async def ready(self) -> bool:
         return await call_with_reconnect(lambda: self.service.to_async.ready())
 
@@ -248,14 +305,18 @@ class InMemoryModelService(ModelServiceClient):
     that ``engines()`` returns by name (e.g. a ``ModelRegistry``'s ``engines``), each call in a
     worker thread, one window per batch. Loading and unloading need ``weights``."""
 
-    def __init__(self, engines: Callable[[], Mapping[str, Engine]], weights: WeightsManager | None = None):
-        self.engines, self.weights = engines, weights
+    def __init__(self, engines: Callable[[], Mapping[str, Engine]], weights: WeightsManager | None = None,
+                 diarizer: Diarizer | None = None):
+        self.engines, self.weights, self.diarizer = engines, weights, diarizer
 
     async def decode(self, job: WindowJob) -> DecodeResult:
         return (await asyncio.to_thread(decode_batch, self.engines(), [job]))[0]
 
     async def align(self, job: AlignJob) -> AlignReply:
         return await asyncio.to_thread(align_request, self.engines().get(job.model), job)
+
+    async def diarize(self, job: DiarizeJob) -> DiarizeReply:
+        return await asyncio.to_thread(diarize_request, self.diarizer, job)
 
     async def ready(self) -> bool:
         return True

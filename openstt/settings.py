@@ -104,6 +104,9 @@ class Settings(BaseSettings):
     # (all but the default) after this many seconds without a request (0: never).
     enable_model_management: bool = False
     model_idle_ttl: float = Field(0, ge=0)
+    # Speaker diarization (response_format=diarized_json, diarize=true): loads the CAM++ speaker
+    # model into the model service (about 30 MB of weights, see openstt/diarization/).
+    enable_diarization: bool = False
 
     @field_validator("models", "api_key", mode="before")
     @classmethod

@@ -409,9 +409,11 @@ def _split(start: int, end: int, limit: int, smoothed: np.ndarray | None, search
     return pieces
 
 
-def speech_chunks(audio: np.ndarray, options: VadOptions | None = None, max_seconds: float = 30.0) -> list[Chunk]:
-    """The speech of ``audio`` as chunks of at most ``max_seconds``: probabilities, regions, plan.
-    No speech: no chunks."""
-    probabilities = speech_probabilities(audio)
+def speech_chunks(audio: np.ndarray, options: VadOptions | None = None, max_seconds: float = 30.0, *,
+                  probabilities: np.ndarray | None = None) -> list[Chunk]:
+    """The speech of ``audio`` as chunks of at most ``max_seconds``: probabilities (unless given,
+    e.g. shared with diarization), regions, plan. No speech: no chunks."""
+    if probabilities is None:
+        probabilities = speech_probabilities(audio)
     regions = speech_regions(audio, options, probabilities=probabilities)
     return plan_chunks(regions, len(audio), max_seconds, probabilities=probabilities)

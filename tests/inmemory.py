@@ -37,23 +37,26 @@ TIME_PRECISION = 0.02  # seconds per Whisper timestamp token
 
 
 def inmemory_app(engines: Sequence[Engine], cache: Path, *, default: str | None = None, app: FastAPI | None = None,
-                 **settings) -> FastAPI:
+                 diarizer=None, **settings) -> FastAPI:
     """``app`` (a new ``create_app()`` by default) serving ``engines`` as the server does.
 
     ``engines`` are the model side (real loaded engines, or ``FakeModel``s); the API side's
     frontends are read from the hub cache ``cache`` by ``start_api`` itself, so it must hold every
     model of ``engines``. ``settings`` are ``Settings`` fields (``long_form``, ``model_aliases``,
-    ...); ``OPEN_STT_*`` variables of the environment are ignored."""
+    ...); ``OPEN_STT_*`` variables of the environment are ignored. ``diarizer``: the model side's
+    speaker-diarization pipeline (and ``enable_diarization`` on)."""
     default = default or engines[0].name
     model_side = ModelRegistry(list(engines), default)  # what OpenSTTModels holds (bootstrap.load_models)
     app = app or create_app()
     with pytest.MonkeyPatch.context() as patch:
         for name in [k for k in os.environ if k.startswith("OPEN_STT_")]:
             patch.delenv(name)
+        if diarizer is not None:
+            settings.setdefault("enable_diarization", True)
         config = Settings(models=[e.name for e in engines], default_model=default, **settings)
         patch.setenv("HF_HUB_CACHE", str(cache))
         patch.setattr(bootstrap, "get_settings", lambda: config)
-        bootstrap.start_api(app, InMemoryModelService(model_side.engines))
+        bootstrap.start_api(app, InMemoryModelService(model_side.engines, diarizer=diarizer))
     return app
 
 

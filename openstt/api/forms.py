@@ -21,13 +21,17 @@ from openstt.vad import VadOptions
 RESPONSE_FORMATS = ("json", "text", "srt", "verbose_json", "vtt", "diarized_json")
 INCLUDES = ("logprobs",)
 GRANULARITIES = ("word", "segment")
-# Starlette's default 1 MiB cap on text parts is too small for long prompts; files are unaffected.
-MAX_TEXT_PART = 4 * 1024 * 1024
+# Starlette's default 1 MiB cap on text parts is too small for long prompts and for known speakers'
+# references (10 s of 48 kHz stereo float WAV is 5 MiB as base64); files are unaffected.
+MAX_TEXT_PART = 8 * 1024 * 1024
 # keywords[] become decoder prompt context, which holds about 220 tokens in all (see the engine's
 # own token budget); these bounds only refuse what could never fit.
 MAX_KEYWORDS = 50
 MAX_KEYWORD_CHARS = 100
 MAX_BEAM_SIZE = 10  # beam_size (our extension): 1 (greedy) .. 10
+MAX_KNOWN_SPEAKERS = 4  # OpenAI's limit on known_speaker_names[] / known_speaker_references[]
+MAX_SPEAKER_NAME_CHARS = 64
+DIARIZE_FORMATS = ("verbose_json", "srt", "vtt")  # what diarize=true (our extension) adds speakers to
 
 
 @dataclass
@@ -46,6 +50,14 @@ class AudioRequest:
     timestamp_granularities: list[str] = field(default_factory=lambda: ["segment"])
     include: list[str] = field(default_factory=list)
     chunking_strategy: dict | str | None = None
+    diarize: bool = False  # our extension: speakers in verbose_json, srt and vtt
+    known_speaker_names: list[str] = field(default_factory=list)
+    known_speaker_references: list[bytes] = field(default_factory=list)  # decoded data URLs, paired with the names
+
+    @property
+    def diarized(self) -> bool:
+        """Whether the answer needs speakers."""
+        return self.response_format == "diarized_json" or self.diarize
 
 
 async def read_form(request: Request) -> FormData:
@@ -181,14 +193,79 @@ def parse_audio_form(form: FormData, *, task: str) -> AudioRequest:
         raise bad_request(f"Invalid value for 'include[]': {bad[0]!r}. Supported values are: 'logprobs'.",
                           param="include")
 
+    names, references = _known_speakers(form)
+    diarize = _bool(form, "diarize")
+    diarized = diarize or response_format == "diarized_json"
+    if diarize and response_format not in DIARIZE_FORMATS:
+        raise bad_request(f"'diarize' adds speakers to {', '.join(DIARIZE_FORMATS)}; for speakers with "
+                          f"response_format '{response_format}' use 'diarized_json'.", param="diarize")
+    if task == "translate" and diarized:
+        raise bad_request("Translations cannot be diarized: use /v1/audio/transcriptions.",
+                          param="diarize" if diarize else "response_format", code="unsupported_value")
+    if names and not diarized:
+        raise bad_request("'known_speaker_names[]' needs response_format 'diarized_json' (or diarize=true).",
+                          param="known_speaker_names")
+    if response_format == "diarized_json" and "logprobs" in include:
+        raise bad_request("logprobs are not available with response_format 'diarized_json'.", param="include",
+                          code="unsupported_value")
+
     return AudioRequest(
         file=upload, model=model, task=task, response_format=response_format, language=language,
         languages=languages, prompt=_text(form, "prompt"), keywords=_keywords(form), temperature=temperature,
         beam_size=_beam_size(form),
         stream=_bool(form, "stream") if task == "transcribe" else False,
         timestamp_granularities=list(dict.fromkeys(granularities)),
-        include=include, chunking_strategy=_chunking_strategy(form),
+        include=include, chunking_strategy=_chunking_strategy(form), diarize=diarize,
+        known_speaker_names=names, known_speaker_references=references,
     )
+
+
+def _known_speakers(form: FormData) -> tuple[list[str], list[bytes]]:
+    """``known_speaker_names[]`` and ``known_speaker_references[]``: paired, at most four, each
+    reference a base64 data URL of audio (decoded and checked for length by the route)."""
+    names = _list(form, "known_speaker_names", split_commas=False)
+    references = [v.strip() for key in ("known_speaker_references[]", "known_speaker_references")
+                  for v in form.getlist(key)]
+    if any(not isinstance(v, str) for v in references):
+        raise bad_request("'known_speaker_references[]' must be text fields (data URLs), not files.",
+                          param="known_speaker_references")
+    if len(names) > MAX_KNOWN_SPEAKERS:
+        raise bad_request(f"Too many known speakers: {len(names)}; at most {MAX_KNOWN_SPEAKERS} are allowed.",
+                          param="known_speaker_names")
+    if len(references) > MAX_KNOWN_SPEAKERS:
+        raise bad_request(f"Too many speaker references: {len(references)}; at most {MAX_KNOWN_SPEAKERS} are "
+                          "allowed.", param="known_speaker_references")
+    if len(names) != len(references):
+        raise bad_request(f"'known_speaker_names[]' ({len(names)}) and 'known_speaker_references[]' "
+                          f"({len(references)}) must pair up one to one.",
+                          param="known_speaker_names" if len(names) < len(references) else "known_speaker_references")
+    if len(set(names)) != len(names):
+        raise bad_request("'known_speaker_names[]' must be distinct.", param="known_speaker_names")
+    long = next((n for n in names if len(n) > MAX_SPEAKER_NAME_CHARS), None)
+    if long is not None:
+        raise bad_request(f"Speaker name too long: {len(long)} characters; at most {MAX_SPEAKER_NAME_CHARS}.",
+                          param="known_speaker_names")
+    return names, [_data_url(v, i) for i, v in enumerate(references)]
+
+
+def _data_url(value: str, index: int) -> bytes:
+    """The bytes of a ``data:<type>;base64,<data>`` URL."""
+    import base64
+    import binascii
+
+    head, comma, data = value.partition(",")
+    if not (head.startswith("data:") and head.endswith(";base64") and comma):
+        raise bad_request(f"known_speaker_references[{index}] must be a data URL such as "
+                          "'data:audio/wav;base64,...'.", param="known_speaker_references")
+    media_type = head[len("data:"):-len(";base64")].lower()
+    if media_type and not media_type.startswith(("audio/", "video/", "application/octet-stream")):
+        raise bad_request(f"known_speaker_references[{index}] is '{media_type}', not audio.",
+                          param="known_speaker_references")
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise bad_request(f"known_speaker_references[{index}] is not valid base64.",
+                          param="known_speaker_references") from None
 
 
 def _chunking_strategy(form: FormData) -> dict | str | None:

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import io
 import logging
 import time
 from collections.abc import AsyncIterator
 
+import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
@@ -37,26 +39,26 @@ from openstt.api.limits import (
 )
 from openstt.api.state import app_state
 from openstt.audio import SAMPLE_RATE, AudioError, decode_audio
-from openstt.engines.base import Segment, TranscribeOptions, TranscriptionRun, UnsupportedRequest
+from openstt.diarization.attribution import Speakers, attribute
+from openstt.engines.base import Segment, TranscribeOptions, Transcript, TranscriptionRun, UnsupportedRequest
 from openstt.errors import OpenSTTError
-from openstt.formats import delta_event, done_event, error_event, render, sse, token_usage
+from openstt.formats import delta_event, diarized_segment, done_event, error_event, render, sse, token_usage
 from openstt.metrics import metrics
-from openstt.model_service import ModelFailure
+from openstt.model_service import DiarizeJob, ModelFailure
 from openstt.registry import ModelRegistry
-from openstt.vad import VadOptions
+from openstt.vad import VadOptions, speech_probabilities
 
 log = logging.getLogger("openstt.api")
 
 router = APIRouter()
 
 
-def _check_capabilities(req: AudioRequest, engine) -> None:
-    if req.response_format == "diarized_json":
-        raise bad_request(
-            f"response_format 'diarized_json' is not compatible with model '{req.model}'. "
-            "Use 'json', 'text', 'srt', 'verbose_json' or 'vtt' instead.",
-            param="response_format", code="unsupported_value",
-        )
+def _check_capabilities(req: AudioRequest, engine, diarization: bool) -> None:
+    if req.diarized and not diarization:
+        raise bad_request("Speaker diarization is not enabled on this server: start it with --enable-diarization "
+                          "(OPEN_STT_ENABLE_DIARIZATION=true).",
+                          param="response_format" if req.response_format == "diarized_json" else "diarize",
+                          code="unsupported_value")
     if "logprobs" in req.include and not (req.response_format == "json" or req.stream):
         raise bad_request("logprobs are only available with response_format 'json' or with stream=true.",
                           param="include", code="unsupported_value")
@@ -74,15 +76,55 @@ def _vad(strategy: dict | str | None, long_form: str) -> VadOptions | None:
     return None if strategy == "none" else VadOptions.from_chunking_strategy(strategy)
 
 
-def _options(req: AudioRequest, long_form: str = "sequential", beam_size: int = 1) -> TranscribeOptions:
-    """The request's options; ``long_form`` and ``beam_size``: the server's defaults for what it omits."""
+def _options(req: AudioRequest, long_form: str = "sequential", beam_size: int = 1,
+             word_timestamps: bool = False) -> TranscribeOptions:
+    """The request's options; ``long_form`` and ``beam_size``: the server's defaults for what it
+    omits; ``word_timestamps``: time the words even if the answer does not show them."""
     return TranscribeOptions(
         task=req.task, language=req.language, languages=tuple(req.languages), prompt=req.prompt,
         keywords=tuple(req.keywords), temperature=req.temperature,
         beam_size=req.beam_size if req.beam_size is not None else beam_size,
-        word_timestamps=req.response_format == "verbose_json" and "word" in req.timestamp_granularities,
+        word_timestamps=word_timestamps or (req.response_format == "verbose_json"
+                                            and "word" in req.timestamp_granularities),
         token_logprobs="logprobs" in req.include, vad=_vad(req.chunking_strategy, long_form),
     )
+
+
+MIN_REFERENCE_SECONDS, MAX_REFERENCE_SECONDS = 1.0, 10.0
+
+
+def _references(req: AudioRequest) -> list[np.ndarray]:
+    """The known speakers' reference clips, decoded (any container we read), 1 to 10 s each."""
+    voices = []
+    for i, data in enumerate(req.known_speaker_references):
+        try:
+            audio = decode_audio(io.BytesIO(data), max_duration=MAX_REFERENCE_SECONDS + 1)
+        except AudioError as exc:
+            raise bad_request(f"known_speaker_references[{i}] is not audio we can decode: {exc.message}",
+                              param="known_speaker_references") from None
+        seconds = len(audio) / SAMPLE_RATE
+        if not MIN_REFERENCE_SECONDS <= seconds <= MAX_REFERENCE_SECONDS:
+            raise bad_request(f"known_speaker_references[{i}] is {seconds:.1f} s long; references must be "
+                              f"{MIN_REFERENCE_SECONDS:g} to {MAX_REFERENCE_SECONDS:g} s of the speaker's voice.",
+                              param="known_speaker_references")
+        voices.append(audio)
+    return voices
+
+
+def _start_diarization(request: Request, req: AudioRequest, audio: np.ndarray, references: list[np.ndarray],
+                       probabilities: np.ndarray) -> asyncio.Task:
+    """Who spoke when, found by the model service while the transcription runs."""
+    diarize = app_state(request.app).diarize
+    job = DiarizeJob(audio=audio, probabilities=probabilities, references=references,
+                     names=req.known_speaker_names)
+
+    async def speakers() -> Speakers:
+        reply = await diarize(job)
+        if reply.error is not None:
+            raise ModelFailure(reply.error)
+        return Speakers(reply.turns)
+
+    return asyncio.create_task(speakers())
 
 
 def _client_error(exc: Exception) -> OpenAIError:
@@ -131,28 +173,38 @@ async def _transcribe_admitted(request: Request, registry: ModelRegistry, limits
     slot.on_release(lease.release)
     engine = lease.engine
     slot.model = engine.name
-    _check_capabilities(req, engine)
+    state = app_state(request.app)
+    _check_capabilities(req, engine, state.diarization)
     request_id = request_id_of(request)
     started = time.perf_counter()
+    speakers: asyncio.Task | None = None
     try:
         # Decoding and inference run in worker threads so the event loop (and /health) stay free.
+        references = await run_in_threadpool(_references, req)
         audio = await run_in_threadpool(decode_audio, req.file.file, max_duration=limits.max_audio_seconds)
         slot.audio_seconds = len(audio) / SAMPLE_RATE
         # the server's default beam size is Whisper's; other families decode without beams
-        state = app_state(request.app)
         beam_size = state.beam_size if engine.spec.family == "whisper" else 1
-        run = await run_in_threadpool(engine.start, audio, _options(req, state.long_form, beam_size))
+        options = _options(req, state.long_form, beam_size,
+                           word_timestamps=req.diarized and engine.supports_word_timestamps)
+        if req.diarized:
+            # one VAD pass for both: the diarization's speech regions and the transcription's chunks
+            probabilities = await run_in_threadpool(speech_probabilities, audio)
+            options = dataclasses.replace(options, speech_probabilities=probabilities)
+            speakers = _start_diarization(request, req, audio, references, probabilities)
+            slot.on_release(speakers.cancel)
+        run = await run_in_threadpool(engine.start, audio, options)
     except (AudioError, UnsupportedRequest) as exc:
         raise _client_error(exc) from None
     finally:
         await req.file.close()
 
     if req.stream:
-        events = _events(run, req, engine.name, request_id, started, limits, slot)
+        events = _events(run, req, engine.name, request_id, started, limits, slot, speakers)
         return SlotStreamingResponse(events, slot=slot, media_type="text/event-stream",
                                       headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     try:
-        collect = asyncio.wait_for(_tracked(run, slot).acollect(), timeout=limits.request_timeout)
+        collect = asyncio.wait_for(_collect(run, slot, speakers), timeout=limits.request_timeout)
         # The form has been read, so the next message from the client can only be its disconnect.
         transcript = await unless_disconnected(collect, request.receive)
     except asyncio.TimeoutError:
@@ -168,6 +220,15 @@ async def _transcribe_admitted(request: Request, registry: ModelRegistry, limits
     _log_done(request_id, req, engine.name, transcript.duration, started)
     return render(transcript, req.response_format, task=task, granularities=req.timestamp_granularities,
                   logprobs="logprobs" in req.include, model=engine.name)
+
+
+async def _collect(run: TranscriptionRun, slot: Slot, speakers: asyncio.Task | None) -> Transcript:
+    """The whole transcript; with ``speakers`` (diarization running alongside), each segment
+    attributed to its speaker and split where the speaker changes."""
+    transcript = await _tracked(run, slot).acollect()
+    if speakers is not None:
+        transcript.segments = attribute(transcript.segments, await speakers)
+    return transcript
 
 
 def _tracked(run: TranscriptionRun, slot: Slot) -> TranscriptionRun:
@@ -211,23 +272,44 @@ def _log_done(request_id: str | None, req: AudioRequest, model: str, duration: f
 
 
 async def _events(run: TranscriptionRun, req: AudioRequest, model: str, request_id, started,
-                  limits: Limits, slot: Slot) -> AsyncIterator[str]:
-    """SSE: one ``transcript.text.delta`` per decoded segment, then ``transcript.text.done``."""
+                  limits: Limits, slot: Slot, speakers: asyncio.Task | None = None) -> AsyncIterator[str]:
+    """SSE: one ``transcript.text.delta`` per decoded segment, then ``transcript.text.done``. With
+    ``diarized_json``, also a ``transcript.text.segment`` per segment (with its speaker) as soon as
+    both its text and the speakers are known."""
     with_logprobs = "logprobs" in req.include
     text, tokens, logprobs = "", 0, []
     deadline = time.monotonic() + limits.request_timeout
+    segment_events = speakers is not None and req.response_format == "diarized_json"
+    pending: list[Segment] = []
+    emitted = 0
+
+    def flush(who: Speakers) -> list[str]:
+        nonlocal emitted
+        pieces = attribute(pending, who, first_id=emitted)
+        pending.clear()
+        emitted += len(pieces)
+        return [sse(diarized_segment(p)) for p in pieces if p.text.strip()]
+
     try:
         async for segment in run.aiter():
             if time.monotonic() > deadline:
                 raise TimeoutError(f"stream exceeded {limits.request_timeout} s")
             slot.progress = segment.end
             delta = segment.text.lstrip() if not text else segment.text
-            if not delta:
-                continue
-            text += delta
-            tokens += len(segment.tokens)
-            logprobs.extend(segment.logprobs)
-            yield sse(delta_event(delta, segment.logprobs if with_logprobs else None))
+            if segment_events:
+                pending.append(segment)
+            if delta:
+                text += delta
+                tokens += len(segment.tokens)
+                logprobs.extend(segment.logprobs)
+                yield sse(delta_event(delta, segment.logprobs if with_logprobs else None))
+            if segment_events and speakers.done():
+                for event in flush(speakers.result()):
+                    yield event
+        if segment_events:
+            remaining = deadline - time.monotonic()
+            for event in flush(await asyncio.wait_for(asyncio.shield(speakers), timeout=max(remaining, 0.001))):
+                yield event
         yield sse(done_event(text, token_usage(tokens, run.duration), logprobs if with_logprobs else None))
         _log_done(request_id, req, model, run.duration, started)
     except Exception as exc:
@@ -248,7 +330,8 @@ def _audio_openapi(task: str) -> dict:
                   "description": "Optional: without it the server's default model answers."},
         "keywords[]": {"type": "array", "items": {"type": "string", "maxLength": 100}, "maxItems": 50},
         "prompt": {"type": "string"},
-        "response_format": {"type": "string", "enum": ["json", "text", "srt", "verbose_json", "vtt"]},
+        "response_format": {"type": "string", "enum": ["json", "text", "srt", "verbose_json", "vtt"]
+                            + (["diarized_json"] if task == "transcribe" else [])},
         "temperature": {"type": "number", "minimum": 0, "maximum": 1},
     }
     if task == "transcribe":
@@ -258,6 +341,11 @@ def _audio_openapi(task: str) -> dict:
             "timestamp_granularities[]": {"type": "array", "items": {"type": "string", "enum": ["word", "segment"]}},
             "include[]": {"type": "array", "items": {"type": "string", "enum": ["logprobs"]}},
             "stream": {"type": "boolean"},
+            "known_speaker_names[]": {"type": "array", "items": {"type": "string"}, "maxItems": 4},
+            "known_speaker_references[]": {"type": "array", "items": {"type": "string"}, "maxItems": 4,
+                                           "description": "data URLs of 1-10 s of each known speaker's voice"},
+            "diarize": {"type": "boolean", "description": "Extension: speakers in verbose_json, srt and vtt "
+                                                          "(needs --enable-diarization)."},
         })
     error = {"description": "OpenAI error envelope", "content": {"application/json": {"schema": {
         "type": "object", "required": ["error"], "properties": {"error": {"type": "object", "required": [

@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from starlette.applications import Starlette
 
     from openstt.model_manager import ModelManager
+    from openstt.model_service import DiarizeJob, DiarizeReply
     from openstt.registry import ModelRegistry
 
 
@@ -33,6 +34,9 @@ class AppState:
     long_form: str = _setting_default("long_form")  # "vad" or "sequential", without chunking_strategy
     beam_size: int = _setting_default("beam_size")  # Whisper's, for requests without beam_size
     limits: Limits = field(default_factory=Limits)
+    # Speaker diarization: on (--enable-diarization), and the model service's call that does it.
+    diarization: bool = False
+    diarize: Callable[[DiarizeJob], Awaitable[DiarizeReply]] | None = None
     # The model service's readiness probe (two-service layout; None: the weights are in-process),
     # and whether it has answered yes (then it is not asked again).
     models_ready: Callable[[], Awaitable[bool]] | None = None

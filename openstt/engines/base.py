@@ -38,6 +38,9 @@ class TranscribeOptions:
     condition_on_previous_text: bool = True
     # VAD-chunked long-form mode (``engines.vad_chunked``) with these VAD settings; None: sequential.
     vad: VadOptions | None = None
+    # The VAD's speech probabilities when the request has them already (computed once and shared
+    # with diarization); None: computed when needed.
+    speech_probabilities: np.ndarray | None = field(default=None, compare=False, repr=False)
 
     def temperatures(self) -> tuple[float, ...]:
         if not self.temperature_fallback:
@@ -74,6 +77,7 @@ class Segment:
     no_speech_prob: float
     words: list[Word] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    speaker: str | None = None  # who said it, when the request asked for diarization
 
 
 @dataclass

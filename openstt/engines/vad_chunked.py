@@ -37,13 +37,13 @@ Loop = Generator  # a family's transcription loop (WindowLoop.run, ChunkLoop.run
 MakeLoop = Callable[[np.ndarray], Loop]  # chunk audio -> its loop
 
 
-def plan(audio: np.ndarray, vad: VadOptions) -> list[Chunk]:
+def plan(audio: np.ndarray, vad: VadOptions, probabilities: np.ndarray | None = None) -> list[Chunk]:
     """The chunks to decode: speech only, at most 30 s each.
 
     A file that fits one window is decoded whole when it holds any speech: there is nothing to
     batch, and trimming it changes what a small model hears (tiny.en read one 5 s prompt right
     whole and wrong with its last 0.2 s of silence cut). Without speech it is skipped all the same."""
-    chunks = speech_chunks(audio, vad, CHUNK_SECONDS)
+    chunks = speech_chunks(audio, vad, CHUNK_SECONDS, probabilities=probabilities)
     if chunks and len(audio) <= CHUNK_SECONDS * SAMPLE_RATE:
         return [Chunk(((0, len(audio)),))]
     return chunks
@@ -86,7 +86,7 @@ def drive_chunks(audio: np.ndarray, options: TranscribeOptions, make_loop: MakeL
                  max_batch: int) -> Iterator[Segment]:
     """VAD-chunked transcription in-process: the chunks' loops advance together, their pending
     windows decoded by ``core`` in batches of up to ``max_batch``."""
-    chunks = plan(audio, options.vad or VadOptions())
+    chunks = plan(audio, options.vad or VadOptions(), options.speech_probabilities)
     if not chunks:
         return
     ordered = _Ordered(chunks, len(audio) / SAMPLE_RATE)
@@ -142,7 +142,7 @@ async def adrive_chunks(audio: np.ndarray, options: TranscribeOptions, make_loop
     keeps batches full without flooding the model service's queue). Segments are yielded in audio
     order as the chunks before them finish. Closed or cancelled (its client left), it cancels every
     chunk still running."""
-    chunks = await asyncio.to_thread(plan, audio, options.vad or VadOptions())
+    chunks = await asyncio.to_thread(plan, audio, options.vad or VadOptions(), options.speech_probabilities)
     ordered = _Ordered(chunks, len(audio) / SAMPLE_RATE)
     gate = asyncio.Semaphore(max_in_flight)
 
