@@ -156,8 +156,8 @@ def server_env(hf_cache: Path, tmp_path: Path, **extra: str) -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def server(hf_cache, base_model, tmp_path_factory):
-    """open-stt-server (real `bentoml serve`) with tiny.en and base, an API key, an alias of base, on
-    loopback.
+    """open-stt-server (real `bentoml serve`) with tiny.en and base, an API key, an alias of base,
+    speaker diarization, on loopback.
 
     The environment asks for other values than the flags, so the flags must win."""
     tmp = tmp_path_factory.mktemp("server")
@@ -165,7 +165,8 @@ def server(hf_cache, base_model, tmp_path_factory):
     env = server_env(hf_cache, tmp, OPEN_STT_MODELS="whisper-large-v3", OPEN_STT_PORT="1")
     cli = str(Path(sys.executable).with_name("open-stt-server"))
     srv = Server([cli, "--model", "whisper-tiny.en", "--model", "whisper-base", "--port", str(port),
-                  "--api-key", API_KEY, "--log-level", "debug", "--model-alias", "gpt-4o-mini-transcribe=whisper-base"],
+                  "--api-key", API_KEY, "--log-level", "debug", "--model-alias", "gpt-4o-mini-transcribe=whisper-base",
+                  "--enable-diarization"],
                  env, port, tmp / "server.log")
     REPORT["startup_seconds_tiny_en_and_base"] = round(srv.startup_seconds, 2)
     yield srv
