@@ -213,10 +213,19 @@ def test_a22_translations(sdk):
     assert isinstance(srt, str) and srt.startswith("1\n")
 
 
-def test_a23_a29_diarized_json_is_refused(sdk):
-    with pytest.raises(openai.BadRequestError) as err:
-        sdk.audio.transcriptions.create(model="whisper-1", file=fox(), response_format="diarized_json")
-    assert err.value.param == "response_format" and err.value.code == "unsupported_value"
+def test_a23_diarized_json(sdk):
+    """Checklist item 23 (the server runs with --enable-diarization): a known speaker's reference of
+    the same voice names its segments."""
+    import base64
+
+    reference = "data:audio/wav;base64," + base64.b64encode(clip("en/quick_brown_fox").read_bytes()).decode()
+    r = sdk.audio.transcriptions.create(model="gpt-4o-transcribe-diarize", file=fox(), response_format="diarized_json",
+                                        chunking_strategy="auto", known_speaker_names=["agent"],
+                                        known_speaker_references=[reference])
+    assert isinstance(r, openai.types.audio.TranscriptionDiarized)
+    assert r.segments and all(s.type == "transcript.text.segment" and isinstance(s.id, str) for s in r.segments)
+    assert {s.speaker for s in r.segments} == {"agent"}
+    assert normalize(r.text.removeprefix("agent: ")) == normalize(FOX)
 
 
 def test_a24_chunking_strategy_object(sdk, server):
