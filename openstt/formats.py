@@ -109,6 +109,13 @@ def to_diarized_json(transcript: Transcript) -> dict:
             "usage": usage(transcript.duration)}
 
 
+def _word(w) -> dict:
+    body = {"word": w.word, "start": w.start, "end": w.end}
+    if w.speaker is not None:  # diarize=true, like a segment's speaker
+        body["speaker"] = w.speaker
+    return body
+
+
 def to_verbose_json(transcript: Transcript, *, task: str, granularities: list[str], model: str | None = None) -> dict:
     body: dict = {
         "task": task,
@@ -120,7 +127,7 @@ def to_verbose_json(transcript: Transcript, *, task: str, granularities: list[st
     if "segment" in granularities or task == "translate":
         body["segments"] = [segment_dict(s) for s in transcript.segments]
     if "word" in granularities and task == "transcribe":
-        body["words"] = [{"word": w.word, "start": w.start, "end": w.end} for w in transcript.words]
+        body["words"] = [_word(w) for w in transcript.words]
     if task == "transcribe":
         body["usage"] = usage(transcript.duration)
     if model:  # beyond OpenAI's schema (the SDK keeps extra fields): the model that answered, never an alias

@@ -5,6 +5,7 @@ the formats, and the request checks in-process through the server's own path."""
 from __future__ import annotations
 
 import base64
+import itertools
 import io
 import warnings
 
@@ -114,7 +115,7 @@ def test_diarizes_a_conversation(diarizer, speakers, seconds, seed):
     turns = diarizer.diarize(talk.audio)
     labels = list(dict.fromkeys(t.speaker for t in turns))
     assert labels == ["A", "B", "C"][:len(speakers)]
-    assert all(a.end <= b.start + 1e-6 for a, b in zip(turns, turns[1:]))  # in order, no overlap
+    assert all(a.end <= b.start + 1e-6 for a, b in itertools.pairwise(turns))  # in order, no overlap
     assert der(talk.turns, turns) < 0.10
 
 
@@ -158,6 +159,7 @@ def test_segments_split_where_the_speaker_changes():
     assert [(p.id, p.speaker, p.text, p.start, p.end) for p in pieces] == [
         (0, "A", " Hello there.", 0.0, 1.9), (1, "agent", " Hi, how are you?", 2.0, 3.8), (2, "agent", " Fine.", 4.0, 4.8)]
     assert pieces[0].tokens == [1, 2, 3] and pieces[1].tokens == []
+    assert [w.speaker for p in pieces for w in p.words] == ["A", "A", "agent", "agent", "agent", "agent"]
     # a segment outside every turn takes the nearest one's speaker
     assert attribute([seg(0, 5.5, 6.0, " Bye.")], turns)[0].speaker == "agent"
     assert attribute([seg(0, 0.0, 1.0, " x")], Speakers([]))[0].speaker is None

@@ -59,12 +59,13 @@ def split_by_speaker(segment, speakers: Speakers) -> list:
     runs: list[tuple[str | None, list]] = []
     for word in segment.words:
         speaker = speakers.at(word.start, word.end)
+        word = dataclasses.replace(word, speaker=speaker)
         if runs and runs[-1][0] == speaker:
             runs[-1][1].append(word)
         else:
             runs.append((speaker, [word]))
     if len(runs) == 1:
-        return [dataclasses.replace(segment, speaker=runs[0][0])]
+        return [dataclasses.replace(segment, speaker=runs[0][0], words=runs[0][1])]
     pieces = []
     for n, (speaker, words) in enumerate(runs):
         first, last = n == 0, n == len(runs) - 1

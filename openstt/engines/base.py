@@ -54,6 +54,7 @@ class Word:
     word: str
     start: float
     end: float
+    speaker: str | None = None  # who said it, when the request asked for diarization
 
 
 @dataclass
