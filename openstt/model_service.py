@@ -81,6 +81,9 @@ class WindowJob(bentoml.IODescriptor):
     # ran to the token limit without ending, as a real loop does.
     speech_only: bool = False
     beam_size: int = 1  # beam search at temperature 0 when > 1 (sampled fallbacks use best-of)
+    # The window's words will be timed next (an ``AlignJob`` of the same audio): keep its encoder
+    # output for that, instead of encoding the window a second time.
+    keep_encoding: bool = False
     model: str = ""  # the catalog model to decode with (set by the API side's engine)
 
     _audio = field_validator("audio")(_float32)

@@ -49,6 +49,22 @@ def test_word_timestamps_follow_the_speech(tiny_en_engine):
                                                            (words[9].start, words[10].end)]
 
 
+def test_word_timing_reuses_the_windows_encoding(tiny_en_engine, monkeypatch):
+    """A window whose words are timed is encoded once: the alignment takes the encoder output its
+    decoding kept, and the words are the same as with a fresh encoding."""
+    core = tiny_en_engine.core
+    fox = audio_of("en/quick_brown_fox")
+    with monkeypatch.context() as m:  # the alignment encodes the window itself
+        m.setattr(core, "_keep", lambda audio, encoded: None)
+        fresh = tiny_en_engine.transcribe(fox, TranscribeOptions(word_timestamps=True)).words
+    encodes = []
+    original = core.encode
+    monkeypatch.setattr(core, "encode", lambda features: encodes.append(len(features)) or original(features))
+    kept = tiny_en_engine.transcribe(fox, TranscribeOptions(word_timestamps=True)).words
+    assert encodes == [1] and not core._encodings  # one encoder pass; nothing left behind
+    assert [(w.word, w.start, w.end) for w in kept] == [(w.word, w.start, w.end) for w in fresh]
+
+
 def test_digital_silence_gives_no_words(tiny_en_engine, base_engine):
     silence = np.zeros(10 * SAMPLE_RATE, np.float32)
     for engine in (tiny_en_engine, base_engine):
@@ -61,6 +77,7 @@ def test_quiet_noise_gives_no_words(tiny_en_engine):
     assert tiny_en_engine.transcribe(noise, TranscribeOptions()).text == ""
 
 
+@pytest.mark.slow
 @needs_asterisk
 def test_prompt_is_decoder_context(tiny_en_engine):
     prompts = asterisk_prompts()

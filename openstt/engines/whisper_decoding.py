@@ -10,6 +10,7 @@ transformers provides the weights, the encoder and a KV-cached decoder step.
 from __future__ import annotations
 
 import collections
+import hashlib
 import threading
 import zlib
 from collections.abc import Generator
@@ -97,6 +98,16 @@ class Detokenizer:
         return self.tokenizer.decode([tok for tok in tokens if tok < self.table.eot])
 
 
+# Encoder outputs kept for word timing: a window's alignment follows its decoding, so only the
+# windows of the batches in flight wait here (tiny: 2.3 MB each, large-v3: 7.7 MB in float32).
+KEPT_ENCODINGS = 16
+
+
+def _digest(audio: np.ndarray) -> bytes:
+    data = np.ascontiguousarray(audio, dtype=np.float32)
+    return hashlib.blake2b(data.view(np.uint8), digest_size=16).digest() + len(data).to_bytes(8, "little")
+
+
 class WhisperCore(Detokenizer):
     """The model side: batched encoder + KV-cached decoder over windows of any requests.
 
@@ -111,8 +122,16 @@ class WhisperCore(Detokenizer):
         self.n_text_ctx = model.config.max_target_positions
         self.aligner = aligner
         self.lock = threading.Lock()
+        # encoder outputs of decoded windows whose words are to be timed next, by audio digest
+        self._encodings: collections.OrderedDict[bytes, torch.Tensor] = collections.OrderedDict()
         self.batch_sizes: list[int] = []  # recent batch sizes, for tests and the debug log
         self.decoder_rows: collections.deque[int] = collections.deque(maxlen=4096)  # rows per decoder step
+
+    def _keep(self, audio: np.ndarray, encoded: torch.Tensor) -> None:
+        """Keep a window's encoder output for its alignment (a copy: not the whole batch's tensor)."""
+        self._encodings[_digest(audio)] = encoded.clone()
+        while len(self._encodings) > KEPT_ENCODINGS:  # windows whose alignment never came (no text)
+            self._encodings.popitem(last=False)
 
     def features(self, chunks: list[np.ndarray]) -> torch.Tensor:
         """Log-mel of each chunk (at most 30 s), padded to full windows: (batch, mels, 3000)."""
@@ -191,6 +210,9 @@ class WhisperCore(Detokenizer):
         with self.lock, torch.inference_mode():
             self.batch_sizes = (self.batch_sizes + [len(jobs)])[-1000:]
             encoded = self.encode(self.features([j.audio for j in jobs]))
+            for i, job in enumerate(jobs):
+                if job.keep_encoding:
+                    self._keep(job.audio, encoded[i:i + 1])
             languages = [j.language or ("en" if not self.multilingual else None) for j in jobs]
             unknown = [i for i, lang in enumerate(languages) if lang is None]
             if unknown:
@@ -427,7 +449,9 @@ class WhisperCore(Detokenizer):
     def align(self, job: AlignJob) -> list[list[Word]]:
         """Word timings (relative to the window start) for each segment of a decoded window."""
         with self.lock, torch.inference_mode():
-            encoded = self.encode(self.features([job.audio]))
+            encoded = self._encodings.pop(_digest(job.audio), None)
+            if encoded is None:  # decoded by another model service, or evicted
+                encoded = self.encode(self.features([job.audio]))
             return self.aligner(encoded, job.segment_tokens, job.num_frames,
                                 self.sot_sequence(job.language, job.task), job.language)
 
@@ -492,7 +516,8 @@ class WindowLoop(Detokenizer):
                 temperature=temperatures[0], languages=list(options.languages), fallback=list(temperatures[1:]),
                 compression_ratio_threshold=options.compression_ratio_threshold,
                 logprob_threshold=options.logprob_threshold, no_speech_threshold=options.no_speech_threshold,
-                beam_size=options.beam_size, speech_only=options.vad is not None)
+                beam_size=options.beam_size, speech_only=options.vad is not None,
+                keep_encoding=options.word_timestamps)
             if result.error:
                 raise ModelFailure(result.error, time_offset)
             state.language = state.language or result.language
