@@ -193,18 +193,16 @@ def parse_audio_form(form: FormData, *, task: str) -> AudioRequest:
         raise bad_request(f"Invalid value for 'include[]': {bad[0]!r}. Supported values are: 'logprobs'.",
                           param="include")
 
-    names, references = _known_speakers(form)
     diarize = _bool(form, "diarize")
     diarized = diarize or response_format == "diarized_json"
+    # known speakers are diarization's (OpenAI: "diarize only"); other requests ignore them unread
+    names, references = _known_speakers(form) if diarized else ([], [])
     if diarize and response_format not in DIARIZE_FORMATS:
         raise bad_request(f"'diarize' adds speakers to {', '.join(DIARIZE_FORMATS)}; for speakers with "
                           f"response_format '{response_format}' use 'diarized_json'.", param="diarize")
     if task == "translate" and diarized:
         raise bad_request("Translations cannot be diarized: use /v1/audio/transcriptions.",
                           param="diarize" if diarize else "response_format", code="unsupported_value")
-    if names and not diarized:
-        raise bad_request("'known_speaker_names[]' needs response_format 'diarized_json' (or diarize=true).",
-                          param="known_speaker_names")
     if response_format == "diarized_json" and "logprobs" in include:
         raise bad_request("logprobs are not available with response_format 'diarized_json'.", param="include",
                           code="unsupported_value")
