@@ -94,6 +94,7 @@ def test_beam_size_one_is_the_greedy_decoder(tiny_en_engine):
     assert max(core.decoder_rows) == 2  # one row per greedy window
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, prompt", [("en/counting", None), ("en/hello_world", [50, 60, 70])])
 def test_beam_search_is_openai_whisper_s(tiny_en_engine, name, prompt):
     """The batched, KV-cached beam search picks exactly the hypothesis openai/whisper's does."""
@@ -123,10 +124,12 @@ def _compare(core, clips):
         assert beam.temperature == 0.0 and beam.language == "en"
 
 
+@pytest.mark.slow
 def test_beam_search_is_as_likely_and_as_accurate_as_greedy(tiny_en_engine):
     _compare(tiny_en_engine.core, _clips(False))
 
 
+@pytest.mark.slow
 @needs_asterisk
 def test_beam_search_on_real_speech(tiny_en_engine):
     _compare(tiny_en_engine.core, _clips(True)[3:])
@@ -138,6 +141,7 @@ def test_beam_search_on_real_speech(tiny_en_engine):
     assert beam.segments and all(s.temperature == 0.0 for s in beam.segments)
 
 
+@pytest.mark.slow
 def test_mixed_batch_decodes_each_job_as_alone(tiny_en_engine):
     """Greedy, beam (two sizes, one with a prompt) and sampled jobs in one batch: each gets the
     tokens it gets alone; the batch starts with all their rows."""
@@ -155,6 +159,7 @@ def test_mixed_batch_decodes_each_job_as_alone(tiny_en_engine):
     assert rows[0] == 1 + 5 + 5 + 3 and rows == sorted(rows, reverse=True)
 
 
+@pytest.mark.slow
 def test_a_finished_beam_job_leaves_the_batch(tiny_en_engine):
     """A short beam job's rows decode only until it has its hypotheses; a full window goes on alone."""
     core = tiny_en_engine.core

@@ -71,6 +71,7 @@ def test_fallback_reuses_the_encoding_and_keeps_the_likeliest(tiny_en_engine, mo
     assert [s.tokens for s in cold.segments] == [s.tokens for s in hot.segments]
 
 
+@pytest.mark.slow
 def test_sampling_is_seeded_by_the_audio(tiny_en_engine):
     core = tiny_en_engine.core
     fox = audio_of("en/quick_brown_fox")
@@ -83,6 +84,7 @@ def test_sampling_is_seeded_by_the_audio(tiny_en_engine):
     assert core.decode_windows([other, job])[1].tokens == first.tokens
 
 
+@pytest.mark.slow
 def test_ended_rows_leave_the_batch(tiny_en_engine):
     """A short window ends long before a full one: from then on only the full one is decoded, and
     each gets exactly the tokens it gets when decoded alone."""

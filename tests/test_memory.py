@@ -141,6 +141,7 @@ needs_small_machine = pytest.mark.skipif(memory.system_memory()[0] > 100 * GB,
                                          reason="this machine could hold voxtral-small in float32")
 
 
+@pytest.mark.slow  # the CLI in a new interpreter: seconds of imports
 @needs_small_machine
 def test_cli_refuses_a_model_that_cannot_fit_before_looking_for_it(tmp_path):
     proc = _cli("--model", "voxtral-small", tmp_path=tmp_path)
@@ -151,6 +152,7 @@ def test_cli_refuses_a_model_that_cannot_fit_before_looking_for_it(tmp_path):
     assert "Hugging Face cache" not in proc.stderr and not (tmp_path / "empty-cache").exists()
 
 
+@pytest.mark.slow  # the CLI in a new interpreter: seconds of imports
 @needs_small_machine
 def test_cli_memory_check_warn_goes_on(tmp_path):
     proc = _cli("--model", "voxtral-small", "--memory-check", "warn", tmp_path=tmp_path)

@@ -95,11 +95,15 @@ def named(base_model, tmp_path_factory):
     return [Named(CATALOG[n], cache) for n in names], cache
 
 
-@pytest.fixture()
-def routed(named):
+def routed_app(named):
     engines, cache = named
-    app = inmemory_app(engines, cache, default="whisper-base", model_aliases={"gpt-4o-transcribe": "whisper-small"})
-    with TestClient(app) as c:
+    return inmemory_app(engines, cache, default="whisper-base", model_aliases={"gpt-4o-transcribe": "whisper-small"})
+
+
+@pytest.fixture(scope="module")
+def routed(named):
+    """One app for the tests that only send requests to it (building one takes about a second)."""
+    with TestClient(routed_app(named)) as c:
         yield c
 
 
@@ -138,12 +142,13 @@ def test_aliases_never_hide_the_model(routed, caplog):
     assert "alias_of" not in routed.get("/v1/models/whisper-small").json()
 
 
-def test_alias_of_an_unloaded_model_says_so(routed):
-    app_state(routed.app).registry.remove("whisper-small")
-    r = routed.post("/v1/audio/transcriptions", data={"model": "gpt-4o-transcribe"}, files=fox_file())
-    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
-    assert "alias of `whisper-small`, which is not loaded" in r.json()["error"]["message"]
-    assert [m["id"] for m in routed.get("/v1/models").json()["data"]] == ["whisper-base"]
+def test_alias_of_an_unloaded_model_says_so(named):
+    with TestClient(routed_app(named)) as routed:  # its own app: it unloads a model
+        app_state(routed.app).registry.remove("whisper-small")
+        r = routed.post("/v1/audio/transcriptions", data={"model": "gpt-4o-transcribe"}, files=fox_file())
+        assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+        assert "alias of `whisper-small`, which is not loaded" in r.json()["error"]["message"]
+        assert [m["id"] for m in routed.get("/v1/models").json()["data"]] == ["whisper-base"]
 
 
 # --- languages[] and keywords[] on the real weights ---------------------------------------------
@@ -154,6 +159,7 @@ def base_engine(base_model):
     return load_engine(CATALOG["whisper-base"], base_model, torch.device("cpu"), torch.float32)
 
 
+@pytest.mark.slow
 def test_languages_restrict_detection(base_engine):
     french = audio_of("fr/bonjour_monde")
     assert base_engine.transcribe(french, TranscribeOptions()).language == "fr"
@@ -162,6 +168,7 @@ def test_languages_restrict_detection(base_engine):
     assert base_engine.transcribe(french, TranscribeOptions(languages=("de", "fr"))).language == "fr"
 
 
+@pytest.mark.slow
 def test_languages_apply_per_window_in_a_mixed_batch(base_engine):
     """Rows with and without candidates decoded in one batch each keep their own restriction."""
     from openstt.model_service import WindowJob
@@ -173,6 +180,7 @@ def test_languages_apply_per_window_in_a_mixed_batch(base_engine):
     assert results[0].language == "fr" and results[1].language in ("es", "it") and results[2].language == "fr"
 
 
+@pytest.mark.slow
 @needs_asterisk
 def test_keywords_fix_a_misheard_term(tiny_en_engine):
     audio = decode_audio((ASTERISK_SOUNDS / f"{IAX_CLIP}.wav").read_bytes())

@@ -141,6 +141,7 @@ def test_voxtral_passes_startup_checks_and_needs_its_weights(monkeypatch, tmp_pa
         prepare_models(load_settings())
 
 
+@pytest.mark.slow  # the CLI in a new interpreter, three times: seconds of imports
 @pytest.mark.parametrize(
     "args, env, message",
     [
