@@ -131,8 +131,8 @@ class Diarizer:
 
 def _optimized(model, device):
     """The network traced and frozen for inference (batch norms folded into the convolutions, fused
-    activations): about twice as fast on CPU as eager mode, the same numbers within 1e-5; eager if
-    tracing fails."""
+    activations): measured 17 vs 23 ms per 1.5 s span (batches of 64) on this 2-core CPU (1.4x), outputs
+    within 1e-5 of eager mode (checked here to 1e-3 on another shape); eager if tracing fails."""
     import torch
 
     example = torch.randn(2, 148, 80, device=device)
