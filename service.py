@@ -73,6 +73,14 @@ class OpenSTTModels:
         with self.activity:
             return decode_batch(self.registry.engines(), jobs)
 
+    # Live sessions' windows (WebSocket /v1/realtime) are batched in a queue of their own: the
+    # single model thread serves waiting batches in turn, so a live window waits at most for the
+    # file batch being decoded, never for the file windows queued behind it.
+    @bentoml.api(batchable=True, max_batch_size=MAX_BATCH_WINDOWS, max_latency_ms=REQUEST_TIMEOUT_S * 1000)
+    def decode_live_windows(self, jobs: list[WindowJob]) -> list[DecodeResult]:
+        with self.activity:
+            return decode_batch(self.registry.engines(), jobs)
+
     @bentoml.api
     def align(self, job: AlignJob) -> AlignReply:
         with self.activity:

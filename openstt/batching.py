@@ -36,7 +36,8 @@ class BatchedEngine(Engine):
         state = self.frontend.new_state(options)
 
         async def decode(job: WindowJob) -> DecodeResult:
-            return await self.models.decode(job.model_copy(update={"model": self.name}))  # shallow: audio shared
+            # shallow copy: the audio is shared
+            return await self.models.decode(job.model_copy(update={"model": self.name, "live": options.live}))
 
         async def align(job: AlignJob) -> list[list[Word]]:
             reply = await self.models.align(job.model_copy(update={"model": self.name}))

@@ -144,7 +144,7 @@ def attach(app: FastAPI, registry: ModelRegistry, settings: Settings | None = No
     """Serve ``registry`` from ``app`` with the configured keys and limits (and ``manager``, the
     runtime model management, when the models can be loaded and unloaded)."""
     settings = settings or get_settings()
-    from openstt.api.limits import Limits
+    from openstt.api.limits import Limits, LiveLimits
     from openstt.api.state import app_state
 
     state = app_state(app)
@@ -156,14 +156,20 @@ def attach(app: FastAPI, registry: ModelRegistry, settings: Settings | None = No
     state.diarization = settings.enable_diarization
     state.limits = Limits(max_in_flight=settings.max_concurrent_requests,
                           max_audio_seconds=settings.max_audio_seconds, request_timeout=settings.request_timeout)
+    state.live_limits = LiveLimits(max_sessions=settings.max_live_sessions,
+                                   max_session_seconds=settings.live_max_session_seconds,
+                                   max_buffer_seconds=settings.live_max_buffer_seconds,
+                                   max_message_bytes=settings.live_max_message_bytes,
+                                   idle_timeout=settings.live_idle_timeout)
     state.registry = registry
     log.info("open-stt ready on port %s: models=%s default=%s cache=%s auth=%s limits: upload=%d B audio=%gs "
-             "concurrent=%d timeout=%ds batch=%d windows long-form=%s diarization=%s; try it at /ui, metrics at /metrics",
+             "concurrent=%d timeout=%ds batch=%d windows long-form=%s diarization=%s live-sessions=%d; try it at /ui, metrics at /metrics",
              settings.port,
              ",".join(registry.names()), registry.default, cache_dir(),
              f"on ({len(settings.api_key)} key(s))" if settings.api_key else "off", settings.max_upload_bytes,
              settings.max_audio_seconds, settings.max_concurrent_requests, settings.request_timeout,
-             settings.batch_windows, settings.long_form, "on" if settings.enable_diarization else "off")
+             settings.batch_windows, settings.long_form, "on" if settings.enable_diarization else "off",
+             settings.max_live_sessions)
     if manager is not None:
         log.info("model management: endpoints %s, idle unload %s", "on" if manager.enabled else "off",
                  f"after {manager.idle_ttl:g} s" if manager.idle_ttl else "off")

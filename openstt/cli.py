@@ -13,7 +13,14 @@ from pathlib import Path
 
 from openstt.bootstrap import PREPARED_ENV, StartupError, get_settings, prepare_models
 from openstt.catalog import CATALOG
-from openstt.settings import CPU_BATCH_WINDOWS, GPU_BATCH_WINDOWS, REQUEST_TIMEOUT_S
+from openstt.settings import (
+    CPU_BATCH_WINDOWS,
+    GPU_BATCH_WINDOWS,
+    LIVE_IDLE_TIMEOUT_S,
+    LIVE_MAX_SESSION_SECONDS,
+    MAX_LIVE_SESSIONS,
+    REQUEST_TIMEOUT_S,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,6 +57,16 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--enable-diarization", action="store_true", default=None,
                    help="load the speaker model so requests can ask who spoke when (response_format="
                         "diarized_json, or diarize=true) (OPEN_STT_ENABLE_DIARIZATION, default off)")
+    live = p.add_argument_group("live transcription (WebSocket /v1/realtime)")
+    live.add_argument("--max-live-sessions", type=int, metavar="N",
+                      help=f"live transcription sessions at once per API worker, 0 turns them off "
+                           f"(OPEN_STT_MAX_LIVE_SESSIONS, default {MAX_LIVE_SESSIONS})")
+    live.add_argument("--live-max-session-seconds", type=float, metavar="S",
+                      help=f"longest a live session may last (OPEN_STT_LIVE_MAX_SESSION_SECONDS, "
+                           f"default {LIVE_MAX_SESSION_SECONDS})")
+    live.add_argument("--live-idle-timeout", type=float, metavar="S",
+                      help=f"close a live session whose client sent nothing for this long "
+                           f"(OPEN_STT_LIVE_IDLE_TIMEOUT, default {LIVE_IDLE_TIMEOUT_S:g})")
     g = p.add_argument_group("inference")
     g.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"],
                    help="weights/activations precision (OPEN_STT_DTYPE; auto: bf16/fp16 on GPU, fp32 on CPU)")
@@ -100,6 +117,9 @@ def apply_flags(args: argparse.Namespace, env: dict[str, str]) -> dict[str, str]
         "OPEN_STT_MODEL_IDLE_TTL": args.model_idle_ttl, "OPEN_STT_LONG_FORM": args.long_form,
         "OPEN_STT_BEAM_SIZE": args.beam_size,
         "OPEN_STT_ENABLE_DIARIZATION": "true" if args.enable_diarization else None,
+        "OPEN_STT_MAX_LIVE_SESSIONS": args.max_live_sessions,
+        "OPEN_STT_LIVE_MAX_SESSION_SECONDS": args.live_max_session_seconds,
+        "OPEN_STT_LIVE_IDLE_TIMEOUT": args.live_idle_timeout,
     }
     env.update({k: str(v) for k, v in values.items() if v is not None})
     return env

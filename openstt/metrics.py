@@ -12,6 +12,7 @@ import functools
 
 # Long audio takes minutes: the default buckets (up to 10 s) would put every long request in +Inf.
 LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800, 3600)
+LIVE_LATENCY_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 30)
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
 
 
@@ -49,6 +50,14 @@ class SttMetrics:
                                                  "Seconds of audio diarized")
         self.diarization_failures = Counter("openstt_diarization_failures_total",
                                             "Diarizations that failed in the model service")
+        self.live_sessions = Gauge("openstt_live_sessions", "Live transcription sessions open (WebSocket)",
+                                   multiprocess_mode="livesum")
+        self.live_audio_seconds = Counter("openstt_live_audio_seconds_total",
+                                          "Seconds of audio received by live transcription sessions")
+        self.live_turns = Counter("openstt_live_turns_total", "Live transcription turns, by outcome", ["status"])
+        self.live_turn_latency = Histogram("openstt_live_turn_latency_seconds",
+                                           "From the end of a live turn's audio (speech stopped or commit) "
+                                           "to its completed transcript", buckets=LIVE_LATENCY_BUCKETS)
         self.cancelled = Counter("openstt_requests_cancelled_total",
                                  "Transcriptions stopped because their client disconnected", ["route", "model"])
 

@@ -85,6 +85,9 @@ class WindowJob(bentoml.IODescriptor):
     # output for that, instead of encoding the window a second time.
     keep_encoding: bool = False
     model: str = ""  # the catalog model to decode with (set by the API side's engine)
+    # A live session's window (WebSocket): sent through its own batching queue, so it waits at most
+    # for the batch of file windows being decoded, never behind the queued ones.
+    live: bool = False
 
     _audio = field_validator("audio")(_float32)
 
@@ -285,7 +288,8 @@ class ModelServiceClient:
         self.service = service
 
     async def decode(self, job: WindowJob) -> DecodeResult:
-        return (await call_with_reconnect(lambda: self.service.to_async.decode_windows([job])))[0]
+        api = self.service.to_async.decode_live_windows if job.live else self.service.to_async.decode_windows
+        return (await call_with_reconnect(lambda: api([job])))[0]
 
     async def align(self, job: AlignJob) -> AlignReply:
         return await call_with_reconnect(lambda: self.service.to_async.align(job))

@@ -25,6 +25,13 @@ MAX_AUDIO_SECONDS = 7200.0  # longest decoded audio; a few KB of FLAC can hold h
 # layer) overflow the CPU caches and each row's attention costs three times as much. GPUs keep 16.
 CPU_BATCH_WINDOWS = 8
 GPU_BATCH_WINDOWS = 16
+# Live transcription (WebSocket /v1/realtime): sessions per API worker, how long one may last,
+# the most uncommitted audio it may hold, the largest message, and how long it may stay silent.
+MAX_LIVE_SESSIONS = 16
+LIVE_MAX_SESSION_SECONDS = 3600  # OpenAI's Realtime sessions also end after 60 minutes
+LIVE_MAX_BUFFER_SECONDS = 600.0
+LIVE_MAX_MESSAGE_BYTES = 15 * 1024 * 1024  # OpenAI's limit on one input_audio_buffer.append
+LIVE_IDLE_TIMEOUT_S = 120.0
 
 
 def default_batch_windows(device_type: str) -> int:
@@ -107,6 +114,12 @@ class Settings(BaseSettings):
     # Speaker diarization (response_format=diarized_json, diarize=true): loads the CAM++ speaker
     # model into the model service (about 30 MB of weights, see openstt/diarization/).
     enable_diarization: bool = False
+    # Live transcription over WebSocket (/v1/realtime?intent=transcription): the limits above.
+    max_live_sessions: int = Field(MAX_LIVE_SESSIONS, ge=0)  # 0: live transcription off
+    live_max_session_seconds: float = Field(LIVE_MAX_SESSION_SECONDS, gt=0)
+    live_max_buffer_seconds: float = Field(LIVE_MAX_BUFFER_SECONDS, gt=0)
+    live_max_message_bytes: int = Field(LIVE_MAX_MESSAGE_BYTES, ge=1024, le=16 * 1024 * 1024)
+    live_idle_timeout: float = Field(LIVE_IDLE_TIMEOUT_S, gt=0)
 
     @field_validator("models", "api_key", mode="before")
     @classmethod

@@ -228,6 +228,37 @@ def speech_probabilities(audio: np.ndarray) -> np.ndarray:
     return out
 
 
+class StreamingVad:
+    """``speech_probabilities`` for audio that arrives in pieces (a live microphone): ``feed``
+    returns the probabilities of the frames the new samples complete, the same numbers as one pass
+    over the whole stream, because the LSTM state and the previous frame's last 64 samples are
+    carried from call to call. Not thread-safe: one per stream."""
+
+    def __init__(self):
+        self._net = load_model()
+        self._state = None
+        self._pending = np.zeros(0, np.float32)  # samples not yet making a whole frame
+        self._context = np.zeros(CONTEXT, np.float32)  # the last frame's last 64 samples
+        self.frames = 0  # probabilities returned so far
+
+    def feed(self, audio: np.ndarray) -> np.ndarray:
+        """Probabilities of the whole 512-sample frames completed by ``audio`` (16 kHz float32)."""
+        import torch
+
+        samples = np.concatenate([self._pending, np.asarray(audio, np.float32).reshape(-1)])
+        count = len(samples) // FRAME
+        self._pending = samples[count * FRAME:]
+        if not count:
+            return np.zeros(0, np.float32)
+        block = np.concatenate([self._context, samples[:count * FRAME]])
+        self._context = block[-CONTEXT:].copy()
+        with torch.inference_mode():
+            frames = torch.from_numpy(block).unfold(0, CONTEXT + FRAME, FRAME)
+            probs, self._state = self._net(frames, self._state)
+        self.frames += count
+        return probs.numpy().copy()
+
+
 # --- regions -----------------------------------------------------------------------------------
 
 def speech_regions(audio: np.ndarray | None, options: VadOptions | None = None, *,

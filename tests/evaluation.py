@@ -122,3 +122,42 @@ def english_clip(seconds: float, gap: float = 0.3) -> tuple[np.ndarray, str]:
     silence = np.zeros(int(gap * SAMPLE_RATE), np.float32)
     pieces = [p for n in chosen for p in (decode_audio((ASTERISK_SOUNDS / f"{n}.wav").read_bytes()), silence)]
     return np.concatenate(pieces), " ".join(prompts[n] for n in chosen)
+
+
+def spoken_turns(count: int, *, gap: float = 1.2, lead: float = 1.0, first: int = 0,
+                 seconds: tuple[float, float] = (2.0, 8.0)) -> tuple[np.ndarray, list[tuple[float, float, str]]]:
+    """``count`` asterisk prompts of one stretch of speech each (no pause of 0.5 s or more inside,
+    between ``seconds[0]`` and ``seconds[1]`` s long), read one after another with ``gap`` s of
+    silence between them and ``lead`` s before the first: real speech in turns, for live
+    transcription. ``first`` skips that many eligible prompts (another set of turns).
+
+    Returns 16 kHz audio and each turn's ``(start, end, text)``, the times of its speech (Silero
+    VAD, unpadded) in the returned audio."""
+    from openstt.audio import SAMPLE_RATE, decode_audio
+    from openstt.vad import VadOptions, speech_regions
+
+    prompts = asterisk_prompts()
+    tight = VadOptions(min_silence_ms=500, speech_pad_ms=0)
+    pieces: list[np.ndarray] = [np.zeros(int(lead * SAMPLE_RATE), np.float32)]
+    turns: list[tuple[float, float, str]] = []
+    offset, skipped = len(pieces[0]), 0
+    for name in sorted(prompts):
+        text = prompts[name]
+        size = (ASTERISK_SOUNDS / f"{name}.wav").stat().st_size / WAV_BYTES_PER_SECOND
+        if not (seconds[0] <= size <= seconds[1]) or not any(c.isalpha() for c in text) or any(
+                c in text for c in "[]<>()"):
+            continue
+        audio = decode_audio((ASTERISK_SOUNDS / f"{name}.wav").read_bytes())
+        regions = speech_regions(audio, tight)
+        if len(regions) != 1:
+            continue
+        if skipped < first:
+            skipped += 1
+            continue
+        start, end = regions[0]
+        turns.append(((offset + start) / SAMPLE_RATE, (offset + end) / SAMPLE_RATE, text))
+        pieces += [audio, np.zeros(int(gap * SAMPLE_RATE), np.float32)]
+        offset += len(audio) + len(pieces[-1])
+        if len(turns) == count:
+            break
+    return np.concatenate(pieces), turns

@@ -2,7 +2,8 @@
 
 ``create_app`` builds it once per process: middleware, lifespan, error handlers and the routers
 (``routes_ops``: /health, /ui; ``routes_models``: /v1/models and runtime load/unload;
-``routes_audio``: /v1/audio/transcriptions and /translations). The service attaches the loaded
+``routes_audio``: /v1/audio/transcriptions and /translations; ``routes_realtime``: live
+transcription on WebSocket /v1/realtime). The service attaches the loaded
 ``ModelRegistry`` (and the settings) to its ``AppState`` (``openstt.api.state``) when its models
 are ready. Until then, routes answer 503.
 """
@@ -14,7 +15,7 @@ import contextlib
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import Response
 
-from openstt.api import routes_audio, routes_models, routes_ops
+from openstt.api import routes_audio, routes_models, routes_ops, routes_realtime
 from openstt.api.errors import OpenAIError, install_error_handlers
 from openstt.api.middleware import ApiKeyMiddleware, MaxBodySizeMiddleware, RequestIdMiddleware
 from openstt.api.state import AppState, app_state
@@ -52,6 +53,7 @@ def create_app() -> FastAPI:
     _include(app, routes_ops.router)
     _include(app, routes_models.router)
     _include(app, routes_audio.router)
+    _include(app, routes_realtime.router)  # WebSocket /v1/realtime (live transcription)
 
     # Unknown /v1 paths and wrong methods get OpenAI's "Invalid URL" envelope rather than
     # BentoML's plain 404 (a mounted app only sees paths one of its routes matches).

@@ -15,7 +15,16 @@ from fastapi.responses import StreamingResponse
 from starlette.types import Receive
 
 from openstt.metrics import metrics
-from openstt.settings import MAX_AUDIO_SECONDS, MAX_CONCURRENT_REQUESTS, REQUEST_TIMEOUT_S
+from openstt.settings import (
+    LIVE_IDLE_TIMEOUT_S,
+    LIVE_MAX_BUFFER_SECONDS,
+    LIVE_MAX_MESSAGE_BYTES,
+    LIVE_MAX_SESSION_SECONDS,
+    MAX_AUDIO_SECONDS,
+    MAX_CONCURRENT_REQUESTS,
+    MAX_LIVE_SESSIONS,
+    REQUEST_TIMEOUT_S,
+)
 
 log = logging.getLogger("openstt.api")
 T = TypeVar("T")
@@ -38,6 +47,29 @@ class Limits:
             return None
         self.in_flight += 1  # single-threaded event loop: no lock needed
         return Slot(self, route)
+
+
+@dataclass
+class LiveLimits:
+    """Per-process limits of live transcription sessions (WebSocket ``/v1/realtime``)."""
+
+    max_sessions: int = MAX_LIVE_SESSIONS  # 0: live transcription is off
+    max_session_seconds: float = LIVE_MAX_SESSION_SECONDS
+    max_buffer_seconds: float = LIVE_MAX_BUFFER_SECONDS  # uncommitted audio held at once
+    max_message_bytes: int = LIVE_MAX_MESSAGE_BYTES
+    idle_timeout: float = LIVE_IDLE_TIMEOUT_S  # seconds without any client message
+    open: int = 0
+
+    def try_open(self) -> bool:
+        if self.open >= self.max_sessions:
+            return False
+        self.open += 1  # single-threaded event loop: no lock needed
+        metrics().live_sessions.inc()
+        return True
+
+    def close(self) -> None:
+        self.open -= 1
+        metrics().live_sessions.dec()
 
 
 class Slot:

@@ -6,7 +6,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from openstt.api.limits import Limits
+from openstt.api.limits import Limits, LiveLimits
 from openstt.errors import ModelsLoading
 from openstt.settings import MAX_UPLOAD_BYTES, Settings
 
@@ -34,6 +34,7 @@ class AppState:
     long_form: str = _setting_default("long_form")  # "vad" or "sequential", without chunking_strategy
     beam_size: int = _setting_default("beam_size")  # Whisper's, for requests without beam_size
     limits: Limits = field(default_factory=Limits)
+    live_limits: LiveLimits = field(default_factory=LiveLimits)
     # Speaker diarization: on (--enable-diarization), and the model service's call that does it.
     diarization: bool = False
     diarize: Callable[[DiarizeJob], Awaitable[DiarizeReply]] | None = None

@@ -41,6 +41,8 @@ class TranscribeOptions:
     # The VAD's speech probabilities when the request has them already (computed once and shared
     # with diarization); None: computed when needed.
     speech_probabilities: np.ndarray | None = field(default=None, compare=False, repr=False)
+    # A live session's decode: its windows skip the queue of file windows (``WindowJob.live``).
+    live: bool = False
 
     def temperatures(self) -> tuple[float, ...]:
         if not self.temperature_fallback:

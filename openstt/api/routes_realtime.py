@@ -1,0 +1,225 @@
+"""Live transcription: OpenAI's Realtime transcription sessions on ``WebSocket /v1/realtime``
+(the SDK's ``client.realtime.connect(extra_query={"intent": "transcription"})``).
+
+The route authenticates (``Authorization: Bearer``, or for browsers the subprotocol
+``openai-insecure-api-key.<key>``), admits the session (``LiveLimits``), and feeds client events to
+a ``LiveSession`` (``openstt.live.session``), which decodes through the same engines, and so the
+same batching model service, as file requests, with priority (``WindowJob.live``). Whatever goes
+wrong is an ``error`` event; only auth, admission and the session's limits close the socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hmac
+import json
+import logging
+import time
+
+import numpy as np
+from fastapi import APIRouter, WebSocket
+from starlette.websockets import WebSocketDisconnect, WebSocketState
+
+from openstt.api.limits import LiveLimits
+from openstt.api.middleware import MISSING_KEY_MESSAGE
+from openstt.api.state import app_state
+from openstt.engines.base import TranscribeOptions, UnsupportedRequest
+from openstt.errors import ModelNotFound
+from openstt.live.protocol import ProtocolError, Transcription, error_event
+from openstt.live.session import Decoded, LiveSession
+from openstt.model_service import ErrorCode, ModelFailure
+from openstt.registry import ModelRegistry
+
+log = logging.getLogger("openstt.live")
+
+router = APIRouter()
+
+KEY_PROTOCOL = "openai-insecure-api-key."  # how browsers (which cannot set headers) send the key
+# Close codes (RFC 6455): policy violation (auth, not a transcription session, live transcription
+# off), try again later (capacity, models loading), normal (session expired or idle).
+POLICY_VIOLATION, TRY_AGAIN_LATER, NORMAL = 1008, 1013, 1000
+FINISH_SECONDS = 10.0  # at the end of a session, how long committed turns may take to complete
+
+
+def _options(transcription: Transcription, *, final: bool, logprobs: bool) -> TranscribeOptions:
+    # Interim decodes are previews: greedy, no temperature fallback. The final one may fall back.
+    return TranscribeOptions(language=transcription.language, languages=transcription.languages,
+                             prompt=transcription.prompt, keywords=transcription.keywords,
+                             temperature_fallback=final, token_logprobs=logprobs, live=True)
+
+
+class ModelTranscriber:
+    """Decodes a session's turns with the served models (leased per decode, so a model in use by
+    a live session is never idle-unloaded under it)."""
+
+    PARAM = "session.audio.input.transcription"
+
+    def __init__(self, registry: ModelRegistry):
+        self.registry = registry
+
+    def check(self, transcription: Transcription) -> None:
+        try:
+            engine = self.registry.get(transcription.model or "")
+        except ModelNotFound as exc:
+            raise ProtocolError(exc.message, param=f"{self.PARAM}.model", code="model_not_found") from None
+        try:
+            engine.start(np.zeros(0, np.float32), _options(transcription, final=True, logprobs=False))
+        except UnsupportedRequest as exc:
+            raise ProtocolError(exc.message, param=f"{self.PARAM}.{exc.param or 'model'}",
+                                code=exc.code or "unsupported_value") from None
+
+    async def transcribe(self, audio: np.ndarray, transcription: Transcription, *, final: bool,
+                         logprobs: bool) -> Decoded:
+        try:
+            lease = self.registry.acquire(transcription.model)
+        except ModelNotFound as exc:
+            raise ProtocolError(exc.message, param=f"{self.PARAM}.model", code="model_not_found") from None
+        try:
+            run = lease.engine.start(audio, _options(transcription, final=final, logprobs=logprobs))
+            transcript = await run.acollect()
+        except ModelFailure as exc:
+            if exc.code == ErrorCode.model_not_loaded:
+                raise ProtocolError(f"The model `{lease.name}` was unloaded while this turn was transcribed.",
+                                    param=f"{self.PARAM}.model", code="model_not_found") from None
+            raise
+        finally:
+            lease.release()
+        return Decoded(text=transcript.text,
+                       logprobs=[{"token": p.token, "logprob": p.logprob, "bytes": p.bytes}
+                                 for s in transcript.segments for p in s.logprobs] if logprobs else [])
+
+
+def _offered_key(ws: WebSocket) -> tuple[str | None, list[str]]:
+    """The API key the client sent (header, or browser subprotocol) and its other subprotocols."""
+    protocols = [p.strip() for p in ws.headers.get("sec-websocket-protocol", "").split(",") if p.strip()]
+    scheme, _, token = ws.headers.get("authorization", "").partition(" ")
+    key = token.strip() if scheme.lower() == "bearer" and token.strip() else None
+    for p in protocols:
+        if p.startswith(KEY_PROTOCOL) and key is None:
+            key = p[len(KEY_PROTOCOL):]
+    return key, [p for p in protocols if not p.startswith(KEY_PROTOCOL)]
+
+
+def _refusal(ws: WebSocket) -> tuple[dict, int] | None:
+    """Why this connection may not open a session (an error event and a close code), if it may not."""
+    state = app_state(ws.app)
+    keys = state.api_keys
+    if keys:
+        key, _ = _offered_key(ws)
+        if key is None:
+            return error_event(MISSING_KEY_MESSAGE, code="missing_api_key"), POLICY_VIOLATION
+        if not any([hmac.compare_digest(key.encode(), k.encode()) for k in keys]):  # no short-circuit
+            return error_event("Incorrect API key provided.", code="invalid_api_key"), POLICY_VIOLATION
+    intent = ws.query_params.get("intent")
+    if intent not in (None, "transcription"):
+        return error_event(f"This server serves transcription sessions only; connect with ?intent=transcription "
+                           f"(got intent={intent!r}).", code="unsupported_value", param="intent"), POLICY_VIOLATION
+    if state.live_limits.max_sessions == 0:
+        return error_event("Live transcription is turned off on this server (OPEN_STT_MAX_LIVE_SESSIONS=0).",
+                           code="unsupported_value"), POLICY_VIOLATION
+    if state.registry is None:
+        return error_event("The server is still loading its models; retry shortly.", type="server_error",
+                           code="models_loading"), TRY_AGAIN_LATER
+    return None
+
+
+@router.websocket("/v1/realtime")
+async def realtime(ws: WebSocket) -> None:
+    _, protocols = _offered_key(ws)
+    # a browser that offers subprotocols fails the connection unless the server picks one
+    await ws.accept(subprotocol="realtime" if "realtime" in protocols else (protocols[0] if protocols else None))
+    refusal = _refusal(ws)
+    limits: LiveLimits = app_state(ws.app).live_limits
+    if refusal is None and not limits.try_open():
+        refusal = (error_event(f"The server is busy ({limits.max_sessions} live sessions open). Retry shortly.",
+                               type="rate_limit_error", code="rate_limit_exceeded"), TRY_AGAIN_LATER)
+    if refusal is not None:
+        message, code = refusal
+        log.info("refused live session: %s", message["error"]["code"])
+        await _send(ws, message)
+        await ws.close(code)
+        return
+    try:
+        await _serve(ws, limits)
+    finally:
+        limits.close()
+
+
+async def _send(ws: WebSocket, message: dict) -> bool:
+    """Send one event; False once the client has gone."""
+    if ws.application_state != WebSocketState.CONNECTED or ws.client_state != WebSocketState.CONNECTED:
+        return False
+    try:
+        await ws.send_text(json.dumps(message))
+        return True
+    except (WebSocketDisconnect, RuntimeError, OSError):
+        return False
+
+
+async def _serve(ws: WebSocket, limits: LiveLimits) -> None:
+    state = app_state(ws.app)
+    lock = asyncio.Lock()
+
+    async def send(message: dict) -> None:
+        async with lock:  # events from the receive loop and from decodes, one at a time
+            await _send(ws, message)
+
+    session = LiveSession(send, ModelTranscriber(state.serving_registry()), limits.max_buffer_seconds)
+    requested = ws.query_params.get("model")  # the SDK's connect(model=...): a served model starts the session on it
+    if requested:
+        try:
+            session.transcriber.check(Transcription(model=requested))
+            session.config = dataclasses.replace(session.config, transcription=Transcription(model=requested))
+        except ProtocolError:
+            pass  # e.g. an OpenAI realtime model name: the session's own settings decide
+    started = time.monotonic()
+    deadline = started + limits.max_session_seconds
+    messages, ending = 0, "client closed"
+    log.info("live session %s opened (%d open)", session.id, limits.open)
+    await session.start()
+    try:
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                message = await asyncio.wait_for(ws.receive(), timeout=max(0.0, min(limits.idle_timeout, remaining)))
+            except asyncio.TimeoutError:
+                expired = time.monotonic() >= deadline
+                ending = "expired" if expired else "idle"
+                text = (f"Your session hit the maximum duration of {limits.max_session_seconds:g} seconds."
+                        if expired else f"No events from the client for {limits.idle_timeout:g} seconds.")
+                await send(error_event(text, code="session_expired" if expired else "session_idle_timeout"))
+                await session.finish(FINISH_SECONDS)
+                await ws.close(NORMAL)
+                return
+            if message["type"] == "websocket.disconnect":
+                return
+            messages += 1
+            await _dispatch(session, send, message, limits.max_message_bytes)
+    except WebSocketDisconnect:
+        pass
+    finally:
+        await session.close()
+        log.info("live session %s closed (%s) after %.1f s, %d events", session.id, ending,
+                 time.monotonic() - started, messages)
+
+
+async def _dispatch(session: LiveSession, send, message: dict, max_bytes: int) -> None:
+    raw = message.get("text")
+    if raw is None:
+        await send(error_event("Binary frames are not supported; send JSON events as text frames.",
+                               code="invalid_value"))
+        return
+    if len(raw) > max_bytes:
+        await send(error_event(f"The event is {len(raw)} bytes; the largest accepted is {max_bytes} bytes. Send "
+                               "audio in smaller appends.", code="message_too_large"))
+        return
+    try:
+        event = json.loads(raw)
+    except (ValueError, RecursionError):
+        await send(error_event("The event is not valid JSON.", code="invalid_json"))
+        return
+    if not isinstance(event, dict):
+        await send(error_event("An event must be a JSON object with a 'type'.", code="invalid_value", param="type"))
+        return
+    await session.handle(event)

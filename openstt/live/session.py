@@ -1,0 +1,362 @@
+"""One live transcription session: client events in, server events out.
+
+Audio is appended as it is captured. With ``server_vad`` the session finds turns with Silero VAD
+as the audio arrives, re-decodes a growing turn every ``INTERIM_STEP`` seconds of new audio and
+sends the words two consecutive decodes agree on as ``delta`` events, and sends the final decode
+of the whole turn as ``completed`` once the speaker has been silent for ``silence_duration_ms``.
+The final decode starts as soon as the silence begins, so that it is usually ready when the
+silence has lasted long enough; if speech resumes first, it is dropped. Without turn detection
+the client commits the buffer itself.
+
+Decoding goes through ``Transcriber`` (the model service, in the server), one decode in flight per
+kind at a time; completed events keep the order of their turns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from openstt.audio import SAMPLE_RATE
+from openstt.live.audio_input import InputAudio
+from openstt.live.protocol import ProtocolError, SessionConfig, Transcription, apply_update, error_event, event, new_id
+from openstt.live.turns import StableText, TurnDetector
+from openstt.metrics import metrics
+from openstt.vad import StreamingVad
+
+log = logging.getLogger("openstt.live")
+
+INTERIM_STEP = 0.5  # seconds of new turn audio between interim decodes
+MIN_COMMIT_SECONDS = 0.1  # OpenAI refuses to commit less than 100 ms
+MAX_TURN_SECONDS = 30.0  # longer turns are cut: every decode is one Whisper window
+KEEP_BEFORE_SPEECH = 1.0  # seconds kept before a turn when none is in progress (covers any prefix padding)
+
+
+@dataclass
+class Decoded:
+    text: str
+    logprobs: list[dict] = field(default_factory=list)  # {token, logprob, bytes}, when asked for
+
+
+class Transcriber(Protocol):
+    """How a session decodes audio (``routes_realtime.ModelTranscriber`` in the server)."""
+
+    def check(self, transcription: Transcription) -> None:
+        """Raise ``ProtocolError`` if ``transcription`` names a model or language not served."""
+
+    async def transcribe(self, audio: np.ndarray, transcription: Transcription, *, final: bool,
+                         logprobs: bool) -> Decoded: ...
+
+
+class AudioBuffer:
+    """The session's recent audio, addressed by session sample (16 kHz samples since it began)."""
+
+    def __init__(self):
+        self._data = np.zeros(SAMPLE_RATE * 4, np.float32)
+        self.start = 0  # session sample of _data[0]
+        self.end = 0  # session sample after the last one appended
+
+    def append(self, audio: np.ndarray) -> None:
+        used = self.end - self.start
+        if used + len(audio) > len(self._data):
+            grown = np.zeros(max(2 * len(self._data), used + len(audio)), np.float32)
+            grown[:used] = self._data[:used]
+            self._data = grown
+        self._data[used:used + len(audio)] = audio
+        self.end += len(audio)
+
+    def slice(self, start: int, end: int | None = None) -> np.ndarray:
+        start, end = max(start, self.start), self.end if end is None else min(end, self.end)
+        return self._data[start - self.start:max(end, start) - self.start].copy()
+
+    def drop_before(self, sample: int) -> None:
+        """Forget the audio before ``sample``."""
+        sample = min(max(sample, self.start), self.end)
+        used = self.end - sample
+        self._data[:used] = self._data[sample - self.start:self.end - self.start]
+        self.start = sample
+
+    def seconds(self, start: int | None = None) -> float:
+        return (self.end - max(self.start, start or 0)) / SAMPLE_RATE
+
+
+@dataclass
+class Turn:
+    """One item: a turn of speech (or a committed buffer) and what has been sent about it."""
+
+    item_id: str
+    start: int  # session sample where its audio begins
+    stable: StableText = field(default_factory=StableText)
+    interim: asyncio.Task | None = None
+    interim_end: int = 0  # end of the audio the last interim decode read
+    speculation: tuple[int, asyncio.Task] | None = None  # (end sample, final decode started at a pause)
+    closed: bool = False  # committed: no more interim deltas
+
+
+def _ms(sample: int) -> int:
+    return int(sample * 1000 / SAMPLE_RATE)
+
+
+class LiveSession:
+    """One WebSocket's transcription session. ``send`` delivers a server event (a dict)."""
+
+    def __init__(self, send: Callable[[dict], Awaitable[None]], transcriber: Transcriber,
+                 max_buffer_seconds: float, session_id: str | None = None):
+        self.id = session_id or new_id("sess")
+        self.send, self.transcriber, self.max_buffer_seconds = send, transcriber, max_buffer_seconds
+        self.config = SessionConfig()
+        self.input = InputAudio(self.config.format)
+        self.vad = StreamingVad()
+        self.detector = TurnDetector(self.config.turn_detection)
+        self.buffer = AudioBuffer()
+        self.turn: Turn | None = None  # the item audio is being added to (speech in progress, or manual)
+        self.last_item: str | None = None  # the last committed item, for previous_item_id
+        self._finals: asyncio.Task | None = None  # the last turn's finalisation (they complete in order)
+        self._tasks: set[asyncio.Task] = set()
+
+    # --- client events ----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.send(event("session.created", session=self.config.describe(self.id)))
+
+    async def handle(self, message: dict) -> None:
+        """Answer one client event; a bad one gets an ``error`` event, the session goes on."""
+        kind, client_event_id = message.get("type"), message.get("event_id")
+        try:
+            if kind in ("session.update", "transcription_session.update"):
+                await self._update(message)
+            elif kind == "input_audio_buffer.append":
+                await self._append(message)
+            elif kind == "input_audio_buffer.commit":
+                await self._commit()
+            elif kind == "input_audio_buffer.clear":
+                await self._clear()
+            elif not isinstance(kind, str):
+                raise ProtocolError("Missing required parameter: 'type'.", param="type",
+                                    code="missing_required_parameter")
+            else:
+                raise ProtocolError(f"Invalid value: '{kind}'. This server serves transcription sessions, which take "
+                                    "session.update, input_audio_buffer.append, input_audio_buffer.commit and "
+                                    "input_audio_buffer.clear.", param="type", code="invalid_value")
+        except ProtocolError as exc:
+            await self.send(error_event(exc.message, type=exc.type, code=exc.code, param=exc.param,
+                                        event_id=client_event_id if isinstance(client_event_id, str) else None))
+
+    async def _update(self, message: dict) -> None:
+        config = apply_update(self.config, message)
+        if config.transcription is not None and config.transcription != self.config.transcription:
+            self.transcriber.check(config.transcription)
+        if config.format != self.config.format:
+            self.input = InputAudio(config.format)
+        if config.turn_detection != self.config.turn_detection:
+            if config.turn_detection is None:
+                self.detector.reset()  # the turn in progress stays in the buffer, for a manual commit
+            else:
+                in_speech = self.detector.in_speech
+                self.detector = TurnDetector(config.turn_detection)
+                if in_speech and self.turn is not None:  # carry on the turn in progress
+                    self.detector.in_speech, self.detector.turn_start = True, self.turn.start
+        self.config = config
+        updated = "transcription_session.updated" if message["type"] == "transcription_session.update" else "session.updated"
+        await self.send(event(updated, session=config.describe(self.id)))
+
+    async def _append(self, message: dict) -> None:
+        data = message.get("audio")
+        if not isinstance(data, str):
+            raise ProtocolError("Missing required parameter: 'audio' (base64-encoded audio bytes).", param="audio",
+                                code="missing_required_parameter")
+        audio = self.input.decode(data)
+        if not len(audio):
+            return
+        if self.config.turn_detection is None and self.buffer.seconds() + len(audio) / SAMPLE_RATE > self.max_buffer_seconds:
+            raise ProtocolError(f"The input audio buffer would exceed {self.max_buffer_seconds:g} s, the most this "
+                                "server keeps uncommitted; this audio was dropped. Commit or clear the buffer.",
+                                param="audio", code="input_audio_buffer_full")
+        metrics().live_audio_seconds.inc(len(audio) / SAMPLE_RATE)
+        first = self.vad.frames
+        self.buffer.append(audio)
+        probabilities = self.vad.feed(audio)
+        if self.config.turn_detection is None:
+            if self.turn is None:
+                self.turn = Turn(new_id("item"), self.buffer.start)
+            return
+        for vad_event in self.detector.push(probabilities, first):
+            await self._on_vad(vad_event.kind, vad_event.sample)
+        if self.turn is None:  # between turns: keep only what a next turn's prefix padding may need
+            self.buffer.drop_before(self.buffer.end - int(KEEP_BEFORE_SPEECH * SAMPLE_RATE))
+        else:
+            self._maybe_interim(self.turn)
+
+    async def _on_vad(self, kind: str, sample: int) -> None:
+        if kind == "started":
+            self.turn = Turn(new_id("item"), max(sample, self.buffer.start))
+            self.buffer.drop_before(self.turn.start)
+            await self.send(event("input_audio_buffer.speech_started", audio_start_ms=_ms(self.turn.start),
+                                  item_id=self.turn.item_id))
+        elif self.turn is None:
+            return
+        elif kind == "paused":
+            self._speculate(self.turn)
+        elif kind == "resumed":
+            self._drop_speculation(self.turn)
+        elif kind == "stopped":
+            turn, self.turn = self.turn, None
+            await self.send(event("input_audio_buffer.speech_stopped", audio_end_ms=_ms(sample), item_id=turn.item_id))
+            await self._close_turn(turn, self.buffer.end, at_pause=True)
+
+    async def _commit(self) -> None:
+        start = self.turn.start if self.turn is not None else self.buffer.start
+        seconds = self.buffer.seconds(start)
+        if seconds < MIN_COMMIT_SECONDS:
+            raise ProtocolError(f"Error committing input audio buffer: buffer too small. Expected at least "
+                                f"{MIN_COMMIT_SECONDS * 1000:.0f}ms of audio, but buffer only has {seconds * 1000:.2f}ms "
+                                "of audio.", code="input_audio_buffer_commit_empty")
+        turn = self.turn or Turn(new_id("item"), start)
+        self.turn = None
+        self.detector.reset()
+        await self._close_turn(turn, self.buffer.end)
+
+    async def _clear(self) -> None:
+        if self.turn is not None:
+            self._cancel(self.turn)
+        self.turn = None
+        self.detector.reset()
+        self.buffer.drop_before(self.buffer.end)
+        await self.send(event("input_audio_buffer.cleared"))
+
+    # --- turns --------------------------------------------------------------------------------
+
+    async def _close_turn(self, turn: Turn, end: int, *, at_pause: bool = False) -> None:
+        """Commit ``turn``'s audio up to ``end`` and finalise it (after the turns before it). With
+        ``at_pause`` (turn detection stopped it), the decode started when its pause began is the
+        final one: its audio ends where the speech did."""
+        turn.closed = True
+        if turn.interim is not None:
+            turn.interim.cancel()
+        speculation, turn.speculation = turn.speculation, None
+        if at_pause and speculation is not None:
+            end, pending = speculation
+        else:
+            pending = None
+            if speculation is not None:
+                speculation[1].cancel()
+        audio = self.buffer.slice(turn.start, end)
+        if self.config.turn_detection is None:
+            self.buffer.drop_before(end)  # (with turn detection, _append keeps what a next turn may need)
+        await self.send(event("input_audio_buffer.committed", item_id=turn.item_id, previous_item_id=self.last_item))
+        self.last_item = turn.item_id
+        if self.config.transcription is None:
+            return
+        if pending is None:
+            pending = self._spawn(self._decode(audio, self.config.transcription, final=True,
+                                               logprobs=self.config.logprobs))
+        self._finals = self._spawn(self._finalize(turn, audio, pending, self.config.logprobs, self._finals,
+                                                  time.perf_counter()))
+
+    def _speculate(self, turn: Turn) -> None:
+        """Start the turn's final decode now, at the start of a pause that may end it."""
+        if self.config.transcription is None:
+            return
+        self._drop_speculation(turn)
+        end = self.buffer.end
+        audio = self.buffer.slice(turn.start, end)
+        turn.speculation = (end, self._spawn(self._decode(audio, self.config.transcription, final=True,
+                                                          logprobs=self.config.logprobs)))
+
+    def _drop_speculation(self, turn: Turn) -> None:
+        if turn.speculation is not None:
+            turn.speculation[1].cancel()
+            turn.speculation = None
+
+    def _maybe_interim(self, turn: Turn) -> None:
+        """Decode the growing turn again once ``INTERIM_STEP`` s of audio came since the last decode
+        (not while a decode of it is running, nor during a pause, whose final decode is running)."""
+        if (self.config.transcription is None or turn.closed or turn.speculation is not None
+                or (turn.interim is not None and not turn.interim.done())
+                or self.buffer.end - max(turn.interim_end, turn.start) < INTERIM_STEP * SAMPLE_RATE):
+            return
+        turn.interim_end = self.buffer.end
+        audio = self.buffer.slice(turn.start)
+        turn.interim = self._spawn(self._interim(turn, audio, self.config.transcription))
+
+    async def _interim(self, turn: Turn, audio: np.ndarray, transcription: Transcription) -> None:
+        try:
+            decoded = await self._decode(audio, transcription, final=False, logprobs=False)
+        except Exception as exc:  # an interim is only a preview: the final decode reports failures
+            log.debug("interim decode failed: %s", exc)
+            return
+        delta = turn.stable.update(decoded.text)
+        if delta and not turn.closed:
+            await self.send(event("conversation.item.input_audio_transcription.delta", item_id=turn.item_id,
+                                  content_index=0, delta=delta, logprobs=None))
+
+    async def _decode(self, audio: np.ndarray, transcription: Transcription, *, final: bool,
+                      logprobs: bool) -> Decoded:
+        return await self.transcriber.transcribe(audio, transcription, final=final, logprobs=logprobs)
+
+    async def _finalize(self, turn: Turn, audio: np.ndarray, pending: asyncio.Task, logprobs: bool,
+                        previous: asyncio.Task | None, committed_at: float) -> None:
+        error = None
+        try:
+            decoded = await pending
+        except ProtocolError as exc:
+            decoded, error = None, {"type": exc.type, "code": exc.code, "message": exc.message, "param": exc.param}
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.error("live transcription of item %s failed: %s", turn.item_id, exc)
+            decoded, error = None, {"type": "server_error", "code": "transcription_failed",
+                                    "message": f"Transcribing this turn failed ({type(exc).__name__}).", "param": None}
+        if previous is not None:  # completed events in the order of their turns
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await asyncio.shield(previous)
+        if decoded is None:
+            metrics().live_turns.labels("failed").inc()
+            await self.send(event("conversation.item.input_audio_transcription.failed", item_id=turn.item_id,
+                                  content_index=0, error=error))
+            return
+        text = decoded.text.strip()
+        rest = turn.stable.finish(text)
+        if rest:
+            await self.send(event("conversation.item.input_audio_transcription.delta", item_id=turn.item_id,
+                                  content_index=0, delta=rest, logprobs=None))
+        fields = {"logprobs": decoded.logprobs} if logprobs else {}
+        await self.send(event("conversation.item.input_audio_transcription.completed", item_id=turn.item_id,
+                              content_index=0, transcript=text,
+                              usage={"type": "duration", "seconds": round(len(audio) / SAMPLE_RATE, 3)}, **fields))
+        metrics().live_turns.labels("completed").inc()
+        metrics().live_turn_latency.observe(time.perf_counter() - committed_at)
+
+    # --- lifetime ---------------------------------------------------------------------------------
+
+    def _spawn(self, coroutine) -> asyncio.Task:
+        task = asyncio.ensure_future(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _cancel(self, turn: Turn) -> None:
+        turn.closed = True
+        if turn.interim is not None:
+            turn.interim.cancel()
+        self._drop_speculation(turn)
+
+    async def finish(self, timeout: float) -> None:
+        """Wait up to ``timeout`` s for committed turns to complete (the client is still there)."""
+        if self._finals is not None:
+            with contextlib.suppress(BaseException):
+                await asyncio.wait_for(asyncio.shield(self._finals), timeout)
+
+    async def close(self) -> None:
+        """Stop all of the session's work (its client left or it ended)."""
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -1,0 +1,89 @@
+"""Streaming audio to a live transcription session the way a client does, for the tests and
+``scripts/bench_live``: 24 kHz PCM16 frames, paced like a microphone, through the official SDK's
+realtime client, with every server event and the time it arrived."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+FRAME_SECONDS = 0.1  # a microphone's 100 ms frames
+COMPLETED = "conversation.item.input_audio_transcription.completed"
+DELTA = "conversation.item.input_audio_transcription.delta"
+
+
+def pcm24k(audio: np.ndarray) -> bytes:
+    """16 kHz float32 audio as the session's default input format: 24 kHz 16-bit little-endian PCM."""
+    import av
+
+    resampler = av.AudioResampler(format="s16", layout="mono", rate=24000)
+    frame = av.AudioFrame.from_ndarray(np.asarray(audio, np.float32).reshape(1, -1), format="flt", layout="mono")
+    frame.sample_rate = 16000
+    out = [o.to_ndarray().reshape(-1) for o in [*resampler.resample(frame), *resampler.resample(None)]]
+    return np.concatenate(out).astype("<i2").tobytes()
+
+
+def frames(pcm: bytes, seconds: float = FRAME_SECONDS, rate: int = 24000) -> list[str]:
+    """``pcm`` cut into frames of ``seconds``, base64-encoded as ``input_audio_buffer.append`` wants them."""
+    step = int(rate * seconds) * 2
+    return [base64.b64encode(pcm[i:i + step]).decode() for i in range(0, len(pcm), step)]
+
+
+@dataclass
+class Received:
+    """What a session sent back: each event (as a dict) with the seconds since streaming began."""
+
+    events: list[tuple[float, dict]] = field(default_factory=list)
+
+    def of(self, kind: str) -> list[dict]:
+        return [e for _, e in self.events if e["type"] == kind]
+
+    def at(self, kind: str) -> list[tuple[float, dict]]:
+        return [(t, e) for t, e in self.events if e["type"] == kind]
+
+    def transcripts(self) -> list[str]:
+        return [e["transcript"] for e in self.of(COMPLETED)]
+
+    def deltas(self, item_id: str) -> list[str]:
+        return [e["delta"] for e in self.of(DELTA) if e["item_id"] == item_id]
+
+
+async def stream(connection, audio: np.ndarray, *, pace: float = 1.0, tail: float = 0.0,
+                 commit: bool = False, until_completed: int | None = None, timeout: float = 60.0) -> Received:
+    """Send ``audio`` over an open SDK realtime ``connection`` (``AsyncRealtimeConnection``) in
+    100 ms frames, ``pace`` times real time (0: as fast as possible), then ``tail`` s of silence,
+    then a commit if ``commit``; collect events until ``until_completed`` completed (or error)
+    events arrived, or ``timeout`` s after the audio ended."""
+    received = Received()
+    started = time.perf_counter()
+    pcm = pcm24k(np.concatenate([audio, np.zeros(int(tail * 16000), np.float32)]))
+
+    async def send() -> None:
+        for i, frame in enumerate(frames(pcm)):
+            if pace:
+                await asyncio.sleep(max(0.0, started + i * FRAME_SECONDS / pace - time.perf_counter()))
+            await connection.input_audio_buffer.append(audio=frame)
+        if commit:
+            await connection.input_audio_buffer.commit()
+
+    async def receive() -> None:
+        done = 0
+        while until_completed is None or done < until_completed:
+            event = (await connection.recv()).to_dict()
+            received.events.append((time.perf_counter() - started, event))
+            if event["type"] in (COMPLETED, "conversation.item.input_audio_transcription.failed"):
+                done += 1
+
+    sender = asyncio.ensure_future(send())
+    try:
+        await asyncio.wait_for(receive(), timeout=len(audio) / 16000 / (pace or 1e9) + tail + timeout)
+    except asyncio.TimeoutError:
+        if until_completed is not None:
+            raise
+    finally:
+        await sender
+    return received
