@@ -27,6 +27,7 @@ from openstt.model_service import (
     DecodeResult,
     DiarizeJob,
     DiarizeReply,
+    LiveFirst,
     ModelServiceClient,
     WeightsReply,
     WindowJob,
@@ -63,6 +64,7 @@ class OpenSTTModels:
         self.registry = load_models()
         self.weights = weights_manager(self.registry)
         self.diarizer = load_diarizer()  # None unless --enable-diarization
+        self.live_first = LiveFirst()  # live sessions' windows before file windows
         # keep serving windows to in-flight transcriptions after SIGTERM (see openstt/shutdown.py)
         self.activity = Activity()
         defer_sigterm_until_idle(self.activity, max_wait=REQUEST_TIMEOUT_S)
@@ -71,15 +73,15 @@ class OpenSTTModels:
     @bentoml.api(batchable=True, max_batch_size=MAX_BATCH_WINDOWS, max_latency_ms=REQUEST_TIMEOUT_S * 1000)
     def decode_windows(self, jobs: list[WindowJob]) -> list[DecodeResult]:
         with self.activity:
-            return decode_batch(self.registry.engines(), jobs)
+            return decode_batch(self.registry.engines(), jobs, self.live_first)
 
-    # Live sessions' windows (WebSocket /v1/realtime) are batched in a queue of their own: the
-    # single model thread serves waiting batches in turn, so a live window waits at most for the
-    # file batch being decoded, never for the file windows queued behind it.
+    # Live sessions' windows (WebSocket /v1/realtime) are batched in a queue of their own and
+    # decoded in a thread of their own, before file windows (LiveFirst): a live turn waits at most
+    # for the file window being decoded, never for the file windows queued behind it.
     @bentoml.api(batchable=True, max_batch_size=MAX_BATCH_WINDOWS, max_latency_ms=REQUEST_TIMEOUT_S * 1000)
-    def decode_live_windows(self, jobs: list[WindowJob]) -> list[DecodeResult]:
-        with self.activity:
-            return decode_batch(self.registry.engines(), jobs)
+    async def decode_live_windows(self, jobs: list[WindowJob]) -> list[DecodeResult]:
+        with self.activity, self.live_first.live():
+            return await asyncio.to_thread(decode_batch, self.registry.engines(), jobs)
 
     @bentoml.api
     def align(self, job: AlignJob) -> AlignReply:

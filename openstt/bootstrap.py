@@ -160,7 +160,8 @@ def attach(app: FastAPI, registry: ModelRegistry, settings: Settings | None = No
                                    max_session_seconds=settings.live_max_session_seconds,
                                    max_buffer_seconds=settings.live_max_buffer_seconds,
                                    max_message_bytes=settings.live_max_message_bytes,
-                                   idle_timeout=settings.live_idle_timeout)
+                                   idle_timeout=settings.live_idle_timeout,
+                                   max_interim_decodes=settings.live_interim_decodes)
     state.registry = registry
     log.info("open-stt ready on port %s: models=%s default=%s cache=%s auth=%s limits: upload=%d B audio=%gs "
              "concurrent=%d timeout=%ds batch=%d windows long-form=%s diarization=%s live-sessions=%d; try it at /ui, metrics at /metrics",

@@ -16,8 +16,10 @@ BentoML) and ``InMemoryModelService`` (the same functions in this process: tests
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
+import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Protocol
@@ -190,41 +192,104 @@ def failure_reason(exc: BaseException) -> ErrorCode:
     return ErrorCode.failed
 
 
-def decode_batch(engines: Mapping[str, Engine], jobs: list[WindowJob]) -> list[DecodeResult]:
+class LiveFirst:
+    """Live windows before file windows, in the model service.
+
+    Live windows (``WindowJob.live``) are decoded in a thread of their own, as soon as the model is
+    free; file windows are decoded by the batching thread. While live sessions are active (a live
+    window in the last ``ACTIVE_SECONDS``), a CPU-placed model decodes its file batches one window
+    at a time (on a CPU a batch costs its windows' time anyway) and, before each, lets the live
+    windows waiting go first, but waits at most ``MAX_WAIT`` s: a busy file queue delays a live turn
+    by one file window, and a stream of live windows cannot starve the files."""
+
+    ACTIVE_SECONDS = 10.0
+    MAX_WAIT = 1.0
+
+    def __init__(self):
+        self._changed = threading.Condition()
+        self.waiting = 0  # live batches asked for and not finished
+        self._last_live = float("-inf")
+
+    @contextlib.contextmanager
+    def live(self):
+        """Around a batch of live windows."""
+        with self._changed:
+            self.waiting += 1
+            self._last_live = time.monotonic()
+        try:
+            yield
+        finally:
+            with self._changed:
+                self.waiting -= 1
+                self._changed.notify_all()
+
+    def active(self) -> bool:
+        return time.monotonic() - self._last_live < self.ACTIVE_SECONDS
+
+    def file_turn(self) -> None:
+        """Before a file window: wait (up to ``MAX_WAIT`` s) for the live windows waiting."""
+        with self._changed:
+            self._changed.wait_for(lambda: self.waiting == 0, timeout=self.MAX_WAIT)
+
+
+def _pieces(engine: Engine, indices: list[int], jobs: list[WindowJob], priority: LiveFirst | None) -> list[list[int]]:
+    """How a model's windows of one batch are decoded: all together, or (file windows on a CPU while
+    live sessions are active) one by one, live windows let in between."""
+    placement = getattr(engine, "placement", None)
+    if (priority is None or not priority.active() or jobs[indices[0]].live or placement is None
+            or placement.device.type != "cpu"):
+        return [indices]
+    return [[i] for i in indices]
+
+
+def decode_batch(engines: Mapping[str, Engine], jobs: list[WindowJob],
+                 priority: LiveFirst | None = None) -> list[DecodeResult]:
     """Decode a batch of windows, grouped by model. A failing group is retried item by item so
-    that one bad window fails only its own request."""
+    that one bad window fails only its own request. ``priority``: the model service's
+    ``LiveFirst``, which file batches yield to."""
     replies: list[DecodeResult | None] = [None] * len(jobs)
     groups: dict[str, list[int]] = {}
     for i, job in enumerate(jobs):
         groups.setdefault(job.model, []).append(i)
     for model, indices in groups.items():
         engine = engines.get(model)
-        core = engine.core if engine is not None else None
-        if core is None:
-            for i in indices:  # unloaded while its request ran
-                replies[i] = DecodeResult(error=ErrorCode.model_not_loaded)
-            continue
-        group = [jobs[i] for i in indices]
-        started = time.perf_counter()
-        try:
-            results = core.decode_windows(group)
-        except Exception:
-            log.exception("batch of %d windows for %s failed; retrying them one by one", len(group), model)
-            results = []
-            for job in group:
-                try:
-                    results.append(core.decode_windows([job])[0])
-                except Exception as exc:  # reported to the one request it belongs to
-                    log.exception("window for %s failed", model)
-                    results.append(DecodeResult(temperature=job.temperature, language=job.language or "en",
-                                                error=failure_reason(exc)))
-        elapsed = time.perf_counter() - started
-        log.debug("decoded batch of %d windows for %s in %.2f s", len(group), model, elapsed)
-        metrics().batch_windows.labels(model).observe(len(group))
-        metrics().window_seconds.labels(model).observe(elapsed)
-        for i, result in zip(indices, results):
-            replies[i] = result
+        pieces = [indices] if engine is None or engine.core is None else _pieces(engine, indices, jobs, priority)
+        for piece in pieces:
+            if len(pieces) > 1:
+                priority.file_turn()
+            _decode_group(engines, model, piece, jobs, replies)
     return replies  # type: ignore[return-value]
+
+
+def _decode_group(engines: Mapping[str, Engine], model: str, indices: list[int], jobs: list[WindowJob],
+                  replies: list[DecodeResult | None]) -> None:
+    """Decode the windows ``indices`` of ``jobs`` with ``model`` in one pass, into ``replies``."""
+    engine = engines.get(model)
+    core = engine.core if engine is not None else None
+    if core is None:
+        for i in indices:  # unloaded while its request ran
+            replies[i] = DecodeResult(error=ErrorCode.model_not_loaded)
+        return
+    group = [jobs[i] for i in indices]
+    started = time.perf_counter()
+    try:
+        results = core.decode_windows(group)
+    except Exception:
+        log.exception("batch of %d windows for %s failed; retrying them one by one", len(group), model)
+        results = []
+        for job in group:
+            try:
+                results.append(core.decode_windows([job])[0])
+            except Exception as exc:  # reported to the one request it belongs to
+                log.exception("window for %s failed", model)
+                results.append(DecodeResult(temperature=job.temperature, language=job.language or "en",
+                                            error=failure_reason(exc)))
+    elapsed = time.perf_counter() - started
+    log.debug("decoded batch of %d windows for %s in %.2f s", len(group), model, elapsed)
+    metrics().batch_windows.labels(model).observe(len(group))
+    metrics().window_seconds.labels(model).observe(elapsed)
+    for i, result in zip(indices, results):
+        replies[i] = result
 
 
 def align_request(engine: Engine | None, job: AlignJob) -> AlignReply:

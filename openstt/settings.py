@@ -32,6 +32,10 @@ LIVE_MAX_SESSION_SECONDS = 3600  # OpenAI's Realtime sessions also end after 60 
 LIVE_MAX_BUFFER_SECONDS = 600.0
 LIVE_MAX_MESSAGE_BYTES = 15 * 1024 * 1024  # OpenAI's limit on one input_audio_buffer.append
 LIVE_IDLE_TIMEOUT_S = 120.0
+# Interim (preview) decodes of all live sessions in flight at once, when not set: on a CPU each
+# window costs its full time, so two keep the final decodes of 4 sessions on 2 cores from queueing
+# behind previews; a GPU decodes a batch of windows in about the time of one.
+CPU_LIVE_INTERIM_DECODES = 2
 
 
 def default_batch_windows(device_type: str) -> int:
@@ -120,6 +124,8 @@ class Settings(BaseSettings):
     live_max_buffer_seconds: float = Field(LIVE_MAX_BUFFER_SECONDS, gt=0)
     live_max_message_bytes: int = Field(LIVE_MAX_MESSAGE_BYTES, ge=1024, le=16 * 1024 * 1024)
     live_idle_timeout: float = Field(LIVE_IDLE_TIMEOUT_S, gt=0)
+    # None: CPU_LIVE_INTERIM_DECODES on CPU, the batch size on GPUs; read it as live_interim_decodes.
+    live_max_interim_decodes: int | None = Field(None, ge=0)
 
     @field_validator("models", "api_key", mode="before")
     @classmethod
@@ -159,7 +165,8 @@ class Settings(BaseSettings):
     def _empty_is_zero(cls, value: object) -> object:
         return 0 if isinstance(value, str) and not value.strip() else value
 
-    @field_validator("default_model", "torch_threads", "max_batch_windows", mode="before")
+    @field_validator("default_model", "torch_threads", "max_batch_windows", "live_max_interim_decodes",
+                     mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         # compose files pass unset variables as empty strings
@@ -220,6 +227,15 @@ class Settings(BaseSettings):
         from openstt.device import pick_device
 
         return default_batch_windows(pick_device(self.force_cpu).type)
+
+    @property
+    def live_interim_decodes(self) -> int:
+        """``live_max_interim_decodes``, or the device's default (0 turns interim deltas off)."""
+        if self.live_max_interim_decodes is not None:
+            return self.live_max_interim_decodes
+        from openstt.device import pick_device
+
+        return CPU_LIVE_INTERIM_DECODES if pick_device(self.force_cpu).type == "cpu" else self.batch_windows
 
     @property
     def python_log_level(self) -> int:

@@ -64,8 +64,8 @@ async def stream(connection, audio: np.ndarray, *, pace: float = 1.0, tail: floa
 
     async def send() -> None:
         for i, frame in enumerate(frames(pcm)):
-            if pace:
-                await asyncio.sleep(max(0.0, started + i * FRAME_SECONDS / pace - time.perf_counter()))
+            if pace:  # a microphone delivers a frame once it has been captured: at its end
+                await asyncio.sleep(max(0.0, started + (i + 1) * FRAME_SECONDS / pace - time.perf_counter()))
             await connection.input_audio_buffer.append(audio=frame)
         if commit:
             await connection.input_audio_buffer.commit()

@@ -16,6 +16,7 @@ from starlette.types import Receive
 
 from openstt.metrics import metrics
 from openstt.settings import (
+    CPU_LIVE_INTERIM_DECODES,
     LIVE_IDLE_TIMEOUT_S,
     LIVE_MAX_BUFFER_SECONDS,
     LIVE_MAX_MESSAGE_BYTES,
@@ -58,7 +59,13 @@ class LiveLimits:
     max_buffer_seconds: float = LIVE_MAX_BUFFER_SECONDS  # uncommitted audio held at once
     max_message_bytes: int = LIVE_MAX_MESSAGE_BYTES
     idle_timeout: float = LIVE_IDLE_TIMEOUT_S  # seconds without any client message
+    max_interim_decodes: int = CPU_LIVE_INTERIM_DECODES  # previews of all sessions in flight at once
     open: int = 0
+
+    def __post_init__(self):
+        from openstt.live.session import PreviewBudget
+
+        self.previews = PreviewBudget(self.max_interim_decodes)
 
     def try_open(self) -> bool:
         if self.open >= self.max_sessions:

@@ -165,7 +165,8 @@ async def _serve(ws: WebSocket, limits: LiveLimits) -> None:
         async with lock:  # events from the receive loop and from decodes, one at a time
             await _send(ws, message)
 
-    session = LiveSession(send, ModelTranscriber(state.serving_registry()), limits.max_buffer_seconds)
+    session = LiveSession(send, ModelTranscriber(state.serving_registry()), limits.max_buffer_seconds,
+                          limits.previews)
     requested = ws.query_params.get("model")  # the SDK's connect(model=...): a served model starts the session on it
     if requested:
         try:

@@ -9,7 +9,8 @@ silence has lasted long enough; if speech resumes first, it is dropped. Without 
 the client commits the buffer itself.
 
 Decoding goes through ``Transcriber`` (the model service, in the server), one decode in flight per
-kind at a time; completed events keep the order of their turns.
+kind at a time; interim decodes of all sessions share a ``PreviewBudget``, so that final decodes
+never wait behind them; completed events keep the order of their turns.
 """
 
 from __future__ import annotations
@@ -33,7 +34,11 @@ from openstt.vad import StreamingVad
 
 log = logging.getLogger("openstt.live")
 
-INTERIM_STEP = 0.5  # seconds of new turn audio between interim decodes
+INTERIM_STEP = 0.4  # seconds of new turn audio between interim decodes
+# The final decode starts once a pause has lasted this long (or half of silence_duration_ms, if
+# less), with that much of the pause in its audio: a word's tail is not cut off, and the decode
+# (0.3 s for tiny.en on 2 cores) is usually done before the pause has lasted silence_duration_ms.
+SPECULATION_DELAY = 0.2
 MIN_COMMIT_SECONDS = 0.1  # OpenAI refuses to commit less than 100 ms
 MAX_TURN_SECONDS = 30.0  # longer turns are cut: every decode is one Whisper window
 KEEP_BEFORE_SPEECH = 1.0  # seconds kept before a turn when none is in progress (covers any prefix padding)
@@ -43,6 +48,24 @@ KEEP_BEFORE_SPEECH = 1.0  # seconds kept before a turn when none is in progress 
 class Decoded:
     text: str
     logprobs: list[dict] = field(default_factory=list)  # {token, logprob, bytes}, when asked for
+
+
+class PreviewBudget:
+    """Interim decodes in flight across all the sessions of a process. An interim is skipped while
+    the budget is spent, so that under load the final decodes (which the ``completed`` events
+    wait for) never queue behind previews: sessions then get fewer deltas, not later turns."""
+
+    def __init__(self, limit: int):
+        self.limit, self.used = limit, 0
+
+    def take(self) -> bool:
+        if self.used >= self.limit:
+            return False
+        self.used += 1  # single-threaded event loop: no lock needed
+        return True
+
+    def give_back(self) -> None:
+        self.used -= 1
 
 
 class Transcriber(Protocol):
@@ -96,7 +119,8 @@ class Turn:
     stable: StableText = field(default_factory=StableText)
     interim: asyncio.Task | None = None
     interim_end: int = 0  # end of the audio the last interim decode read
-    speculation: tuple[int, asyncio.Task] | None = None  # (end sample, final decode started at a pause)
+    pause: int | None = None  # where the pause in progress began
+    speculation: tuple[int, asyncio.Task] | None = None  # (end sample, final decode started in a pause)
     closed: bool = False  # committed: no more interim deltas
 
 
@@ -108,9 +132,10 @@ class LiveSession:
     """One WebSocket's transcription session. ``send`` delivers a server event (a dict)."""
 
     def __init__(self, send: Callable[[dict], Awaitable[None]], transcriber: Transcriber,
-                 max_buffer_seconds: float, session_id: str | None = None):
+                 max_buffer_seconds: float, previews: PreviewBudget | None = None, session_id: str | None = None):
         self.id = session_id or new_id("sess")
         self.send, self.transcriber, self.max_buffer_seconds = send, transcriber, max_buffer_seconds
+        self.previews = previews or PreviewBudget(1)
         self.config = SessionConfig()
         self.input = InputAudio(self.config.format)
         self.vad = StreamingVad()
@@ -191,6 +216,10 @@ class LiveSession:
             await self._on_vad(vad_event.kind, vad_event.sample)
         if self.turn is None:  # between turns: keep only what a next turn's prefix padding may need
             self.buffer.drop_before(self.buffer.end - int(KEEP_BEFORE_SPEECH * SAMPLE_RATE))
+        elif self.turn.pause is not None:
+            delay = min(SPECULATION_DELAY, self.config.turn_detection.silence_duration_ms / 2000)
+            if self.turn.speculation is None and self.buffer.end - self.turn.pause >= delay * SAMPLE_RATE:
+                self._speculate(self.turn)
         else:
             self._maybe_interim(self.turn)
 
@@ -203,8 +232,9 @@ class LiveSession:
         elif self.turn is None:
             return
         elif kind == "paused":
-            self._speculate(self.turn)
+            self.turn.pause = sample
         elif kind == "resumed":
+            self.turn.pause = None
             self._drop_speculation(self.turn)
         elif kind == "stopped":
             turn, self.turn = self.turn, None
@@ -261,10 +291,13 @@ class LiveSession:
                                                   time.perf_counter()))
 
     def _speculate(self, turn: Turn) -> None:
-        """Start the turn's final decode now, at the start of a pause that may end it."""
+        """Start the turn's final decode now, early in a pause that may end it (instead of an
+        interim decode: one still queued would only delay it)."""
         if self.config.transcription is None:
             return
         self._drop_speculation(turn)
+        if turn.interim is not None:
+            turn.interim.cancel()
         end = self.buffer.end
         audio = self.buffer.slice(turn.start, end)
         turn.speculation = (end, self._spawn(self._decode(audio, self.config.transcription, final=True,
@@ -280,11 +313,13 @@ class LiveSession:
         (not while a decode of it is running, nor during a pause, whose final decode is running)."""
         if (self.config.transcription is None or turn.closed or turn.speculation is not None
                 or (turn.interim is not None and not turn.interim.done())
-                or self.buffer.end - max(turn.interim_end, turn.start) < INTERIM_STEP * SAMPLE_RATE):
+                or self.buffer.end - max(turn.interim_end, turn.start) < INTERIM_STEP * SAMPLE_RATE
+                or not self.previews.take()):
             return
         turn.interim_end = self.buffer.end
         audio = self.buffer.slice(turn.start)
         turn.interim = self._spawn(self._interim(turn, audio, self.config.transcription))
+        turn.interim.add_done_callback(lambda _: self.previews.give_back())  # also if cancelled before it ran
 
     async def _interim(self, turn: Turn, audio: np.ndarray, transcription: Transcription) -> None:
         try:
@@ -292,6 +327,7 @@ class LiveSession:
         except Exception as exc:  # an interim is only a preview: the final decode reports failures
             log.debug("interim decode failed: %s", exc)
             return
+
         delta = turn.stable.update(decoded.text)
         if delta and not turn.closed:
             await self.send(event("conversation.item.input_audio_transcription.delta", item_id=turn.item_id,

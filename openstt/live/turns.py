@@ -84,8 +84,9 @@ def _norm(word: str) -> str:
 
 class StableText:
     """LocalAgreement-2: a word is final once two consecutive decodes of the growing turn agree
-    on it and on every word before it; the newest decode's last word is never taken (it may be cut
-    off mid-word). Deltas are the newly stable words, so their concatenation only grows."""
+    on it and on every word before it. (A word cut off at the end of the audio is not agreed on:
+    the next decode has more of it.) Deltas are the newly stable words, so their concatenation
+    only grows."""
 
     def __init__(self):
         self._previous: list[str] = []
@@ -105,7 +106,7 @@ class StableText:
         """The delta that the decode ``hypothesis`` of the turn so far makes stable ("" if none)."""
         current = hypothesis.split()
         agreed = 0
-        for a, b in zip(self._previous, current[:-1]):
+        for a, b in zip(self._previous, current):
             if _norm(a) != _norm(b):
                 break
             agreed += 1
