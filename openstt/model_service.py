@@ -203,7 +203,7 @@ class LiveFirst:
     by one file window, and a stream of live windows cannot starve the files."""
 
     ACTIVE_SECONDS = 10.0
-    MAX_WAIT = 1.0
+    MAX_WAIT = 10.0
 
     def __init__(self):
         self._changed = threading.Condition()

@@ -32,10 +32,12 @@ LIVE_MAX_SESSION_SECONDS = 3600  # OpenAI's Realtime sessions also end after 60 
 LIVE_MAX_BUFFER_SECONDS = 600.0
 LIVE_MAX_MESSAGE_BYTES = 15 * 1024 * 1024  # OpenAI's limit on one input_audio_buffer.append
 LIVE_IDLE_TIMEOUT_S = 120.0
-# Interim (preview) decodes of all live sessions in flight at once, when not set: on a CPU each
-# window costs its full time, so two keep the final decodes of 4 sessions on 2 cores from queueing
-# behind previews; a GPU decodes a batch of windows in about the time of one.
-CPU_LIVE_INTERIM_DECODES = 2
+# Interim (preview) decodes of all live sessions in flight at once, when not set. On a CPU each
+# window costs its full time (tiny.en int8: 0.27 s on 2 cores, 0.16 s of it the encoder), so the
+# final decodes must not queue behind previews: 4 sessions on 2 cores gave final-text latency p50
+# 0.88 s with 1, 1.26 s with 2, and the same first-delta time. A GPU decodes a batch of windows in
+# about the time of one.
+CPU_LIVE_INTERIM_DECODES = 1
 
 
 def default_batch_windows(device_type: str) -> int:

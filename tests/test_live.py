@@ -171,6 +171,57 @@ def test_live_windows_skip_the_file_queue():
     assert calls == [("decode_windows", [False]), ("decode_live_windows", [True])]
 
 
+def test_live_windows_wait_for_one_file_window_at_most():
+    """In the model service, a live window waits for the file window being decoded, not for the
+    rest of the file batch; without live sessions, file batches stay whole."""
+    import threading
+    from types import SimpleNamespace
+
+    import torch
+
+    from openstt.catalog import CATALOG
+    from openstt.model_service import DecodeResult, LiveFirst, WindowJob, decode_batch
+
+    order, lock = [], threading.Lock()
+
+    class Slow(Engine):
+        placement = SimpleNamespace(device=torch.device("cpu"))
+
+        def __init__(self):
+            super().__init__(CATALOG["whisper-tiny.en"])
+            self.core = self
+
+        def start(self, audio, options):
+            raise AssertionError
+
+        def decode_windows(self, jobs):
+            with lock:  # a model decodes one batch at a time, as WhisperCore's lock makes it
+                order.append(("live" if jobs[0].live else "file", len(jobs)))
+                time.sleep(0.15)
+                return [DecodeResult() for _ in jobs]
+
+    engines = {"whisper-tiny.en": Slow()}
+    job = WindowJob(audio=np.zeros(1600, np.float32), prompt=[], task="transcribe", language="en", temperature=0,
+                    model="whisper-tiny.en")
+    files, live = [job] * 4, [job.model_copy(update={"live": True})]
+    priority = LiveFirst()
+    decode_batch(engines, files, priority)
+    assert order == [("file", 4)]  # no live session yet: one batch
+
+    def live_window():
+        with priority.live():
+            decode_batch(engines, live)
+
+    order.clear()
+    live_window()  # a session is active now
+    file_thread = threading.Thread(target=decode_batch, args=(engines, files, priority))
+    file_thread.start()
+    time.sleep(0.05)  # the first file window is being decoded
+    live_window()
+    file_thread.join()
+    assert order == [("live", 1), ("file", 1), ("live", 1), ("file", 1), ("file", 1), ("file", 1)]
+
+
 # --- whole sessions, in process -------------------------------------------------------------------
 
 class Spy(Engine):

@@ -16,7 +16,9 @@ import openai
 import pytest
 import yaml
 
+from openstt.audio import decode_audio
 from tests.conftest import Server, clip, free_port, server_env
+from tests.realtime import frames, pcm24k
 
 ROOT = Path(__file__).resolve().parent.parent
 BENTOML = str(Path(sys.executable).with_name("bentoml"))
@@ -88,6 +90,18 @@ def test_built_cpu_bento_serves(bentos, bento_home, hf_cache, tmp_path):
         import httpx
 
         assert httpx.get(srv.base + "/livez").status_code == 200  # the k8s liveness probe's path
+        # live transcription: a WebSocket through the Bento's mounted app, a manual commit of real speech
+        with client.realtime.connect(extra_query={"intent": "transcription"}) as live:
+            assert live.recv().type == "session.created"
+            live.session.update(session={"type": "transcription", "audio": {"input": {"turn_detection": None}}})
+            assert live.recv().type == "session.updated"
+            for frame in frames(pcm24k(decode_audio(clip("en/quick_brown_fox").read_bytes()))):
+                live.input_audio_buffer.append(audio=frame)
+            live.input_audio_buffer.commit()
+            event = live.recv()
+            while event.type != "conversation.item.input_audio_transcription.completed":
+                event = live.recv()
+            assert event.transcript == "The quick brown fox jumps over the lazy dog."
     finally:
         assert srv.stop() == 0
     assert str(ROOT / "openstt") not in srv.log.read_text()  # code ran from the Bento

@@ -116,6 +116,7 @@ class Turn:
 
     item_id: str
     start: int  # session sample where its audio begins
+    onset: int = 0  # where its speech begins (after the prefix padding)
     stable: StableText = field(default_factory=StableText)
     interim: asyncio.Task | None = None
     interim_end: int = 0  # end of the audio the last interim decode read
@@ -225,7 +226,7 @@ class LiveSession:
 
     async def _on_vad(self, kind: str, sample: int) -> None:
         if kind == "started":
-            self.turn = Turn(new_id("item"), max(sample, self.buffer.start))
+            self.turn = Turn(new_id("item"), max(sample, self.buffer.start), onset=self.detector.onset)
             self.buffer.drop_before(self.turn.start)
             await self.send(event("input_audio_buffer.speech_started", audio_start_ms=_ms(self.turn.start),
                                   item_id=self.turn.item_id))
@@ -310,10 +311,11 @@ class LiveSession:
 
     def _maybe_interim(self, turn: Turn) -> None:
         """Decode the growing turn again once ``INTERIM_STEP`` s of audio came since the last decode
-        (not while a decode of it is running, nor during a pause, whose final decode is running)."""
+        (or since its speech began: the prefix padding holds no words), not while a decode of it is
+        running, nor during a pause (whose final decode may be running), nor beyond the budget."""
         if (self.config.transcription is None or turn.closed or turn.speculation is not None
                 or (turn.interim is not None and not turn.interim.done())
-                or self.buffer.end - max(turn.interim_end, turn.start) < INTERIM_STEP * SAMPLE_RATE
+                or self.buffer.end - max(turn.interim_end, turn.onset) < INTERIM_STEP * SAMPLE_RATE
                 or not self.previews.take()):
             return
         turn.interim_end = self.buffer.end

@@ -44,6 +44,7 @@ class TurnDetector:
         self.max_turn = int(max_turn_seconds * SAMPLE_RATE)
         self.in_speech = False
         self.turn_start = 0  # where the current turn's audio begins
+        self.onset = 0  # where its speech begins (the first frame at or above the threshold)
         self.silence_start: int | None = None
 
     def reset(self) -> None:
@@ -59,7 +60,7 @@ class TurnDetector:
             if not self.in_speech:
                 if p >= self.threshold:
                     self.in_speech, self.silence_start = True, None
-                    self.turn_start = max(0, sample - self.pad)
+                    self.turn_start, self.onset = max(0, sample - self.pad), sample
                     events.append(VadEvent("started", self.turn_start))
                 continue
             if p >= self.threshold:
@@ -74,7 +75,7 @@ class TurnDetector:
                 self.reset()
             elif end - self.turn_start >= self.max_turn:
                 events += [VadEvent("stopped", end), VadEvent("started", end)]
-                self.turn_start, self.silence_start = end, None
+                self.turn_start, self.onset, self.silence_start = end, end, None
         return events
 
 
