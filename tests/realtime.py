@@ -39,17 +39,9 @@ class Received:
 
     events: list[tuple[float, dict]] = field(default_factory=list)
 
-    def of(self, kind: str) -> list[dict]:
-        return [e for _, e in self.events if e["type"] == kind]
-
-    def at(self, kind: str) -> list[tuple[float, dict]]:
-        return [(t, e) for t, e in self.events if e["type"] == kind]
-
     def transcripts(self) -> list[str]:
-        return [e["transcript"] for e in self.of(COMPLETED)]
-
-    def deltas(self, item_id: str) -> list[str]:
-        return [e["delta"] for e in self.of(DELTA) if e["item_id"] == item_id]
+        """The completed texts, in order."""
+        return [e["transcript"] for _, e in self.events if e["type"] == COMPLETED]
 
 
 async def stream(connection, audio: np.ndarray, *, pace: float = 1.0, tail: float = 0.0,
@@ -87,3 +79,33 @@ async def stream(connection, audio: np.ndarray, *, pace: float = 1.0, tail: floa
     finally:
         await sender
     return received
+
+
+def check_turns(events: list[dict], turns: list[tuple[float, float, str]]) -> list[str]:
+    """Assert what a session with server VAD sent for a recording of ``turns`` (``spoken_turns``):
+    one item per turn, its events in order, its speech times near the true ones, its final text as
+    good as the recording, its deltas only ever parts of that text, in order. Returns the item ids."""
+    from tests.evaluation import wer
+
+    items = list(dict.fromkeys(e["item_id"] for e in events if "item_id" in e))
+    assert len(items) == len(turns), [e["type"] for e in events]
+
+    def one(kind: str, item: str) -> dict:
+        return next(e for e in events if e["type"] == kind and e["item_id"] == item)
+
+    for item, (start, end, text) in zip(items, turns):
+        kinds = [e["type"] for e in events if e.get("item_id") == item and e["type"] != DELTA]
+        assert kinds == ["input_audio_buffer.speech_started", "input_audio_buffer.speech_stopped",
+                         "input_audio_buffer.committed", COMPLETED]
+        started, stopped = one("input_audio_buffer.speech_started", item), one("input_audio_buffer.speech_stopped", item)
+        # audio_start_ms includes the 300 ms prefix padding (and the stream's VAD may hear a breath first)
+        assert start - 0.8 <= started["audio_start_ms"] / 1000 <= start, (started, start)
+        assert abs(stopped["audio_end_ms"] / 1000 - end) < 0.4, (stopped, end)
+        completed = one(COMPLETED, item)
+        assert wer(text, completed["transcript"]) <= 0.15, (text, completed["transcript"])
+        assert completed["usage"]["type"] == "duration" and completed["usage"]["seconds"] > end - start
+        deltas = "".join(e["delta"] for e in events if e["type"] == DELTA and e["item_id"] == item)
+        assert deltas and wer(completed["transcript"], deltas) <= 0.2  # the deltas add up to the final text
+    committed = [e for e in events if e["type"] == "input_audio_buffer.committed"]
+    assert [c["previous_item_id"] for c in committed] == [None, *items[:-1]]
+    return items

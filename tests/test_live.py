@@ -24,7 +24,7 @@ from openstt.live.turns import StableText, TurnDetector, VadEvent
 from openstt.vad import FRAME, StreamingVad, speech_probabilities
 from tests.conftest import API_KEY, needs_asterisk
 from tests.evaluation import spoken_turns, wer
-from tests.realtime import COMPLETED, DELTA, frames, pcm24k
+from tests.realtime import COMPLETED, DELTA, check_turns, frames, pcm24k
 
 pytestmark = needs_asterisk
 
@@ -310,25 +310,7 @@ def test_a_session_transcribes_each_turn(live):
     events = _events_until(ws, COMPLETED, count=len(turns))
     ws.close()
 
-    items = list(dict.fromkeys(e["item_id"] for e in events if "item_id" in e))
-    assert len(items) == len(turns)
-    for item, (start, end, text) in zip(items, turns):
-        kinds = [e["type"] for e in events if e.get("item_id") == item and e["type"] != DELTA]
-        assert kinds == ["input_audio_buffer.speech_started", "input_audio_buffer.speech_stopped",
-                         "input_audio_buffer.committed", COMPLETED]
-        started = next(e for e in events if e["type"] == "input_audio_buffer.speech_started" and e["item_id"] == item)
-        stopped = next(e for e in events if e["type"] == "input_audio_buffer.speech_stopped" and e["item_id"] == item)
-        # audio_start_ms includes the 300 ms prefix padding (and the stream's VAD may hear a breath first)
-        assert start - 0.8 <= started["audio_start_ms"] / 1000 <= start, (started, start)
-        assert abs(stopped["audio_end_ms"] / 1000 - end) < 0.4, (stopped, end)
-        completed = next(e for e in events if e["type"] == COMPLETED and e["item_id"] == item)
-        assert wer(text, completed["transcript"]) <= 0.15, (text, completed["transcript"])
-        assert completed["usage"]["type"] == "duration" and completed["usage"]["seconds"] > end - start
-        deltas = "".join(e["delta"] for e in events if e["type"] == DELTA and e["item_id"] == item)
-        assert deltas and completed["transcript"].startswith(deltas.strip()[:1])
-        assert wer(completed["transcript"], deltas) <= 0.2  # the interim words became the final text
-    committed = [e for e in events if e["type"] == "input_audio_buffer.committed"]
-    assert [c["previous_item_id"] for c in committed] == [None, *items[:-1]]
+    check_turns(events, turns)
     assert all(j.live for j in live.spy.jobs)  # every window took the live queue
 
 

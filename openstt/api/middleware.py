@@ -47,6 +47,11 @@ class RequestIdMiddleware:
         await self.app(scope, receive, send_with_id)
 
 
+def key_accepted(token: str, keys: Sequence[str]) -> bool:
+    """Whether ``token`` is one of ``keys``, compared in constant time against each."""
+    return any([hmac.compare_digest(token.encode(), k.encode()) for k in keys])  # no short-circuit
+
+
 def _mask(key: str) -> str:
     return f"{key[:6]}***{key[-4:]}" if len(key) >= 14 else "***"
 
@@ -71,7 +76,7 @@ class ApiKeyMiddleware:
         token = token.strip()
         if scheme.lower() != "bearer" or not token:
             error = OpenAIError(401, MISSING_KEY_MESSAGE)
-        elif any([hmac.compare_digest(token.encode(), k.encode()) for k in keys]):  # no short-circuit
+        elif key_accepted(token, keys):
             await self.app(scope, receive, send)
             return
         else:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hmac
 import json
 import logging
 import time
@@ -22,7 +21,7 @@ from fastapi import APIRouter, WebSocket
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from openstt.api.limits import LiveLimits
-from openstt.api.middleware import MISSING_KEY_MESSAGE
+from openstt.api.middleware import MISSING_KEY_MESSAGE, key_accepted
 from openstt.api.state import app_state
 from openstt.engines.base import TranscribeOptions, UnsupportedRequest
 from openstt.errors import ModelNotFound
@@ -109,7 +108,7 @@ def _refusal(ws: WebSocket) -> tuple[dict, int] | None:
         key, _ = _offered_key(ws)
         if key is None:
             return error_event(MISSING_KEY_MESSAGE, code="missing_api_key"), POLICY_VIOLATION
-        if not any([hmac.compare_digest(key.encode(), k.encode()) for k in keys]):  # no short-circuit
+        if not key_accepted(key, keys):
             return error_event("Incorrect API key provided.", code="invalid_api_key"), POLICY_VIOLATION
     intent = ws.query_params.get("intent")
     if intent not in (None, "transcription"):

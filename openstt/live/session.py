@@ -286,8 +286,7 @@ class LiveSession:
         if self.config.transcription is None:
             return
         if pending is None:
-            pending = self._spawn(self._decode(audio, self.config.transcription, final=True,
-                                               logprobs=self.config.logprobs))
+            pending = self._final_decode(audio)
         self._finals = self._spawn(self._finalize(turn, audio, pending, self.config.logprobs, self._finals,
                                                   time.perf_counter()))
 
@@ -300,9 +299,11 @@ class LiveSession:
         if turn.interim is not None:
             turn.interim.cancel()
         end = self.buffer.end
-        audio = self.buffer.slice(turn.start, end)
-        turn.speculation = (end, self._spawn(self._decode(audio, self.config.transcription, final=True,
-                                                          logprobs=self.config.logprobs)))
+        turn.speculation = (end, self._final_decode(self.buffer.slice(turn.start, end)))
+
+    def _final_decode(self, audio: np.ndarray) -> asyncio.Task:
+        return self._spawn(self.transcriber.transcribe(audio, self.config.transcription, final=True,
+                                                       logprobs=self.config.logprobs))
 
     def _drop_speculation(self, turn: Turn) -> None:
         if turn.speculation is not None:
@@ -325,7 +326,7 @@ class LiveSession:
 
     async def _interim(self, turn: Turn, audio: np.ndarray, transcription: Transcription) -> None:
         try:
-            decoded = await self._decode(audio, transcription, final=False, logprobs=False)
+            decoded = await self.transcriber.transcribe(audio, transcription, final=False, logprobs=False)
         except Exception as exc:  # an interim is only a preview: the final decode reports failures
             log.debug("interim decode failed: %s", exc)
             return
@@ -334,10 +335,6 @@ class LiveSession:
         if delta and not turn.closed:
             await self.send(event("conversation.item.input_audio_transcription.delta", item_id=turn.item_id,
                                   content_index=0, delta=delta, logprobs=None))
-
-    async def _decode(self, audio: np.ndarray, transcription: Transcription, *, final: bool,
-                      logprobs: bool) -> Decoded:
-        return await self.transcriber.transcribe(audio, transcription, final=final, logprobs=logprobs)
 
     async def _finalize(self, turn: Turn, audio: np.ndarray, pending: asyncio.Task, logprobs: bool,
                         previous: asyncio.Task | None, committed_at: float) -> None:
