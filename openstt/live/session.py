@@ -125,6 +125,11 @@ class Turn:
     closed: bool = False  # committed: no more interim deltas
 
 
+def _delta(turn: Turn, text: str) -> dict:
+    return event("conversation.item.input_audio_transcription.delta", item_id=turn.item_id, content_index=0,
+                 delta=text, logprobs=None)
+
+
 def _ms(sample: int) -> int:
     return int(sample * 1000 / SAMPLE_RATE)
 
@@ -268,16 +273,12 @@ class LiveSession:
         """Commit ``turn``'s audio up to ``end`` and finalise it (after the turns before it). With
         ``at_pause`` (turn detection stopped it), the decode started when its pause began is the
         final one: its audio ends where the speech did."""
-        turn.closed = True
-        if turn.interim is not None:
-            turn.interim.cancel()
-        speculation, turn.speculation = turn.speculation, None
-        if at_pause and speculation is not None:
-            end, pending = speculation
-        else:
-            pending = None
-            if speculation is not None:
-                speculation[1].cancel()
+        kept = turn.speculation if at_pause else None
+        if kept is not None:
+            turn.speculation = None  # it is the final decode: not dropped below
+            end = kept[0]
+        self._cancel(turn)  # no more interim deltas; a speculation not kept is dropped
+        pending = kept[1] if kept is not None else None
         audio = self.buffer.slice(turn.start, end)
         if self.config.turn_detection is None:
             self.buffer.drop_before(end)  # (with turn detection, _append keeps what a next turn may need)
@@ -333,8 +334,7 @@ class LiveSession:
 
         delta = turn.stable.update(decoded.text)
         if delta and not turn.closed:
-            await self.send(event("conversation.item.input_audio_transcription.delta", item_id=turn.item_id,
-                                  content_index=0, delta=delta, logprobs=None))
+            await self.send(_delta(turn, delta))
 
     async def _finalize(self, turn: Turn, audio: np.ndarray, pending: asyncio.Task, logprobs: bool,
                         previous: asyncio.Task | None, committed_at: float) -> None:
@@ -360,8 +360,7 @@ class LiveSession:
         text = decoded.text.strip()
         rest = turn.stable.finish(text)
         if rest:
-            await self.send(event("conversation.item.input_audio_transcription.delta", item_id=turn.item_id,
-                                  content_index=0, delta=rest, logprobs=None))
+            await self.send(_delta(turn, rest))
         fields = {"logprobs": decoded.logprobs} if logprobs else {}
         await self.send(event("conversation.item.input_audio_transcription.completed", item_id=turn.item_id,
                               content_index=0, transcript=text,
