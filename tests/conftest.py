@@ -175,6 +175,15 @@ def server(hf_cache, base_model, tmp_path_factory):
 
 
 def pytest_sessionfinish(session, exitstatus):
+    worker = getattr(session.config, "workeroutput", None)
+    if worker is not None:  # an xdist worker: the controller writes what every worker measured
+        worker["report"] = json.dumps(REPORT)
+        return
     if REPORT:
         ARTIFACTS.mkdir(exist_ok=True)
         (ARTIFACTS / "report.json").write_text(json.dumps(REPORT, indent=2, ensure_ascii=False) + "\n")
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    REPORT.update(json.loads(getattr(node, "workeroutput", {}).get("report", "{}")))
