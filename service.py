@@ -67,7 +67,8 @@ class OpenSTTModels:
         self.live_first = LiveFirst()  # live sessions' windows before file windows
         # keep serving windows to in-flight transcriptions after SIGTERM (see openstt/shutdown.py)
         self.activity = Activity()
-        defer_sigterm_until_idle(self.activity, max_wait=REQUEST_TIMEOUT_S)
+        defer_sigterm_until_idle(self.activity, max_wait=REQUEST_TIMEOUT_S,
+                                 idle_seconds=SETTINGS.shutdown_idle_seconds)
 
     # max_latency_ms is the budget for one batch; a small one makes BentoML shed load with 503s.
     @bentoml.api(batchable=True, max_batch_size=MAX_BATCH_WINDOWS, max_latency_ms=REQUEST_TIMEOUT_S * 1000)

@@ -38,6 +38,9 @@ LIVE_IDLE_TIMEOUT_S = 120.0
 # 0.88 s with 1, 1.26 s with 2, and the same first-delta time. A GPU decodes a batch of windows in
 # about the time of one.
 CPU_LIVE_INTERIM_DECODES = 1
+# After SIGTERM the model service keeps decoding until it has had no window to decode for this
+# long: the API side is then done with its in-flight requests (see openstt/shutdown.py).
+SHUTDOWN_IDLE_S = 5.0
 
 
 def default_batch_windows(device_type: str) -> int:
@@ -128,6 +131,8 @@ class Settings(BaseSettings):
     live_idle_timeout: float = Field(LIVE_IDLE_TIMEOUT_S, gt=0)
     # None: CPU_LIVE_INTERIM_DECODES on CPU, the batch size on GPUs; read it as live_interim_decodes.
     live_max_interim_decodes: int | None = Field(None, ge=0)
+    # Graceful stop: how long the model service must be idle after SIGTERM before it exits.
+    shutdown_idle_seconds: float = Field(SHUTDOWN_IDLE_S, ge=0, le=300)
 
     @field_validator("models", "api_key", mode="before")
     @classmethod

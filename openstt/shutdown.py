@@ -41,7 +41,7 @@ class Activity:
             return 0.0 if self.busy else time.monotonic() - self.last
 
 
-def defer_sigterm_until_idle(activity: Activity, max_wait: float, idle_seconds: float = 5.0) -> bool:
+def defer_sigterm_until_idle(activity: Activity, max_wait: float, idle_seconds: float) -> bool:
     """Wrap the current SIGTERM handler (uvicorn's) so it runs once ``activity`` has been idle for
     ``idle_seconds`` (or after ``max_wait`` seconds, the longest a request may run). Must be called
     on the main thread with a running event loop; returns whether the handler was installed."""
@@ -66,7 +66,7 @@ def defer_sigterm_until_idle(activity: Activity, max_wait: float, idle_seconds: 
             original(sig, frame)
             return
         pending = True
-        log.info("shutdown requested: serving remaining windows until idle for %.0f s", idle_seconds)
+        log.info("shutdown requested: serving remaining windows until idle for %g s", idle_seconds)
         loop.call_soon_threadsafe(lambda: asyncio.ensure_future(drain(sig, frame)))
 
     signal.signal(signal.SIGTERM, handler)

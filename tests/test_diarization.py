@@ -106,6 +106,7 @@ def _have_speakers() -> bool:
         return False
 
 
+@pytest.mark.slow  # slow: diarizes 40 to 90 s of conversation, as do the tests marked below
 @pytest.mark.parametrize("speakers,seconds,seed", [(["allison", "carlo"], 60, 0),
                                                    (["allison", "june", "ivr_ru"], 90, 1)])
 def test_diarizes_a_conversation(diarizer, speakers, seconds, seed):
@@ -119,6 +120,7 @@ def test_diarizes_a_conversation(diarizer, speakers, seconds, seed):
     assert der(talk.turns, turns) < 0.10
 
 
+@pytest.mark.slow
 def test_known_speakers_are_named(diarizer):
     """References of two of the three voices name those two; the third stays a letter."""
     talk = conversation(["allison", "june", "carlo"], 90, 2)
@@ -211,6 +213,7 @@ def error_of(response, param):
     return error["message"]
 
 
+@pytest.mark.slow
 def test_diarized_json_in_process(client, talk):
     r = post(client, wav(talk.audio), response_format="diarized_json")
     assert r.status_code == 200, r.text

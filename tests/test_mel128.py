@@ -4,17 +4,16 @@ No real 128-mel weights are obtainable here, so this builds a *tiny random-weigh
 128 mel bins (and the real multilingual tokenizer and generation config of base) and installs it as
 openai/whisper-large-v3. It asserts the code path — the feature extractor comes from the
 checkpoint (128 bins, not a hard-coded 80), the encoder accepts it, the decoding loop, batching and
-response formats work — not the words, which are noise from random weights.
+response formats work — not the words, which are noise from random weights. It is served, through
+the SDK, beside Voxtral in ``test_voxtral.py::test_served_end_to_end`` (one server for both).
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
-import openai
 import pytest
 import torch
 
@@ -22,16 +21,13 @@ from openstt.audio import decode_audio
 from openstt.catalog import CATALOG
 from openstt.engines import TranscribeOptions, load_engine
 from openstt.hub import install_snapshot, resolve_model
-from tests.conftest import Server, clip, free_port, server_env
-
-pytestmark = pytest.mark.slow
+from tests.conftest import clip
 
 
-@pytest.fixture(scope="module")
-def mel128_cache(base_model, tmp_path_factory) -> Path:
+def build_mel128(base_model: Path, out: Path) -> Path:
+    """The random-weight 128-mel checkpoint in ``out`` (base's tokenizer and generation config)."""
     from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration
 
-    out = tmp_path_factory.mktemp("mel128")
     base_config = json.loads((base_model / "config.json").read_text())
     config = WhisperConfig(**{**base_config, "num_mel_bins": 128, "d_model": 64, "encoder_layers": 2,
                               "decoder_layers": 2, "encoder_attention_heads": 2, "decoder_attention_heads": 2,
@@ -44,11 +40,18 @@ def mel128_cache(base_model, tmp_path_factory) -> Path:
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(base_model / name, out / name)
     WhisperFeatureExtractor(feature_size=128).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def mel128_cache(base_model, tmp_path_factory) -> Path:
     cache = tmp_path_factory.mktemp("hf-mel128") / "hub"
-    install_snapshot(out, "openai/whisper-large-v3", cache=cache)
+    install_snapshot(build_mel128(base_model, tmp_path_factory.mktemp("mel128")), "openai/whisper-large-v3",
+                     cache=cache)
     return cache
 
 
+@pytest.mark.slow
 def test_engine_uses_the_checkpoints_128_bins(mel128_cache):
     spec = CATALOG["whisper-large-v3"]
     engine = load_engine(spec, resolve_model(spec, download=False, cache=mel128_cache), torch.device("cpu"),
@@ -61,24 +64,3 @@ def test_engine_uses_the_checkpoints_128_bins(mel128_cache):
     assert isinstance(result.text, str) and result.duration > 2.5
     for segment in result.segments:
         assert 0 <= segment.start <= segment.end <= result.duration
-
-
-def test_served_end_to_end(mel128_cache, tmp_path):
-    port = free_port()
-    env = server_env(mel128_cache, tmp_path, OPEN_STT_MODELS="whisper-large-v3")
-    cli = str(Path(sys.executable).with_name("open-stt-server"))
-    srv = Server([cli, "--port", str(port)], env, port, tmp_path / "mel128.log")
-    try:
-        client = openai.OpenAI(base_url=srv.base + "/v1", api_key="x", max_retries=0,
-                               _strict_response_validation=True)
-        r = client.audio.transcriptions.create(model="whisper-1", file=clip("en/quick_brown_fox"),
-                                               response_format="verbose_json", language="en",
-                                               timestamp_granularities=["word", "segment"],
-                                               temperature=1.0)  # the top of the ladder: one pass
-        assert r.duration > 2.5 and r.language == "english" and isinstance(r.text, str)
-        srt = client.audio.transcriptions.create(model="whisper-large-v3", file=clip("en/hello_world"),
-                                                 response_format="srt", temperature=1.0)
-        assert isinstance(srt, str)
-    finally:
-        assert srv.stop() == 0
-    assert "'mel_bins': 128" in srv.log.read_text()

@@ -133,7 +133,7 @@ def test_idle_ttl_and_disabled_endpoints(hf_cache, base_model, tmp_path):
     """Management endpoints off, idle TTL on: base (loaded at start) is unloaded once idle, the
     default stays; POST/DELETE answer a clear 403."""
     port = free_port()
-    ttl = 6
+    ttl = 3
     srv = Server([CLI, "--model", "whisper-tiny.en", "--model", "whisper-base", "--port", str(port),
                   "--model-idle-ttl", str(ttl)], server_env(hf_cache, tmp_path), port, tmp_path / "ttl.log")
     try:

@@ -281,7 +281,8 @@ def test_bounded_load(server):
 @needs_asterisk
 def test_sigterm_lets_in_flight_requests_finish(hf_cache, tmp_path):
     port = free_port()
-    env = server_env(hf_cache, tmp_path, OPEN_STT_MODELS="whisper-tiny.en")
+    # the production default (other test servers stop after 0.5 s idle, see server_env)
+    env = server_env(hf_cache, tmp_path, OPEN_STT_MODELS="whisper-tiny.en", OPEN_STT_SHUTDOWN_IDLE_SECONDS="5")
     cli = str(Path(sys.executable).with_name("open-stt-server"))
     srv = Server([cli, "--port", str(port)], env, port, tmp_path / "term.log")
     audio, ref = english_clip(30)
@@ -309,6 +310,7 @@ def test_sigterm_lets_in_flight_requests_finish(hf_cache, tmp_path):
     assert code == 0
     with pytest.raises(httpx.HTTPError):
         httpx.get(srv.base + "/health", timeout=2)  # and it is really gone
+    assert "serving remaining windows until idle for 5 s" in srv.log.read_text()
 
 
 

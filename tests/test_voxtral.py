@@ -29,6 +29,7 @@ from openstt.hub import install_snapshot, resolve_model
 from openstt.model_service import WindowJob
 from tests.conftest import Server, clip, encode, free_port, needs_asterisk, server_env
 from tests.evaluation import english_clip, long_english_clip
+from tests.test_mel128 import build_mel128
 from tests.voxtral_checkpoint import build_voxtral
 
 SPEC = CATALOG["voxtral-mini"]
@@ -153,16 +154,18 @@ def test_keywords_and_language_sets_are_refused(engine):
 
 @pytest.mark.slow
 @needs_asterisk
-def test_served_end_to_end(voxtral_cache, hf_cache, tmp_path):
-    """voxtral-mini next to whisper-tiny.en in one real server, driven through the SDK and raw HTTP."""
+def test_served_end_to_end(voxtral_cache, hf_cache, base_model, tmp_path):
+    """voxtral-mini next to whisper-tiny.en and a random-weight 128-mel Whisper (``test_mel128.py``)
+    in one real server, driven through the SDK and raw HTTP."""
     port = free_port()
     cache = voxtral_cache
     tiny = resolve_model(CATALOG["whisper-tiny.en"], download=False, cache=hf_cache)
     install_snapshot(tiny, "openai/whisper-tiny.en", cache=cache)
+    install_snapshot(build_mel128(base_model, tmp_path / "mel128"), "openai/whisper-large-v3", cache=cache)
     env = server_env(cache, tmp_path, OPEN_STT_VOXTRAL_CHUNK_SECONDS="20")
     cli = str(Path(sys.executable).with_name("open-stt-server"))
     srv = Server([cli, "--port", str(port), "--model", "voxtral-mini", "--model", "whisper-tiny.en",
-                  "--log-level", "debug"], env, port, tmp_path / "voxtral.log")
+                  "--model", "whisper-large-v3", "--log-level", "debug"], env, port, tmp_path / "voxtral.log")
     try:
         client = openai.OpenAI(base_url=srv.base + "/v1", api_key="x", max_retries=0,
                                _strict_response_validation=True)
@@ -219,17 +222,27 @@ def test_served_end_to_end(voxtral_cache, hf_cache, tmp_path):
         assert len(deltas) >= 2 and events[-1].type == "transcript.text.done"
         assert "".join(d.delta for d in deltas).strip() == events[-1].text.strip()
 
-        # whisper still answers beside it, and concurrent Voxtral requests share batches
+        # whisper still answers beside it, and concurrent Voxtral requests (one chunk each) share batches
         assert "quick brown fox" in client.audio.transcriptions.create(model="whisper-tiny.en", file=fox).text.lower()
         with concurrent.futures.ThreadPoolExecutor(6) as pool:
             texts = list(pool.map(lambda _: httpx.post(
                 srv.base + "/v1/audio/transcriptions", data={"model": "voxtral-mini", "language": "en"},
-                files={"file": ("long.wav", long_wav)}, timeout=120), range(6)))
-        assert all(t.status_code == 200 and json.loads(t.text)["text"] for t in texts)
+                files={"file": ("fox.wav", fox.read_bytes())}, timeout=120), range(6)))
+        assert all(t.status_code == 200 and json.loads(t.text)["text"] is not None for t in texts), texts
+
+        # the 128-mel Whisper: its features, decoding loop, word timing and formats (random words)
+        r = client.audio.transcriptions.create(model="whisper-large-v3", file=fox, response_format="verbose_json",
+                                               language="en", timestamp_granularities=["word", "segment"],
+                                               temperature=1.0)  # the top of the ladder: one pass
+        assert r.duration > 2.5 and r.language == "english" and isinstance(r.text, str)
+        srt = client.audio.transcriptions.create(model="whisper-large-v3", file=clip("en/hello_world"),
+                                                 response_format="srt", temperature=1.0)
+        assert isinstance(srt, str)
     finally:
         assert srv.stop() == 0
     log = srv.log.read_text()
     assert "'family': 'voxtral'" in log and "'mel_bins': 128" in log and "'chunk_seconds': 20.0" in log
+    assert re.search(r"'model': 'whisper-large-v3'[^}]*'mel_bins': 128", log)
     assert log.count("memory: total") == 1  # checked by open-stt-server, not again by `bentoml serve`
     sizes = [int(n) for n in re.findall(r"decoded batch of (\d+) windows for voxtral-mini", log)]
     assert max(sizes) >= 2, sizes
