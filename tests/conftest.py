@@ -177,11 +177,48 @@ def server(hf_cache, base_model, tmp_path_factory):
     assert API_KEY not in srv.log.read_text()  # keys never reach the logs
 
 
+# -- longest files first ----------------------------------------------------------------------------
+# scripts/test gives whole files to parallel workers (pytest-xdist --dist loadfile). Files sent in
+# order of the time their selected tests took last run keep a long file from starting last while
+# the other workers sit idle. Without a previous run, xdist's own order (most tests first) stands.
+TEST_SECONDS = "open-stt/test-seconds"
+_seconds: dict[str, float] = {}
+
+
+def _file_of(nodeid: str) -> str:
+    return nodeid.split("::")[0]
+
+
+@pytest.hookimpl(trylast=True)  # after the cache plugin has set config.cache
+def pytest_configure(config):
+    cache = getattr(config, "cache", None)
+    if cache is not None and cache.get(TEST_SECONDS, None) and hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False  # the collection order, sorted below, is the work order
+
+
+def pytest_collection_modifyitems(config, items):
+    cache = getattr(config, "cache", None)
+    seconds = cache.get(TEST_SECONDS, {}) if cache is not None else {}
+    if not seconds:
+        return
+    per_file: dict[str, float] = {}
+    for item in items:
+        per_file[_file_of(item.nodeid)] = per_file.get(_file_of(item.nodeid), 0.0) + seconds.get(item.nodeid, 0.0)
+    items.sort(key=lambda item: -per_file[_file_of(item.nodeid)])  # stable: each file stays in one piece
+
+
+def pytest_runtest_logreport(report):  # under xdist the controller sees every worker's reports
+    _seconds[report.nodeid] = _seconds.get(report.nodeid, 0.0) + report.duration
+
+
 def pytest_sessionfinish(session, exitstatus):
     worker = getattr(session.config, "workeroutput", None)
     if worker is not None:  # an xdist worker: the controller writes what every worker measured
         worker["report"] = json.dumps(REPORT)
         return
+    cache = getattr(session.config, "cache", None)
+    if cache is not None and _seconds:
+        cache.set(TEST_SECONDS, {**cache.get(TEST_SECONDS, {}), **_seconds})
     if REPORT:
         ARTIFACTS.mkdir(exist_ok=True)
         (ARTIFACTS / "report.json").write_text(json.dumps(REPORT, indent=2, ensure_ascii=False) + "\n")
