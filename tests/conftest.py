@@ -203,7 +203,8 @@ def pytest_collection_modifyitems(config, items):
         return
     per_file: dict[str, float] = {}
     for item in items:
-        per_file[_file_of(item.nodeid)] = per_file.get(_file_of(item.nodeid), 0.0) + seconds.get(item.nodeid, 0.0)
+        file = _file_of(item.nodeid)
+        per_file[file] = per_file.get(file, 0.0) + seconds.get(item.nodeid, 0.0)
     items.sort(key=lambda item: -per_file[_file_of(item.nodeid)])  # stable: each file stays in one piece
 
 
