@@ -228,7 +228,7 @@ def test_served_end_to_end(voxtral_cache, hf_cache, base_model, tmp_path):
             texts = list(pool.map(lambda _: httpx.post(
                 srv.base + "/v1/audio/transcriptions", data={"model": "voxtral-mini", "language": "en"},
                 files={"file": ("fox.wav", fox.read_bytes())}, timeout=120), range(6)))
-        assert all(t.status_code == 200 and json.loads(t.text)["text"] is not None for t in texts), texts
+        assert all(t.status_code == 200 and json.loads(t.text)["text"] for t in texts), texts
 
         # the 128-mel Whisper: its features, decoding loop, word timing and formats (random words)
         r = client.audio.transcriptions.create(model="whisper-large-v3", file=fox, response_format="verbose_json",
