@@ -7,8 +7,6 @@ environment variables (``open-stt-server`` sets them from its flags).
 
 from __future__ import annotations
 
-import asyncio
-
 import bentoml
 
 from openstt.api.app import create_app
@@ -16,6 +14,7 @@ from openstt.bootstrap import (
     StartupError,
     get_settings,
     load_diarizer,
+    start_compute,
     load_models,
     prepare_once,
     start_api,
@@ -27,14 +26,13 @@ from openstt.model_service import (
     DecodeResult,
     DiarizeJob,
     DiarizeReply,
-    LiveFirst,
     ModelServiceClient,
     WeightsReply,
     WindowJob,
     align_request,
-    decode_batch,
     diarize_request,
 )
+from openstt.compute import run_aside
 from openstt.settings import Settings
 from openstt.shutdown import Activity, defer_sigterm_until_idle
 
@@ -48,9 +46,6 @@ except StartupError:
 # enforces OPEN_STT_REQUEST_TIMEOUT itself (with an OpenAI-style 504); BentoML's plain-text one
 # is set a minute later so it never fires first.
 REQUEST_TIMEOUT_S = SETTINGS.request_timeout + 60
-# Windows decoded together: OPEN_STT_MAX_BATCH_WINDOWS, else the device's default (8 on CPU,
-# where larger batches overflow the caches, 16 on GPUs).
-MAX_BATCH_WINDOWS = SETTINGS.batch_windows
 
 app = create_app()
 
@@ -58,51 +53,47 @@ app = create_app()
 @bentoml.service(name="OpenSTTModels", workers=1, traffic={"timeout": REQUEST_TIMEOUT_S})
 class OpenSTTModels:
     """Loads every configured model once and decodes windows from all requests in batches;
-    models can be loaded and unloaded at runtime (``load_model``/``unload_model``)."""
+    models can be loaded and unloaded at runtime (``load_model``/``unload_model``).
+
+    All torch work runs on one compute thread, in front of which the windows of every request
+    queue (``openstt/compute.py`` says why); the APIs below only queue work and await it."""
 
     def __init__(self) -> None:
-        self.registry = load_models()
+        self.compute = start_compute()  # windows of OPEN_STT_MAX_BATCH_WINDOWS at most
+        self.registry = self.compute.call(load_models)
+        self.compute.engines = self.registry.engines
         self.weights = weights_manager(self.registry)
-        self.diarizer = load_diarizer()  # None unless --enable-diarization
-        self.live_first = LiveFirst()  # live sessions' windows before file windows
+        self.diarizer = self.compute.call(load_diarizer)  # None unless --enable-diarization
         # keep serving windows to in-flight transcriptions after SIGTERM (see openstt/shutdown.py)
         self.activity = Activity()
         defer_sigterm_until_idle(self.activity, max_wait=REQUEST_TIMEOUT_S,
                                  idle_seconds=SETTINGS.shutdown_idle_seconds)
 
-    # max_latency_ms is the budget for one batch; a small one makes BentoML shed load with 503s.
-    @bentoml.api(batchable=True, max_batch_size=MAX_BATCH_WINDOWS, max_latency_ms=REQUEST_TIMEOUT_S * 1000)
-    def decode_windows(self, jobs: list[WindowJob]) -> list[DecodeResult]:
+    @bentoml.api
+    async def decode_windows(self, jobs: list[WindowJob]) -> list[DecodeResult]:
         with self.activity:
-            return decode_batch(self.registry.engines(), jobs, self.live_first)
-
-    # Live sessions' windows (WebSocket /v1/realtime) are batched in a queue of their own and
-    # decoded in a thread of their own, before file windows (LiveFirst): a live turn waits at most
-    # for the file window being decoded, never for the file windows queued behind it.
-    @bentoml.api(batchable=True, max_batch_size=MAX_BATCH_WINDOWS, max_latency_ms=REQUEST_TIMEOUT_S * 1000)
-    async def decode_live_windows(self, jobs: list[WindowJob]) -> list[DecodeResult]:
-        with self.activity, self.live_first.live():
-            return await asyncio.to_thread(decode_batch, self.registry.engines(), jobs)
+            return await self.compute.decode(jobs)
 
     @bentoml.api
-    def align(self, job: AlignJob) -> AlignReply:
+    async def align(self, job: AlignJob) -> AlignReply:
         with self.activity:
-            return align_request(self.registry.engine(job.model), job)
+            return await self.compute.run(lambda: align_request(self.registry.engine(job.model), job))
 
-    # Async, in a thread of its own: a request's speakers are found while its windows are decoded.
+    # A request's speakers are found while its windows are decoded: its diarization takes its turn
+    # on the compute thread between their batches.
     @bentoml.api
     async def diarize(self, job: DiarizeJob) -> DiarizeReply:
         with self.activity:
-            return await asyncio.to_thread(diarize_request, self.diarizer, job)
+            return await self.compute.run(diarize_request, self.diarizer, job)
 
-    # Async, loading in a thread of its own: the sync APIs' single worker thread keeps decoding.
+    # Loading runs beside the compute thread (which keeps decoding), on one torch thread.
     @bentoml.api
     async def load_model(self, name: str) -> WeightsReply:
-        return await asyncio.to_thread(self.weights.load, name)
+        return await run_aside(self.weights.load, name)
 
     @bentoml.api
     async def unload_model(self, name: str) -> WeightsReply:
-        return await asyncio.to_thread(self.weights.unload, name)
+        return await run_aside(self.weights.unload, name)
 
     @bentoml.api
     def ready(self) -> bool:

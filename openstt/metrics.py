@@ -13,6 +13,8 @@ import functools
 # Long audio takes minutes: the default buckets (up to 10 s) would put every long request in +Inf.
 LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800, 3600)
 LIVE_LATENCY_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 30)
+# A window on an idle model service waits about a millisecond; behind a busy one, a batch or more.
+QUEUE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300)
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
 
 
@@ -33,6 +35,11 @@ class SttMetrics:
                                ["route"], multiprocess_mode="livesum")
         self.batch_windows = Histogram("openstt_batch_windows", "30 s windows decoded together in one batch",
                                        ["model"], buckets=BATCH_BUCKETS)
+        self.window_queue_seconds = Histogram("openstt_window_queue_seconds",
+                                              "Time a window waited in the model service before its batch started",
+                                              ["model"], buckets=QUEUE_BUCKETS)
+        self.queued_windows = Gauge("openstt_queued_windows", "Windows waiting in the model service",
+                                    multiprocess_mode="livesum")
         self.window_seconds = Histogram("openstt_batch_duration_seconds", "Time to decode one batch",
                                         ["model"], buckets=LATENCY_BUCKETS)
         self.model_load_seconds = Gauge("openstt_model_load_seconds", "Time its last load took (at startup or at runtime)",

@@ -16,10 +16,8 @@ BentoML) and ``InMemoryModelService`` (the same functions in this process: tests
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
 import logging
-import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Protocol
@@ -192,72 +190,15 @@ def failure_reason(exc: BaseException) -> ErrorCode:
     return ErrorCode.failed
 
 
-class LiveFirst:
-    """Live windows before file windows, in the model service.
-
-    Live windows (``WindowJob.live``) are decoded in a thread of their own, as soon as the model is
-    free; file windows are decoded by the batching thread. While live sessions are active (a live
-    window in the last ``ACTIVE_SECONDS``), a CPU-placed model decodes its file batches one window
-    at a time (on a CPU a batch costs its windows' time anyway) and, before each, lets the live
-    windows waiting go first, but waits at most ``MAX_WAIT`` s: a busy file queue delays a live turn
-    by one file window, and a stream of live windows cannot starve the files."""
-
-    ACTIVE_SECONDS = 10.0
-    MAX_WAIT = 10.0
-
-    def __init__(self):
-        self._changed = threading.Condition()
-        self.waiting = 0  # live batches asked for and not finished
-        self._last_live = float("-inf")
-
-    @contextlib.contextmanager
-    def live(self):
-        """Around a batch of live windows."""
-        with self._changed:
-            self.waiting += 1
-            self._last_live = time.monotonic()
-        try:
-            yield
-        finally:
-            with self._changed:
-                self.waiting -= 1
-                self._changed.notify_all()
-
-    def active(self) -> bool:
-        return time.monotonic() - self._last_live < self.ACTIVE_SECONDS
-
-    def file_turn(self) -> None:
-        """Before a file window: wait (up to ``MAX_WAIT`` s) for the live windows waiting."""
-        with self._changed:
-            self._changed.wait_for(lambda: self.waiting == 0, timeout=self.MAX_WAIT)
-
-
-def _pieces(engine: Engine, indices: list[int], jobs: list[WindowJob], priority: LiveFirst | None) -> list[list[int]]:
-    """How a model's windows of one batch are decoded: all together, or (file windows on a CPU while
-    live sessions are active) one by one, live windows let in between."""
-    placement = getattr(engine, "placement", None)
-    if (priority is None or not priority.active() or jobs[indices[0]].live or placement is None
-            or placement.device.type != "cpu"):
-        return [indices]
-    return [[i] for i in indices]
-
-
-def decode_batch(engines: Mapping[str, Engine], jobs: list[WindowJob],
-                 priority: LiveFirst | None = None) -> list[DecodeResult]:
+def decode_batch(engines: Mapping[str, Engine], jobs: list[WindowJob]) -> list[DecodeResult]:
     """Decode a batch of windows, grouped by model. A failing group is retried item by item so
-    that one bad window fails only its own request. ``priority``: the model service's
-    ``LiveFirst``, which file batches yield to."""
+    that one bad window fails only its own request."""
     replies: list[DecodeResult | None] = [None] * len(jobs)
     groups: dict[str, list[int]] = {}
     for i, job in enumerate(jobs):
         groups.setdefault(job.model, []).append(i)
     for model, indices in groups.items():
-        engine = engines.get(model)
-        pieces = [indices] if engine is None or engine.core is None else _pieces(engine, indices, jobs, priority)
-        for piece in pieces:
-            if len(pieces) > 1:
-                priority.file_turn()
-            _decode_group(engines, model, piece, jobs, replies)
+        _decode_group(engines, model, indices, jobs, replies)
     return replies  # type: ignore[return-value]
 
 
@@ -347,14 +288,49 @@ async def call_with_reconnect(call: Callable[[], Awaitable], attempts: int = 3):
 
 class ModelServiceClient:
     """The API process's handle on the model service: ``service`` is the BentoML dependency
-    (``bentoml.depends(OpenSTTModels)``); every call survives a dropped keep-alive connection."""
+    (``bentoml.depends(OpenSTTModels)``); every call survives a dropped keep-alive connection.
+
+    Windows asked for in the same turn of the event loop (a long file's chunks, started together)
+    travel in one ``decode_windows`` call, so they reach the model service's queue together and are
+    decoded as one batch; nothing waits for more to come."""
 
     def __init__(self, service):
         self.service = service
+        self._pending: list[tuple[WindowJob, asyncio.Future]] = []
 
     async def decode(self, job: WindowJob) -> DecodeResult:
-        api = self.service.to_async.decode_live_windows if job.live else self.service.to_async.decode_windows
-        return (await call_with_reconnect(lambda: api([job])))[0]
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        if not self._pending:
+            loop.call_soon(self._send)  # after the tasks already runnable in this turn
+        self._pending.append((job, future))
+        return await future
+
+    def _send(self) -> None:
+        pending, self._pending = self._pending, []
+        futures = [f for _, f in pending]
+        task = asyncio.ensure_future(self._decode([job for job, _ in pending], futures))
+
+        def caller_left(_):  # every caller cancelled: cancel the call, so their windows are dropped
+            if not task.done() and all(f.done() for f in futures):
+                task.cancel()
+
+        for f in futures:
+            f.add_done_callback(caller_left)
+
+    async def _decode(self, jobs: list[WindowJob], futures: list[asyncio.Future]) -> None:
+        try:
+            results = await call_with_reconnect(lambda: self.service.to_async.decode_windows(jobs))
+        except (Exception, asyncio.CancelledError) as exc:
+            for f in futures:
+                if not f.done():
+                    f.cancel() if isinstance(exc, asyncio.CancelledError) else f.set_exception(exc)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            return
+        for f, result in zip(futures, results):
+            if not f.done():
+                f.set_result(result)
 
     async def align(self, job: AlignJob) -> AlignReply:
         return await call_with_reconnect(lambda: self.service.to_async.align(job))
@@ -373,32 +349,39 @@ class ModelServiceClient:
 
 
 class InMemoryModelService(ModelServiceClient):
-    """The model service in this process: the same functions on the engines holding the weights
-    that ``engines()`` returns by name (e.g. a ``ModelRegistry``'s ``engines``), each call in a
-    worker thread, one window per batch. Loading and unloading need ``weights``."""
+    """The model service in this process, as the real one runs it: the same functions on the
+    engines that ``engines()`` returns by name (e.g. a ``ModelRegistry``'s ``engines``), on a
+    ``ComputeThread`` of its own. Loading and unloading need ``weights``."""
 
     def __init__(self, engines: Callable[[], Mapping[str, Engine]], weights: WeightsManager | None = None,
-                 diarizer: Diarizer | None = None):
+                 diarizer: Diarizer | None = None, max_batch: int = 1):
+        from openstt.compute import ComputeThread
+
         self.engines, self.weights, self.diarizer = engines, weights, diarizer
+        self.compute = ComputeThread(engines, max_batch=max_batch, name="openstt-compute-inmemory")
 
     async def decode(self, job: WindowJob) -> DecodeResult:
-        return (await asyncio.to_thread(decode_batch, self.engines(), [job]))[0]
+        return (await self.compute.decode([job]))[0]
 
     async def align(self, job: AlignJob) -> AlignReply:
-        return await asyncio.to_thread(align_request, self.engines().get(job.model), job)
+        return await self.compute.run(lambda: align_request(self.engines().get(job.model), job))
 
     async def diarize(self, job: DiarizeJob) -> DiarizeReply:
-        return await asyncio.to_thread(diarize_request, self.diarizer, job)
+        return await self.compute.run(diarize_request, self.diarizer, job)
 
     async def ready(self) -> bool:
         return True
 
     async def load(self, name: str) -> WeightsReply:
+        from openstt.compute import run_aside
+
         if self.weights is None:
             raise NotImplementedError("this model service cannot load models")
-        return await asyncio.to_thread(self.weights.load, name)
+        return await run_aside(self.weights.load, name)
 
     async def unload(self, name: str) -> WeightsReply:
+        from openstt.compute import run_aside
+
         if self.weights is None:
             raise NotImplementedError("this model service cannot unload models")
-        return await asyncio.to_thread(self.weights.unload, name)
+        return await run_aside(self.weights.unload, name)
