@@ -86,7 +86,7 @@ def check_memory(settings: Settings, placement) -> None:
 
     try:
         check([CATALOG[name] for name in settings.models], placement.device.type,
-              str(placement.dtype).removeprefix("torch."), settings.quantize, settings.batch_windows,
+              str(placement.dtype).removeprefix("torch."), placement.quantize, settings.batch_windows,
               settings.memory_check, extra=(DIARIZATION,) if settings.enable_diarization else ())
     except NotEnoughMemory as exc:
         raise StartupError(str(exc)) from None

@@ -72,8 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weights/activations precision (OPEN_STT_DTYPE; auto: bf16/fp16 on GPU, fp32 on CPU)")
     g.add_argument("--attn-implementation", choices=["sdpa", "eager", "flash_attention_2"],
                    help="attention kernel (OPEN_STT_ATTN_IMPLEMENTATION, default sdpa)")
-    g.add_argument("--quantize", choices=["none", "int8"],
-                   help="CPU dynamic int8 quantisation of linear layers (OPEN_STT_QUANTIZE, default none)")
+    g.add_argument("--quantize", choices=["auto", "none", "int8"],
+                   help="int8 linear layers (OPEN_STT_QUANTIZE, default auto: int8 on a CPU, none on a GPU, "
+                        "which runs bf16/fp16; none: float32 on a CPU)")
     g.add_argument("--torch-threads", type=int, metavar="N",
                    help="intra-op threads for inference (OPEN_STT_TORCH_THREADS, default: torch's, = cores)")
     p.add_argument("--request-timeout", type=int, metavar="SECONDS",

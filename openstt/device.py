@@ -27,6 +27,14 @@ def pick_dtype(device: torch.device, requested: str = "auto") -> torch.dtype:
     return torch.float16 if device.type == "mps" else torch.float32
 
 
+def resolve_quantize(requested: str, device: torch.device, dtype: torch.dtype) -> str:
+    """``auto``: int8 on a CPU in float32 (2-3x faster than float32 at its accuracy); ``none``
+    elsewhere (GPUs run bf16/fp16, which int8's CPU kernels do not serve)."""
+    if requested != "auto":
+        return requested
+    return "int8" if device.type == "cpu" and dtype == torch.float32 else "none"
+
+
 @dataclass(frozen=True)
 class Placement:
     """How models are loaded: where, in which precision, with which kernels."""
@@ -34,14 +42,15 @@ class Placement:
     device: torch.device
     dtype: torch.dtype
     attn_implementation: str = "sdpa"
-    quantize: str = "none"
+    quantize: str = "none"  # resolved: "int8" or "none"
 
     @classmethod
     def from_settings(cls, settings) -> Placement:
         device = pick_device(settings.force_cpu)
         if settings.quantize == "int8" and device.type != "cpu":
             raise ValueError("int8 dynamic quantisation runs on the CPU only; add --force-cpu or drop --quantize")
-        return cls(device, pick_dtype(device, settings.dtype), settings.attn_implementation, settings.quantize)
+        dtype = pick_dtype(device, settings.dtype)
+        return cls(device, dtype, settings.attn_implementation, resolve_quantize(settings.quantize, device, dtype))
 
 
 def tune_backends(device: torch.device) -> None:

@@ -29,9 +29,38 @@ def clean_env(monkeypatch):
 def test_defaults():
     s = Settings()
     assert (s.dtype, s.attn_implementation, s.quantize, s.torch_threads, s.max_batch_windows) == \
-        ("auto", "sdpa", "none", None, None)
+        ("auto", "sdpa", "auto", None, None)
     placement = Placement.from_settings(Settings(force_cpu=True))
-    assert placement.device.type == "cpu" and placement.dtype == torch.float32
+    assert placement.device.type == "cpu" and placement.dtype == torch.float32 and placement.quantize == "int8"
+
+
+def test_quantize_auto_is_int8_on_a_cpu_and_the_accelerator_dtype_elsewhere(monkeypatch):
+    cpu = Placement.from_settings(Settings(force_cpu=True, quantize="auto"))
+    assert (cpu.dtype, cpu.quantize) == (torch.float32, "int8")
+    none = Placement.from_settings(Settings(force_cpu=True, quantize="none"))
+    assert (none.dtype, none.quantize) == (torch.float32, "none")  # float32 stays available
+    half = Placement.from_settings(Settings(force_cpu=True, dtype="bfloat16"))
+    assert (half.dtype, half.quantize) == (torch.bfloat16, "none")  # int8's kernels run float32 only
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    gpu = Placement.from_settings(Settings())
+    assert (gpu.device.type, gpu.dtype, gpu.quantize) == ("cuda", torch.bfloat16, "none")
+    with pytest.raises(ValueError, match="CPU only"):
+        Placement.from_settings(Settings(quantize="int8"))
+
+
+def test_int8_ops_are_still_in_torch():
+    """``Int8Linear`` is built on torch's quantized-tensor ops, which torch deprecates (the README's
+    int8 section names the replacement). When a torch upgrade removes one, this fails first, by name."""
+    for op in ("quantize_per_channel",):
+        assert hasattr(torch, op), f"torch.{op} is gone: move Int8Linear to torchao (see the README, int8)"
+    for op in ("linear_prepack", "linear_dynamic"):
+        assert hasattr(torch.ops.quantized, op), \
+            f"torch.ops.quantized.{op} is gone: move Int8Linear to torchao (see the README, int8)"
+    linear = torch.nn.Linear(16, 8)
+    x = torch.randn(3, 16)
+    with torch.inference_mode():
+        assert torch.allclose(Int8Linear(linear)(x), linear(x), atol=0.05)
 
 
 def test_batch_windows_follow_the_device(monkeypatch):
