@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import pytest
 import soundfile as sf
@@ -62,3 +64,48 @@ def test_stt_metrics_after_requests(server):
     assert value(after, "openstt_model_load_seconds", model="whisper-tiny.en") > 0
     assert value(after, "openstt_requests_in_flight", route="transcriptions") == 0
     REPORT["metric_names"] = sorted({name for name, _ in after if name.startswith("openstt_")})
+
+
+def _wait_idle(server) -> None:
+    """Until the model service has no window queued or running (other tests of this server done)."""
+    deadline = time.monotonic() + 30
+    while value(scrape(server), "openstt_queued_windows") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(0.5)  # the last batch's answer on its way
+
+
+def test_a_lone_request_waits_for_no_batch_and_concurrent_ones_share(server):
+    """The model service's queue, observed: a request on an idle server starts decoding at once
+    (its window waits at most 25 ms, the time to cross into the model service), while windows of
+    requests that arrive during a decode wait for it and then go as one batch."""
+    import concurrent.futures
+
+    import openai
+
+    client = openai.OpenAI(base_url=server.base + "/v1", api_key=API_KEY, max_retries=0)
+    audio = clip("en/quick_brown_fox").read_bytes()
+
+    def transcribe(_=None) -> str:
+        return client.audio.transcriptions.create(model="whisper-tiny.en", file=("a.wav", audio), language="en").text
+
+    model = {"model": "whisper-tiny.en"}
+    _wait_idle(server)
+    before = scrape(server)
+    assert "quick brown fox" in transcribe().lower()
+    after = scrape(server)
+    waited = value(after, "openstt_window_queue_seconds_count", **model) - value(
+        before, "openstt_window_queue_seconds_count", **model)
+    quick = value(after, "openstt_window_queue_seconds_bucket", **model, le="0.025") - value(
+        before, "openstt_window_queue_seconds_bucket", **model, le="0.025")
+    assert waited == 1 and quick == 1  # one window, started within 25 ms of reaching the model service
+
+    _wait_idle(server)
+    before = scrape(server)
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        texts = list(pool.map(transcribe, range(6)))
+    after = scrape(server)
+    assert all("quick brown fox" in t.lower() for t in texts)
+    windows = value(after, "openstt_batch_windows_sum", **model) - value(before, "openstt_batch_windows_sum", **model)
+    batches = value(after, "openstt_batch_windows_count", **model) - value(
+        before, "openstt_batch_windows_count", **model)
+    assert windows == 6 and batches < 6  # requests that queued behind a decode shared a batch
