@@ -46,10 +46,10 @@ class BatchedEngine(Engine):
             return reply.words
 
         if options.vad is not None:
-            from openstt.engines.vad_chunked import adrive_chunks
+            from openstt.engines.vad_chunked import adrive_chunks, first_alone
 
             segments = adrive_chunks(audio, options, lambda chunk: self.frontend.loop.run(chunk, options, state),
-                                     decode, align, self.max_batch_windows)
+                                     decode, align, self.max_batch_windows, first_alone(options, self.multilingual))
         else:
             segments = adrive(self.frontend.loop.run(audio, options, state), decode, align)
         return TranscriptionRun(state=state, duration=len(audio) / SAMPLE_RATE, segments=segments)

@@ -86,7 +86,7 @@ def _options(req: AudioRequest, long_form: str = "sequential", beam_size: int = 
         beam_size=req.beam_size if req.beam_size is not None else beam_size,
         word_timestamps=word_timestamps or (req.response_format == "verbose_json"
                                             and "word" in req.timestamp_granularities),
-        token_logprobs="logprobs" in req.include, vad=_vad(req.chunking_strategy, long_form),
+        token_logprobs="logprobs" in req.include, vad=_vad(req.chunking_strategy, long_form), stream=req.stream,
     )
 
 

@@ -43,6 +43,9 @@ class TranscribeOptions:
     speech_probabilities: np.ndarray | None = field(default=None, compare=False, repr=False)
     # A live session's decode: its windows skip the queue of file windows (``WindowJob.live``).
     live: bool = False
+    # The response streams its segments (SSE): in VAD-chunked mode the first chunk is decoded alone,
+    # so the first text comes after one window, not after a batch of them.
+    stream: bool = False
 
     def temperatures(self) -> tuple[float, ...]:
         if not self.temperature_fallback:

@@ -152,11 +152,11 @@ class InProcessEngine(Engine):
         self.frontend.check(options)
         state = self.frontend.new_state(options)
         if options.vad is not None:
-            from openstt.engines.vad_chunked import drive_chunks
+            from openstt.engines.vad_chunked import drive_chunks, first_alone
 
             batch = self.max_batch_windows or default_batch_windows(self.placement.device.type)
             segments = drive_chunks(audio, options, lambda chunk: self.frontend.loop.run(chunk, options, state),
-                                    self.core, batch)
+                                    self.core, batch, first_alone(options, self.frontend.multilingual))
         else:
             segments = drive(self.frontend.loop.run(audio, options, state), self.core)
         return TranscriptionRun(state=state, duration=len(audio) / SAMPLE_RATE, segments=segments)
