@@ -110,10 +110,20 @@ def test_word_times_are_file_times(tiny_en_engine, speech_with_gap):
 
 
 @pytest.mark.slow
+def test_first_chunk_alone_only_to_detect_the_language_or_to_stream():
+    from openstt.engines.vad_chunked import first_alone
+
+    assert first_alone(TranscribeOptions(), multilingual=True)  # the others use its language
+    assert not first_alone(TranscribeOptions(), multilingual=False)  # English-only: nothing to detect
+    assert not first_alone(TranscribeOptions(language="fr"), multilingual=True)
+    assert first_alone(TranscribeOptions(language="fr", stream=True), multilingual=True)  # its text comes early
+
+
 def test_chunks_are_decoded_together(tiny_en_engine, three_chunks, monkeypatch):
-    """The first chunk runs alone (it detects the language, and its text streams out early), then
-    all the others go to the decoder together, in batches of at most ``max_batch``."""
-    audio, _ = three_chunks
+    """The first chunk runs alone when asked (it detects the language, and its text streams out
+    early), then all the others go to the decoder together, in batches of at most ``max_batch``;
+    otherwise every chunk is in the first batch."""
+    audio, reference = three_chunks
     core = tiny_en_engine.core
     batches: list[list[WindowJob]] = []
     original = core.decode_windows
@@ -135,6 +145,11 @@ def test_chunks_are_decoded_together(tiny_en_engine, three_chunks, monkeypatch):
     batches.clear()
     list(drive_chunks(audio, options, lambda a: frontend.loop.run(a, options, state), core, max_batch=2))
     assert max(len(b) for b in batches) == 2
+
+    batches.clear()  # nothing to detect: all chunks together from the start
+    together = list(drive_chunks(audio, options, lambda a: frontend.loop.run(a, options, state), core,
+                                 max_batch=16, alone=False))
+    assert len(batches[0]) >= 3 and wer(reference, "".join(s.text for s in together)) <= 0.12
 
     # multilingual path: detection on the first chunk alone (tiny.en reports English)
     batches.clear()
