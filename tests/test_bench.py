@@ -47,6 +47,6 @@ def test_bench_longform_smoke_runs_through_the_server(hf_cache, tmp_path):
     served, in_process = results["served_vad"], results["ours_vad"]
     assert served["short_set"]["files"] >= 4 and served["short_set"]["wer"] < 0.15
     assert abs(served["short_set"]["wer"] - in_process["short_set"]["wer"]) < 0.03
-    assert len(served["rows"]["demo-echotest"]["runs"]) == 5
+    assert served["rows"]["demo-echotest"]["wer"] < 0.1  # the single 22 s recording
     assert "one_clip_served_vs_in_process" in results["ratios"]
     assert "Service OpenSTTModels initialized" in (tmp_path / "logs" / "longform-whisper-tiny.en-served_vad.log").read_text()
