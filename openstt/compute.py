@@ -73,7 +73,6 @@ class ComputeThread:
         self._seq = itertools.count()
         self._last_live = float("-inf")
         self._stopping = False
-        self.busy = False
         self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
         self._thread.start()
 
@@ -104,6 +103,7 @@ class ComputeThread:
             waiting.append(item)
         with self._changed:
             self._changed.notify_all()
+        self._report_queue()
         try:
             return list(await asyncio.gather(*(_wait(w.future) for w in waiting)))
         except asyncio.CancelledError:
@@ -126,6 +126,11 @@ class ComputeThread:
         """Windows waiting (not counting the batch being decoded)."""
         with self._changed:
             return len(self._live) + len(self._files)
+
+    def _report_queue(self) -> None:
+        from openstt.metrics import metrics
+
+        metrics().queued_windows.set(self.queued())
 
     def stop(self) -> None:
         """Finish what runs now, fail what waits, end the thread."""
@@ -181,7 +186,7 @@ class ComputeThread:
 
         while (work := self._next()) is not None:
             windows, call = work
-            self.busy = True
+            self._report_queue()
             try:
                 if call is not None:
                     _settle(call.future, call.call)
@@ -199,8 +204,7 @@ class ComputeThread:
                 for item, result in zip(windows, results):
                     item.future.set_result(result)
             finally:
-                self.busy = False
-                metrics().queued_windows.set(self.queued())
+                self._report_queue()
 
 
 def _settle(future: concurrent.futures.Future, fn: Callable[[], Any]) -> None:

@@ -223,7 +223,22 @@ class ModelManager:
     def check_interval(self) -> float:
         return min(max(self.idle_ttl / 4, 0.5), 60.0)
 
+    async def _until_ready(self) -> None:
+        """Until the model service answers that its models are loaded."""
+        while True:
+            try:
+                if await asyncio.wait_for(self.models.ready(), timeout=5):
+                    return
+            except Exception:  # not up yet (a large model loads for minutes)
+                pass
+            await asyncio.sleep(min(self.check_interval(), 1.0))
+
     async def _reap_forever(self) -> None:
+        # The TTL counts from when the models can serve, not from this process's start: a model
+        # whose load (or the server's other loads) takes longer than the TTL must not be unloaded
+        # before its first request (3 s TTL, tiny.en + base quantised to int8 at start-up).
+        await self._until_ready()
+        self.registry.touch_all()
         while True:
             await asyncio.sleep(self.check_interval())
             try:

@@ -205,6 +205,13 @@ class ModelRegistry:
             entry.last_used = time.monotonic()
             return Lease(self, name, entry)
 
+    def touch_all(self) -> None:
+        """Count now as every model's last use (the idle TTL starts when the models can serve)."""
+        now = time.monotonic()
+        with self._lock:
+            for entry in self._models.values():
+                entry.last_used = now
+
     def in_flight(self, entry: LoadedModel) -> int:
         with self._lock:
             return entry.in_flight

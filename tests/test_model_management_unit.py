@@ -65,6 +65,9 @@ class FakeModelService:
         self.loaded.discard(name)
         return WeightsReply(unloaded=True)
 
+    async def ready(self) -> bool:
+        return time.monotonic() >= getattr(self, "ready_at", 0.0)
+
 
 def manager(reg: ModelRegistry, service: FakeModelService, **kwargs) -> ModelManager:
     kwargs.setdefault("enabled", True)
@@ -203,6 +206,26 @@ def test_idle_unloading_works_without_the_endpoints():
             await asyncio.sleep(0.05)
         assert time.monotonic() - released >= 0.5  # not before its TTL
         assert reg.names() == ["whisper-tiny.en"] and service.unloads == ["whisper-base"]
+        await m.stop()
+
+    run(go())
+
+
+def test_idle_ttl_counts_from_when_the_models_can_serve():
+    """A model service still loading for longer than the TTL: nothing is unloaded before it is
+    ready, and then only a TTL after that."""
+    reg, service = registry("whisper-tiny.en", "whisper-base"), FakeModelService()
+    service.ready_at = time.monotonic() + 1.0
+    m = manager(reg, service, enabled=False, idle_ttl=0.5)
+
+    async def go():
+        m.start()
+        await asyncio.sleep(1.2)  # loading took twice the TTL
+        assert "whisper-base" in reg and service.unloads == []
+        while "whisper-base" in reg and time.monotonic() - service.ready_at < 2.5:
+            await asyncio.sleep(0.05)
+        assert time.monotonic() - service.ready_at >= 0.5  # a TTL after it could serve, not before
+        assert service.unloads == ["whisper-base"]
         await m.stop()
 
     run(go())
