@@ -181,30 +181,31 @@ class ComputeThread:
         return taken
 
     def _serve(self) -> None:
+        while (work := self._next()) is not None:
+            windows, call = work
+            try:
+                self._run(windows, call)
+            except BaseException as exc:  # a bug: fail this work, never the thread (it serves everyone)
+                log.exception("the compute thread failed on %s", "a call" if call else f"{len(windows)} windows")
+                for item in [call] if call else windows:
+                    if not item.future.done():
+                        item.future.set_exception(exc)
+
+    def _run(self, windows: list[_Waiting], call: _Waiting | None) -> None:
         from openstt.metrics import metrics
         from openstt.model_service import decode_batch
 
-        while (work := self._next()) is not None:
-            windows, call = work
-            self._report_queue()
-            try:
-                if call is not None:
-                    _settle(call.future, call.call)
-                    continue
-                started = time.monotonic()
-                for item in windows:
-                    metrics().window_queue_seconds.labels(item.job.model).observe(started - item.queued_at)
-                try:
-                    results = decode_batch(self.engines() if self.engines else {}, [w.job for w in windows])
-                except BaseException as exc:  # decode_batch answers per window; this is a bug
-                    log.exception("decoding a batch of %d windows failed", len(windows))
-                    for item in windows:
-                        item.future.set_exception(exc)
-                    continue
-                for item, result in zip(windows, results):
-                    item.future.set_result(result)
-            finally:
-                self._report_queue()
+        self._report_queue()
+        if call is not None:
+            _settle(call.future, call.call)
+            return
+        started = time.monotonic()
+        for item in windows:
+            metrics().window_queue_seconds.labels(item.job.model).observe(started - item.queued_at)
+        results = decode_batch(self.engines() if self.engines else {}, [w.job for w in windows])
+        for item, result in zip(windows, results):
+            item.future.set_result(result)
+        self._report_queue()
 
 
 def _settle(future: concurrent.futures.Future, fn: Callable[[], Any]) -> None:

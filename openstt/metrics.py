@@ -9,6 +9,7 @@ after the worker has set ``PROMETHEUS_MULTIPROC_DIR``.
 from __future__ import annotations
 
 import functools
+import threading
 
 # Long audio takes minutes: the default buckets (up to 10 s) would put every long request in +Inf.
 LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800, 3600)
@@ -69,6 +70,16 @@ class SttMetrics:
                                  "Transcriptions stopped because their client disconnected", ["route", "model"])
 
 
+_created = threading.Lock()
+
+
 @functools.cache
-def metrics() -> SttMetrics:
+def _metrics() -> SttMetrics:
     return SttMetrics()
+
+
+def metrics() -> SttMetrics:
+    """The process's metrics, created once: two threads creating them at once would register every
+    series twice (prometheus_client refuses that)."""
+    with _created:
+        return _metrics()

@@ -207,3 +207,19 @@ def test_client_cancels_the_call_when_every_caller_left():
         await asyncio.wait_for(cancelled.wait(), 1)
 
     asyncio.run(main())
+
+
+def test_a_bug_fails_its_work_not_the_thread():
+    broken = {"on": True}
+
+    def engines():
+        if broken["on"]:
+            raise RuntimeError("bug")
+        return {}
+
+    compute = ComputeThread(engines)
+    with pytest.raises(RuntimeError, match="bug"):
+        asyncio.run(compute.decode([JOB]))
+    broken["on"] = False
+    assert compute.call(lambda: "still serving") == "still serving"
+    compute.stop()
