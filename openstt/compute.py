@@ -55,12 +55,16 @@ class ComputeThread:
     """Runs the model service's torch work on one thread: windows in batches (``decode``), other
     calls (``run``) in arrival order with them.
 
-    Live windows (``WindowJob.live``) go before everything else. While live sessions are active (a
-    live window in the last ``LIVE_ACTIVE_SECONDS``) and ``yield_to_live`` is set (a CPU, where a
-    batch costs the sum of its windows anyway), file windows are decoded one at a time, so a live
-    turn waits for one file window at most, never for a batch of them."""
+    Live windows (``WindowJob.live``) go before everything else, unless a file window or call has
+    waited ``MAX_WAIT`` s (a stream of live windows slows files, never starves them). While live
+    sessions are active (a live window in the last ``LIVE_ACTIVE_SECONDS``) and ``yield_to_live`` is
+    set (a CPU, where a batch costs the sum of its windows anyway), file windows are decoded one at
+    a time, so a live turn waits for one file window at most, never for a batch of them."""
 
     LIVE_ACTIVE_SECONDS = 10.0
+    # Files are slowed by live sessions, never starved: a file window or call waiting this long
+    # goes before the live windows.
+    MAX_WAIT = 10.0
 
     def __init__(self, engines: Callable[[], Mapping[str, Engine]] | None = None, max_batch: int = 8,
                  yield_to_live: bool = True, name: str = "openstt-compute"):
@@ -152,7 +156,8 @@ class ComputeThread:
                 for queue in (self._live, self._files, self._calls):
                     while queue and queue[0].future.cancelled():
                         queue.popleft()
-                if self._live:
+                waiting = [q[0].queued_at for q in (self._files, self._calls) if q]
+                if self._live and (not waiting or time.monotonic() - min(waiting) < self.MAX_WAIT):
                     windows = self._take(self._live, self.max_batch)
                 elif self._calls and (not self._files or self._calls[0].seq < self._files[0].seq):
                     call = self._calls.popleft()

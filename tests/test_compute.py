@@ -223,3 +223,23 @@ def test_a_bug_fails_its_work_not_the_thread():
     broken["on"] = False
     assert compute.call(lambda: "still serving") == "still serving"
     compute.stop()
+
+
+def test_a_stream_of_live_windows_cannot_starve_files(slow):
+    """Live windows go first, but a file window that has waited ``MAX_WAIT`` goes before them."""
+    engine, compute = slow
+    compute.MAX_WAIT = 0.4
+    live = JOB.model_copy(update={"live": True})
+
+    async def main():
+        flood = [asyncio.ensure_future(compute.decode([live])) for _ in range(3)]
+        await asyncio.sleep(0.01)
+        file = asyncio.ensure_future(compute.decode([JOB]))
+        await asyncio.sleep(0.01)
+        flood += [asyncio.ensure_future(compute.decode([live] * 8)) for _ in range(3)]  # keeps coming
+        await asyncio.gather(file, *flood)
+
+    asyncio.run(main())
+    position = engine.batches.index(("file", 1))
+    assert position < len(engine.batches) - 1  # live batches still waited when the file window went
+    assert 2 <= position  # but the live windows went first until it had waited MAX_WAIT
