@@ -67,11 +67,20 @@ def test_stt_metrics_after_requests(server):
 
 
 def _wait_idle(server) -> None:
-    """Until the model service has no window queued or running (other tests of this server done)."""
-    deadline = time.monotonic() + 30
-    while value(scrape(server), "openstt_queued_windows") and time.monotonic() < deadline:
+    """Until the server is idle: no transcription in flight, no window queued, and no batch decoded
+    for a second (what other tests of this shared server started has ended)."""
+    deadline = time.monotonic() + 60
+    last, since = None, time.monotonic()
+    while time.monotonic() < deadline:
+        s = scrape(server)
+        busy = (value(s, "openstt_requests_in_flight", route="transcriptions") + value(s, "openstt_queued_windows"))
+        batches = sum(v for (name, _), v in s.items() if name == "openstt_batch_windows_count")
+        if busy or batches != last:
+            last, since = batches, time.monotonic()
+        elif time.monotonic() - since >= 1.0:
+            return
         time.sleep(0.2)
-    time.sleep(0.5)  # the last batch's answer on its way
+    raise AssertionError("the shared server did not become idle in 60 s")
 
 
 def test_a_lone_request_waits_for_no_batch_and_concurrent_ones_share(server):
@@ -97,7 +106,7 @@ def test_a_lone_request_waits_for_no_batch_and_concurrent_ones_share(server):
         before, "openstt_window_queue_seconds_count", **model)
     quick = value(after, "openstt_window_queue_seconds_bucket", **model, le="0.025") - value(
         before, "openstt_window_queue_seconds_bucket", **model, le="0.025")
-    assert waited == 1 and quick == 1  # one window, started within 25 ms of reaching the model service
+    assert waited >= 1 and quick == waited  # each window started within 25 ms of reaching the model service
 
     _wait_idle(server)
     before = scrape(server)
@@ -108,4 +117,6 @@ def test_a_lone_request_waits_for_no_batch_and_concurrent_ones_share(server):
     windows = value(after, "openstt_batch_windows_sum", **model) - value(before, "openstt_batch_windows_sum", **model)
     batches = value(after, "openstt_batch_windows_count", **model) - value(
         before, "openstt_batch_windows_count", **model)
-    assert windows == 6 and batches < 6  # requests that queued behind a decode shared a batch
+    # requests that queued behind a decode shared a batch (a row may need a second window for its
+    # tail, so count windows, not requests)
+    assert windows >= 6 and batches < windows
