@@ -3,9 +3,8 @@ through the model service.
 
 Every transcription is a sequence of windows (Whisper's 30 s ``WindowLoop``, Voxtral's
 ``ChunkLoop``). The API process runs that loop per request and sends each window to the model
-service (``openstt.model_service``); BentoML's adaptive batching gathers the windows of all
-concurrent requests into one ``decode_windows`` call, which decodes each model's windows in one
-batched pass.
+service (``openstt.model_service``), whose compute thread (``openstt.compute``) decodes every
+window waiting, whatever request it belongs to, in one batch.
 """
 
 from __future__ import annotations
