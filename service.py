@@ -33,6 +33,7 @@ from openstt.model_service import (
     diarize_request,
 )
 from openstt.compute import run_aside
+from openstt.logs import quiet_caller_disconnects
 from openstt.settings import Settings
 from openstt.shutdown import Activity, defer_sigterm_until_idle
 
@@ -59,6 +60,7 @@ class OpenSTTModels:
     queue (``openstt/compute.py`` says why); the APIs below only queue work and await it."""
 
     def __init__(self) -> None:
+        quiet_caller_disconnects()  # the API process cancels the calls of requests whose client left
         self.compute = start_compute()  # windows of OPEN_STT_MAX_BATCH_WINDOWS at most
         self.registry = self.compute.call(load_models)
         self.compute.engines = self.registry.engines

@@ -37,3 +37,23 @@ def configure_logging(level: int, fmt: str = "text") -> None:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+
+
+class _CallerLeft(logging.Filter):
+    """BentoML logs a traceback (and answers 500) when a caller disconnects while it still reads the
+    request's body. In the model service that caller is the API process dropping the windows of a
+    request whose client left (a long file's chunks travel as one 10 MB call): expected, so one
+    debug line instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from starlette.requests import ClientDisconnect
+
+        if record.exc_info and isinstance(record.exc_info[1], ClientDisconnect):
+            logging.getLogger("openstt.model_service").debug("a caller left while sending %s", record.args)
+            return False
+        return True
+
+
+def quiet_caller_disconnects() -> None:
+    """In the model service: a caller that left mid-request is not an error (see ``_CallerLeft``)."""
+    logging.getLogger("bentoml._internal.server.http_app").addFilter(_CallerLeft())

@@ -243,3 +243,25 @@ def test_a_stream_of_live_windows_cannot_starve_files(slow):
     position = engine.batches.index(("file", 1))
     assert position < len(engine.batches) - 1  # live batches still waited when the file window went
     assert 2 <= position  # but the live windows went first until it had waited MAX_WAIT
+
+
+def test_a_caller_that_left_mid_request_is_not_an_error(caplog):
+    """The model service's BentoML logs a traceback when the API process cancels a call (a client
+    left) while its body is still being read; that one case becomes a debug line."""
+    import logging
+
+    from starlette.requests import ClientDisconnect
+
+    from openstt.logs import quiet_caller_disconnects
+
+    quiet_caller_disconnects()
+    bentoml_log = logging.getLogger("bentoml._internal.server.http_app")
+    with caplog.at_level(logging.DEBUG):
+        for exc in (ClientDisconnect(), ValueError("a real bug")):
+            try:
+                raise exc
+            except Exception:
+                bentoml_log.error("Exception on %s [%s]", "/decode_windows", "POST", exc_info=True)
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and isinstance(errors[0].exc_info[1], ValueError)  # real errors still show
+    assert any("a caller left" in r.getMessage() for r in caplog.records)
