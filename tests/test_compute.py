@@ -264,4 +264,3 @@ def test_a_caller_that_left_mid_request_is_not_an_error(caplog):
                 bentoml_log.error("Exception on %s [%s]", "/decode_windows", "POST", exc_info=True)
     errors = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert len(errors) == 1 and isinstance(errors[0].exc_info[1], ValueError)  # real errors still show
-    assert any("a caller left" in r.getMessage() for r in caplog.records)
