@@ -10,6 +10,9 @@ from __future__ import annotations
 import bentoml
 
 from openstt.api.app import create_app
+from openstt.api.middleware import ApiKeyMiddleware, RequestIdMiddleware
+from openstt.api.routes_realtime import drain_sessions
+from openstt.api.state import app_state
 from openstt.bootstrap import (
     StartupError,
     get_settings,
@@ -35,7 +38,7 @@ from openstt.model_service import (
 from openstt.compute import run_aside
 from openstt.logs import quiet_caller_disconnects
 from openstt.settings import Settings
-from openstt.shutdown import Activity, defer_sigterm_until_idle
+from openstt.shutdown import Activity, defer_sigterm, defer_sigterm_until_idle
 
 try:
     SETTINGS = get_settings()  # the same validated object the services below start from
@@ -109,6 +112,9 @@ class OpenSTT:
 
     def __init__(self) -> None:
         self.registry = start_api(app, ModelServiceClient(self.models))
+        # on SIGTERM, live sessions complete their committed turns and close with 1012 first
+        defer_sigterm(lambda: drain_sessions(app_state(app).live_limits),
+                      "shutdown requested: finishing the committed turns of live sessions")
 
     @bentoml.on_deployment
     def prepare() -> None:
@@ -116,3 +122,12 @@ class OpenSTT:
         # configuration and fetch missing weights (with --download) a single time, so a bad
         # setup stops the server with a clear message instead of crash-looping workers.
         prepare_once()
+
+
+# BentoML's own routes (/metrics, /schema.json and /docs.json, which hold the app's OpenAPI paths,
+# its index page and assets) answer beside the app, where the app's ApiKeyMiddleware never sees
+# them. These wrap every route of the API service: the same key policy, and one request id (the
+# app's RequestIdMiddleware keeps it). The model service listens on a private socket only.
+OpenSTT.add_asgi_middleware(RequestIdMiddleware)
+OpenSTT.add_asgi_middleware(ApiKeyMiddleware, keys=lambda: app_state(app).api_keys,
+                            protect_metrics_and_ui=lambda: app_state(app).protect_metrics_and_ui)

@@ -155,24 +155,35 @@ def attach(app: FastAPI, registry: ModelRegistry, settings: Settings | None = No
     """Serve ``registry`` from ``app`` with the configured keys and limits (and ``manager``, the
     runtime model management, when the models can be loaded and unloaded)."""
     settings = settings or get_settings()
-    from openstt.api.limits import Limits, LiveLimits
+    from openstt.api.body_deadline import BodyDeadline
+    from openstt.api.limits import AudioBudget, Limits, LiveLimits, default_audio_budget
     from openstt.api.state import app_state
 
     state = app_state(app)
     state.model_manager = manager
     state.api_keys = [k.get_secret_value() for k in settings.api_key]
+    state.protect_metrics_and_ui = settings.protect_metrics_and_ui
     state.max_upload_bytes = settings.max_upload_bytes
     state.long_form = settings.long_form
     state.beam_size = settings.beam_size
     state.diarization = settings.enable_diarization
     state.limits = Limits(max_in_flight=settings.max_concurrent_requests,
-                          max_audio_seconds=settings.max_audio_seconds, request_timeout=settings.request_timeout)
+                          max_audio_seconds=settings.max_audio_seconds, request_timeout=settings.request_timeout,
+                          max_uploads=settings.max_uploads_in_progress,
+                          audio=AudioBudget(settings.audio_memory_budget_mb << 20 if settings.audio_memory_budget_mb
+                                            else default_audio_budget()),
+                          body=BodyDeadline(min_rate=settings.upload_min_bytes_per_second,
+                                            timeout=settings.upload_timeout))
     state.live_limits = LiveLimits(max_sessions=settings.max_live_sessions,
                                    max_session_seconds=settings.live_max_session_seconds,
                                    max_buffer_seconds=settings.live_max_buffer_seconds,
                                    max_message_bytes=settings.live_max_message_bytes,
                                    idle_timeout=settings.live_idle_timeout,
-                                   max_interim_decodes=settings.live_interim_decodes)
+                                   max_interim_decodes=settings.live_interim_decodes,
+                                   max_speed=settings.live_max_speed,
+                                   max_pending_turns=settings.live_max_pending_turns,
+                                   max_queued_decodes=settings.live_max_queued_decodes or settings.batch_windows,
+                                   audio=state.limits.audio)
     state.registry = registry
     log.info("open-stt ready on port %s: models=%s default=%s cache=%s auth=%s limits: upload=%d B audio=%gs "
              "concurrent=%d timeout=%ds batch=%d windows long-form=%s diarization=%s live-sessions=%d; try it at /ui, metrics at /metrics",

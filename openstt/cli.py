@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="download models missing from the Hugging Face cache (OPEN_STT_DOWNLOAD)")
     p.add_argument("--api-key", metavar="KEY",
                    help="require 'Authorization: Bearer KEY'; comma-separate several (OPEN_STT_API_KEY)")
+    p.add_argument("--protect-metrics-and-ui", action="store_true", default=None,
+                   help="with --api-key, require the key on /metrics and /ui too "
+                        "(OPEN_STT_PROTECT_METRICS_AND_UI, default off: Prometheus scrapes without a key)")
     p.add_argument("--log-level", help="trace|debug|info|warn|error (OPEN_STT_LOG_LEVEL; RUST_LOG also honoured)")
     p.add_argument("--log-format", choices=["text", "json"], help="log lines as text or JSON (OPEN_STT_LOG_FORMAT)")
     m = p.add_argument_group("model management")
@@ -109,6 +112,7 @@ def apply_flags(args: argparse.Namespace, env: dict[str, str]) -> dict[str, str]
         "OPEN_STT_FORCE_CPU": "true" if args.force_cpu else None,
         "OPEN_STT_DOWNLOAD": "true" if args.download else None,
         "OPEN_STT_API_KEY": args.api_key, "OPEN_STT_LOG_LEVEL": args.log_level,
+        "OPEN_STT_PROTECT_METRICS_AND_UI": "true" if args.protect_metrics_and_ui else None,
         "OPEN_STT_LOG_FORMAT": args.log_format,
         "OPEN_STT_DTYPE": args.dtype, "OPEN_STT_ATTN_IMPLEMENTATION": args.attn_implementation,
         "OPEN_STT_QUANTIZE": args.quantize, "OPEN_STT_TORCH_THREADS": args.torch_threads,

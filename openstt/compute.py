@@ -55,16 +55,15 @@ class ComputeThread:
     """Runs the model service's torch work on one thread: windows in batches (``decode``), other
     calls (``run``) in arrival order with them.
 
-    Live windows (``WindowJob.live``) go before everything else, unless a file window or call has
-    waited ``MAX_WAIT`` s (a stream of live windows slows files, never starves them). While live
-    sessions are active (a live window in the last ``LIVE_ACTIVE_SECONDS``) and ``yield_to_live`` is
-    set (a CPU, where a batch costs the sum of its windows anyway), file windows are decoded one at
-    a time, so a live turn waits for one file window at most, never for a batch of them."""
+    Live windows (``WindowJob.live``) go before file windows and calls, but never twice in a row
+    while one of those waits: a stream of live windows
+    slows files by one live batch per turn at most, never starves them (one session that committed
+    a turn every 100 ms made an 11 s file 7x slower). While live sessions are active (a live window
+    in the last ``LIVE_ACTIVE_SECONDS``) and ``yield_to_live`` is set (a CPU, where a batch costs
+    the sum of its windows anyway), file windows are decoded one at a time, so a live turn waits for
+    one file window at most, never for a batch of them."""
 
     LIVE_ACTIVE_SECONDS = 10.0
-    # Files are slowed by live sessions, never starved: a file window or call waiting this long
-    # goes before the live windows.
-    MAX_WAIT = 10.0
 
     def __init__(self, engines: Callable[[], Mapping[str, Engine]] | None = None, max_batch: int = 8,
                  yield_to_live: bool = True, name: str = "openstt-compute"):
@@ -76,6 +75,7 @@ class ComputeThread:
         self._calls: collections.deque[_Waiting] = collections.deque()
         self._seq = itertools.count()
         self._last_live = float("-inf")
+        self._files_owed = False  # a live batch ran while file windows or calls waited: their turn
         self._stopping = False
         self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
         self._thread.start()
@@ -156,15 +156,18 @@ class ComputeThread:
                 for queue in (self._live, self._files, self._calls):
                     while queue and queue[0].future.cancelled():
                         queue.popleft()
-                waiting = [q[0].queued_at for q in (self._files, self._calls) if q]
-                if self._live and (not waiting or time.monotonic() - min(waiting) < self.MAX_WAIT):
+                waiting = bool(self._files or self._calls)
+                if self._live and not (waiting and self._files_owed):
                     windows = self._take(self._live, self.max_batch)
+                    self._files_owed = waiting
                 elif self._calls and (not self._files or self._calls[0].seq < self._files[0].seq):
+                    self._files_owed = False
                     call = self._calls.popleft()
                     if call.future.set_running_or_notify_cancel():
                         return [], call
                     continue
                 elif self._files:
+                    self._files_owed = False
                     live_active = time.monotonic() - self._last_live < self.LIVE_ACTIVE_SECONDS
                     windows = self._take(self._files, 1 if live_active and self.yield_to_live else self.max_batch)
                 elif self._stopping:

@@ -5,7 +5,7 @@ the idle TTL (OPEN_STT_MODEL_IDLE_TTL) all go through ``ModelManager`` in the AP
 
 - load: the model service loads the weights (``WeightsManager.load``, downloading only with
   OPEN_STT_DOWNLOAD), then the API process builds the model's tokenizer-side frontend; only then
-  is the model listed and servable. Concurrent loads of one model share one load (a lock per name).
+  is the model listed and servable. Loads run one at a time, each after its own memory check.
 - unload: the model leaves the API registry first (new requests get ``ModelNotFound``),
   requests already in flight on it may finish (up to ``drain_timeout``), then the model service
   drops the weights. A request still running after that gets a clean 404 (the model service
@@ -47,19 +47,15 @@ log = logging.getLogger("openstt.models")
 
 class WeightsManager:
     """Model service side: loads and drops weights in its registry. Called from worker threads,
-    concurrently with batches being decoded; the registry's lock keeps the set consistent and a
-    per-model lock makes concurrent loads of one model load it once."""
+    concurrently with batches being decoded; the registry's lock keeps the set consistent. One
+    lock around every memory check and load (and unload): two loads checked at once would each
+    count on the same free memory, and the second could then run the server out of it."""
 
     def __init__(self, registry: ModelRegistry, placement, *, download: bool, chunk_seconds: float | None = None,
                  memory_check: str = "auto", batch_windows: int):
         self.registry, self.placement, self.download = registry, placement, download
         self.chunk_seconds, self.memory_check, self.batch_windows = chunk_seconds, memory_check, batch_windows
-        self._guard = threading.Lock()
-        self._locks: dict[str, threading.Lock] = {}
-
-    def _lock(self, name: str) -> threading.Lock:
-        with self._guard:
-            return self._locks.setdefault(name, threading.Lock())
+        self._lock = threading.Lock()
 
     def load(self, name: str) -> WeightsReply:
         """Load catalog model ``name``: ``loaded`` and ``created`` or, when the weights cannot be
@@ -70,7 +66,7 @@ class WeightsManager:
         spec = CATALOG.get(name)
         if spec is None:
             return WeightsReply(error=ErrorCode.unknown_model, message=f"unknown model {name!r}")
-        with self._lock(name):
+        with self._lock:
             if name in self.registry:
                 return WeightsReply(loaded=False, created=self.registry.created(name))
             from openstt.memory import NotEnoughMemory, check_runtime_load
@@ -99,7 +95,7 @@ class WeightsManager:
         its own reference); later windows for it are answered ``model_not_loaded``."""
         from openstt.metrics import metrics
 
-        with self._lock(name):
+        with self._lock:
             try:
                 entry = self.registry.remove(name)
             except DefaultModelPinned as exc:

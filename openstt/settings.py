@@ -17,6 +17,19 @@ LOG_LEVELS = ("trace", "debug", "info", "warning", "warn", "error", "critical", 
 # Defaults that other modules need too; each is defined here only.
 MAX_UPLOAD_BYTES = 25 * 1024 * 1024  # OpenAI's limit, on the whole request body
 MAX_CONCURRENT_REQUESTS = 64  # transcriptions in flight per API worker
+# Requests whose body is being read or whose audio is being decoded (they hold no transcription
+# slot yet). Each costs a socket and at most 1 MiB of memory (the rest of a file spools to disk),
+# so twice the slots: 100 stalled clients leave room for everyone else until the deadlines below
+# close them.
+MAX_UPLOADS_IN_PROGRESS = 2 * MAX_CONCURRENT_REQUESTS
+# Reading a request body: it must average at least this rate after the first UPLOAD_GRACE_S, and
+# finish within UPLOAD_TIMEOUT_S. 25 MiB (OpenAI's limit) at the minimum rate take 800 s, so a
+# phone on a poor uplink still gets through; a stalled client is closed after 10 s.
+UPLOAD_MIN_BYTES_PER_S = 32 * 1024
+UPLOAD_GRACE_S = 10.0
+UPLOAD_TIMEOUT_S = 900.0
+# How long a request waits for room in the decoded-audio budget before a 503 + Retry-After.
+AUDIO_BUDGET_WAIT_S = 10.0
 REQUEST_TIMEOUT_S = 3600  # per-transcription deadline
 MAX_AUDIO_SECONDS = 7200.0  # longest decoded audio; a few KB of FLAC can hold hours (decompression bomb)
 # 30 s windows decoded together when OPEN_STT_MAX_BATCH_WINDOWS is unset. On CPU 8 beat 16
@@ -32,6 +45,11 @@ LIVE_MAX_SESSION_SECONDS = 3600  # OpenAI's Realtime sessions also end after 60 
 LIVE_MAX_BUFFER_SECONDS = 600.0
 LIVE_MAX_MESSAGE_BYTES = 15 * 1024 * 1024  # OpenAI's limit on one input_audio_buffer.append
 LIVE_IDLE_TIMEOUT_S = 120.0
+# A session may send audio at most this many times faster than real time (after a 10 s burst), and
+# have at most this many committed turns waiting for their transcript. One client that pushed 66 s
+# of speech in 1 s with a commit every 100 ms queued 660 decodes ahead of every other request.
+LIVE_MAX_SPEED = 10.0
+LIVE_MAX_PENDING_TURNS = 8
 # Interim (preview) decodes of all live sessions in flight at once, when not set. On a CPU each
 # window costs its full time (tiny.en int8: 0.27 s on 2 cores, 0.16 s of it the encoder), so the
 # final decodes must not queue behind previews: 4 sessions on 2 cores gave final-text latency p50
@@ -52,6 +70,20 @@ def _split_csv(value: object) -> object:
     if isinstance(value, str):
         return [item.strip() for item in value.split(",") if item.strip()]
     return value
+
+
+# Keys copied from docs and examples (ours: sk-change-me, YOUR_KEY, KEY), compared after
+# is_placeholder_key's normalisation; a server started with one is open to anyone who read them.
+PLACEHOLDER_KEYS = frozenset({
+    "change-me", "changeme", "change-this", "replace-me", "replaceme", "your-api-key", "your-key",
+    "your-api-key-here", "your-key-here", "api-key", "key", "sk", "placeholder", "todo", "none", "null",
+})
+
+
+def is_placeholder_key(key: str) -> bool:
+    """Whether ``key`` is a placeholder (``sk-change-me``, ``<YOUR_API_KEY>``, ``sk-...``, ``xxxx``)."""
+    word = re.sub(r"[^a-z0-9.*]+", "-", key.lower()).strip("-").removeprefix("sk-")
+    return word in PLACEHOLDER_KEYS or re.fullmatch(r"[x.*]+", word) is not None
 
 
 def rust_log_level(value: str | None) -> str | None:
@@ -89,6 +121,8 @@ class Settings(BaseSettings):
     download: bool = False
     # Several keys (comma-separated) allow rotation without downtime.
     api_key: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+    # With keys set, /metrics and /ui need one too (off: Prometheus scrapes without credentials).
+    protect_metrics_and_ui: bool = False
     log_level: str | None = Field(None, validate_default=True)
     log_format: Literal["text", "json"] = "text"
     # Whole request body, like OpenAI's 25 MiB; 0 disables the check.
@@ -116,6 +150,14 @@ class Settings(BaseSettings):
     # transcriptions may be in flight before new ones get 429 + Retry-After.
     max_audio_seconds: float = Field(MAX_AUDIO_SECONDS, gt=0)
     max_concurrent_requests: int = Field(MAX_CONCURRENT_REQUESTS, ge=1)
+    # Slow clients: uploads in progress (read + decode, before a transcription slot is taken), the
+    # least average transfer rate of a request body (after a grace period) and its overall limit.
+    max_uploads_in_progress: int = Field(MAX_UPLOADS_IN_PROGRESS, ge=1)
+    upload_min_bytes_per_second: int = Field(UPLOAD_MIN_BYTES_PER_S, ge=0)  # 0: no minimum rate
+    upload_timeout: float = Field(UPLOAD_TIMEOUT_S, gt=0)
+    # Decoded audio (4 bytes x 16,000 per second) that requests and live sessions may hold at once
+    # in the API process, in MiB; None: an eighth of the memory, within 0.5-4 GiB.
+    audio_memory_budget_mb: int | None = Field(None, ge=16)
     # At startup: refuse models that cannot fit in the device's memory (auto), only warn, or skip.
     memory_check: Literal["auto", "warn", "off"] = "auto"
     # Runtime model management: POST/DELETE /v1/models/{id} (off by default), and unloading models
@@ -131,15 +173,39 @@ class Settings(BaseSettings):
     live_max_buffer_seconds: float = Field(LIVE_MAX_BUFFER_SECONDS, gt=0)
     live_max_message_bytes: int = Field(LIVE_MAX_MESSAGE_BYTES, ge=1024, le=16 * 1024 * 1024)
     live_idle_timeout: float = Field(LIVE_IDLE_TIMEOUT_S, gt=0)
+    live_max_speed: float = Field(LIVE_MAX_SPEED, ge=1)
+    live_max_pending_turns: int = Field(LIVE_MAX_PENDING_TURNS, ge=1)
+    # Final decodes of all sessions sent to the model service at once (the rest wait, in order);
+    # None: the batch size, so that live windows never fill more than one batch.
+    live_max_queued_decodes: int | None = Field(None, ge=1)
     # None: CPU_LIVE_INTERIM_DECODES on CPU, the batch size on GPUs; read it as live_interim_decodes.
     live_max_interim_decodes: int | None = Field(None, ge=0)
     # Graceful stop: how long the model service must be idle after SIGTERM before it exits.
     shutdown_idle_seconds: float = Field(SHUTDOWN_IDLE_S, ge=0, le=300)
 
-    @field_validator("models", "api_key", mode="before")
+    @field_validator("models", mode="before")
     @classmethod
     def _csv(cls, value: object) -> object:
         return _split_csv(value)
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _keys(cls, value: object) -> object:
+        keys = _split_csv(value)
+        # "" is unset (compose passes unset variables so): no authentication. Anything else that
+        # holds no key (",", " ") is a mistake that would turn authentication off silently.
+        if isinstance(value, str) and value and not keys:
+            raise ValueError("holds no key, only commas or spaces; set a key, or leave it empty for no authentication")
+        return keys
+
+    @field_validator("api_key")
+    @classmethod
+    def _no_placeholder(cls, keys: list[SecretStr]) -> list[SecretStr]:
+        for key in keys:
+            if is_placeholder_key(key.get_secret_value()):
+                raise ValueError(f"{key.get_secret_value()!r} is a placeholder, not a secret: set a key of your "
+                                 "own (e.g. sk-$(openssl rand -hex 24))")
+        return keys
 
     @field_validator("models")
     @classmethod
@@ -175,7 +241,7 @@ class Settings(BaseSettings):
         return 0 if isinstance(value, str) and not value.strip() else value
 
     @field_validator("default_model", "torch_threads", "max_batch_windows", "live_max_interim_decodes",
-                     mode="before")
+                     "audio_memory_budget_mb", "live_max_queued_decodes", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         # compose files pass unset variables as empty strings
@@ -200,6 +266,13 @@ class Settings(BaseSettings):
 
             if importlib.util.find_spec("flash_attn") is None:
                 raise ValueError("attn_implementation flash_attention_2 needs the flash-attn package (CUDA only)")
+        return self
+
+    @model_validator(mode="after")
+    def _protect_needs_keys(self) -> Settings:
+        if self.protect_metrics_and_ui and not self.api_key:
+            raise ValueError("OPEN_STT_PROTECT_METRICS_AND_UI needs OPEN_STT_API_KEY: without a key nothing is "
+                             "protected")
         return self
 
     @model_validator(mode="after")

@@ -1,4 +1,5 @@
-"""Graceful shutdown of the model service.
+"""Graceful shutdown: the model service serves windows until the API side is done, and the API
+side lets live sessions complete their committed turns before uvicorn closes their sockets.
 
 On SIGTERM, BentoML's arbiter stops both services at once. The API service waits for its
 in-flight requests, but each of them still needs the model service for its remaining windows,
@@ -13,6 +14,7 @@ import logging
 import signal
 import threading
 import time
+from collections.abc import Awaitable, Callable
 
 log = logging.getLogger("openstt.shutdown")
 
@@ -41,10 +43,10 @@ class Activity:
             return 0.0 if self.busy else time.monotonic() - self.last
 
 
-def defer_sigterm_until_idle(activity: Activity, max_wait: float, idle_seconds: float) -> bool:
-    """Wrap the current SIGTERM handler (uvicorn's) so it runs once ``activity`` has been idle for
-    ``idle_seconds`` (or after ``max_wait`` seconds, the longest a request may run). Must be called
-    on the main thread with a running event loop; returns whether the handler was installed."""
+def defer_sigterm(drain: Callable[[], Awaitable[None]], message: str) -> bool:
+    """Wrap the current SIGTERM handler (uvicorn's) so that it runs once ``drain()`` has returned
+    (a second SIGTERM runs it at once). Must be called on the main thread with a running event
+    loop; returns whether the handler was installed."""
     if threading.current_thread() is not threading.main_thread():
         return False
     original = signal.getsignal(signal.SIGTERM)
@@ -53,12 +55,11 @@ def defer_sigterm_until_idle(activity: Activity, max_wait: float, idle_seconds: 
     loop = asyncio.get_event_loop()
     pending = False
 
-    async def drain(sig: int, frame) -> None:
-        deadline = time.monotonic() + max_wait
-        while activity.idle_for() < idle_seconds and time.monotonic() < deadline:
-            await asyncio.sleep(0.5)
-        log.info("model service idle: shutting down")
-        original(sig, frame)
+    async def run(sig: int, frame) -> None:
+        try:
+            await drain()
+        finally:
+            original(sig, frame)
 
     def handler(sig: int, frame) -> None:
         nonlocal pending
@@ -66,8 +67,21 @@ def defer_sigterm_until_idle(activity: Activity, max_wait: float, idle_seconds: 
             original(sig, frame)
             return
         pending = True
-        log.info("shutdown requested: serving remaining windows until idle for %g s", idle_seconds)
-        loop.call_soon_threadsafe(lambda: asyncio.ensure_future(drain(sig, frame)))
+        log.info("%s", message)
+        loop.call_soon_threadsafe(lambda: asyncio.ensure_future(run(sig, frame)))
 
     signal.signal(signal.SIGTERM, handler)
     return True
+
+
+def defer_sigterm_until_idle(activity: Activity, max_wait: float, idle_seconds: float) -> bool:
+    """Postpone the model service's shutdown until ``activity`` has been idle for ``idle_seconds``
+    (or ``max_wait`` seconds have passed, the longest a request may run)."""
+
+    async def drain() -> None:
+        deadline = time.monotonic() + max_wait
+        while activity.idle_for() < idle_seconds and time.monotonic() < deadline:
+            await asyncio.sleep(0.5)
+        log.info("model service idle: shutting down")
+
+    return defer_sigterm(drain, f"shutdown requested: serving remaining windows until idle for {idle_seconds:g} s")

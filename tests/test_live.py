@@ -377,6 +377,9 @@ def test_keys_limits_and_vanishing_clients(live):
         error = ws.receive_json()["error"]
         assert error["code"] == "input_audio_buffer_full" and "0.5 s" in error["message"]
         ws.close()
+        closing = time.monotonic()
+        while limits.open and time.monotonic() < closing + 10:  # the server notices the close
+            time.sleep(0.01)
 
         # idle sessions and sessions past their maximum length are closed, saying why
         limits.max_message_bytes, limits.idle_timeout = saved[3], 0.3

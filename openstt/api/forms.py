@@ -2,7 +2,9 @@
 
 The form is read by hand rather than through FastAPI ``Form()`` parameters: list fields arrive
 as ``timestamp_granularities[]`` (the SDK), bare repeated keys, JSON arrays or comma lists, and
-every problem must become a 400 in OpenAI's envelope, never a 422.
+every problem must become a 400 in OpenAI's envelope, never a 422 or a 500, and name the field
+(``param``) where there is one. A scalar field sent twice is refused, not "last wins": the request
+is ambiguous, and no OpenAI client sends one twice.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from dataclasses import dataclass, field
 
 from fastapi import Request
 from starlette.datastructures import FormData, UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
 
 from openstt.api.errors import bad_request
 from openstt.languages import normalize_language
@@ -24,6 +27,13 @@ GRANULARITIES = ("word", "segment")
 # Starlette's default 1 MiB cap on text parts is too small for long prompts and for known speakers'
 # references (10 s of 48 kHz stereo float WAV is 5 MiB as base64); files are unaffected.
 MAX_TEXT_PART = 8 * 1024 * 1024
+# Model names, codes, enums and numbers: HF repo ids are at most 96 characters.
+MAX_FIELD_CHARS = 256
+MAX_CHUNKING_CHARS = 1024  # a server_vad object of four keys is under 200 characters
+# Whisper keeps the last 223 prompt tokens (half its 448-token text context); a token is ~4
+# characters of English, so that is ~1,000 characters and rarely over 2,000. Keeping the last
+# 4,000 loses nothing the model would see and keeps tokenising a huge prompt cheap.
+MAX_PROMPT_CHARS = 4000
 # keywords[] become decoder prompt context, which holds about 220 tokens in all (see the engine's
 # own token budget); these bounds only refuse what could never fit.
 MAX_KEYWORDS = 50
@@ -60,7 +70,61 @@ class AudioRequest:
         return self.response_format == "diarized_json" or self.diarize
 
 
+def _param(name: str) -> str:
+    """The parameter a form key sets: ``timestamp_granularities[]`` and ``chunking_strategy[type]``
+    are ``timestamp_granularities`` and ``chunking_strategy``."""
+    return name.split("[", 1)[0][:64]
+
+
+def _shown(value: str, limit: int = 40) -> str:
+    """``value`` for an error message: an answer never echoes megabytes back."""
+    return repr(value if len(value) <= limit else value[:limit] + "...")
+
+
+class _FieldError(MultiPartException):
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
+
+
+class _StrictMultiPartParser(MultiPartParser):
+    """Starlette's parser, strict where it is lenient: a text part over ``MAX_TEXT_PART`` or not
+    valid in the declared charset (UTF-8 by default) is an error naming the field (Starlette's
+    message names none, and it reads undecodable bytes as latin-1), and so is a body without its
+    closing boundary (python-multipart accepts one)."""
+
+    def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        part = self._current_part
+        if part.file is None and len(part.data) + end - start > self.max_part_size:
+            raise _FieldError(f"'{_param(part.field_name)}' is larger than {self.max_part_size // 2**20} MiB, "
+                              "the most a text field may hold.", _param(part.field_name))
+        super().on_part_data(data, start, end)
+
+    def on_part_end(self) -> None:
+        part = self._current_part
+        if part.file is None:
+            try:
+                part.data.decode(self._charset)
+            except UnicodeDecodeError:
+                raise _FieldError(f"'{_param(part.field_name)}' is not valid {self._charset} text.",
+                                  _param(part.field_name)) from None
+        super().on_part_end()
+
+    def on_end(self) -> None:  # python-multipart calls it on the closing boundary only
+        self.ended = True
+
+    async def parse(self) -> FormData:
+        self.ended = False
+        form = await super().parse()
+        if not self.ended:  # a cut body: its last part would be dropped without a word
+            await form.close()
+            raise MultiPartException("The body ended before the form's closing boundary.")
+        return form
+
+
 async def read_form(request: Request) -> FormData:
+    """The request's form; any problem with it (no boundary, malformed or truncated parts, a part
+    without a name, a text part too large or not text) is a 400 ``invalid_form``."""
     content_type = request.headers.get("content-type", "")
     if not content_type.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
         raise bad_request(
@@ -68,33 +132,60 @@ async def read_form(request: Request) -> FormData:
             param=None, code="invalid_content_type",
         )
     try:
-        return await request.form(max_part_size=MAX_TEXT_PART)
-    except Exception as exc:  # python-multipart / starlette parse errors
-        raise bad_request(f"Could not parse the multipart form: {exc}", param=None, code="invalid_form") from exc
+        if content_type.startswith("application/x-www-form-urlencoded"):  # no file: parse_audio_form says so
+            return await request.form(max_part_size=MAX_TEXT_PART)
+        return await _StrictMultiPartParser(request.headers, request.stream(), max_part_size=MAX_TEXT_PART).parse()
+    except _FieldError as exc:
+        raise bad_request(exc.message, param=exc.param, code="invalid_form") from None
+    except Exception as exc:  # python-multipart / starlette parse errors, a body that ends early
+        detail = getattr(exc, "message", None) or getattr(exc, "detail", None) or str(exc) or type(exc).__name__
+        raise bad_request(f"Could not parse the multipart form: {detail}", param=None, code="invalid_form") from exc
 
 
-def _text(form: FormData, name: str) -> str | None:
-    value = form.get(name)
+def _one(form: FormData, name: str):
+    """The one value of ``name`` (None if absent); two or more is a 400 naming it."""
+    values = form.getlist(name)
+    if len(values) > 1:
+        raise bad_request(f"'{name}' was sent {len(values)} times; send it once.", param=_param(name))
+    return values[0] if values else None
+
+
+def _text(form: FormData, name: str, max_chars: int | None = MAX_FIELD_CHARS) -> str | None:
+    value = _one(form, name)
     if value is None:
         return None
     if not isinstance(value, str):
-        raise bad_request(f"'{name}' must be a text field, not a file.", param=name)
-    return value.strip() or None  # the SDK sends "" for explicit empty strings: treat as absent
+        raise bad_request(f"'{name}' must be a text field, not a file.", param=_param(name))
+    value = value.strip()
+    if max_chars is not None and len(value) > max_chars:
+        raise bad_request(f"'{name}' is {len(value)} characters long; at most {max_chars} are allowed.",
+                          param=_param(name))
+    return value or None  # the SDK sends "" for explicit empty strings: treat as absent
+
+
+def _prompt(form: FormData) -> str | None:
+    """``prompt``, its last ``MAX_PROMPT_CHARS`` characters: the model sees only the tail."""
+    value = _text(form, "prompt", max_chars=None)
+    return value[-MAX_PROMPT_CHARS:].lstrip() if value else None
 
 
 def _list(form: FormData, name: str, *, split_commas: bool = True) -> list[str]:
     """A list field as the SDK sends it (``name[]`` repeated) or as other clients do (bare
     repeated ``name``, a JSON array, or a comma list unless the items are free text)."""
-    raw = [v for key in (f"{name}[]", name) for v in form.getlist(key) if isinstance(v, str)]
+    raw = [v for key in (f"{name}[]", name) for v in form.getlist(key)]
+    if any(not isinstance(v, str) for v in raw):
+        raise bad_request(f"'{name}[]' must be text fields, not files.", param=name)
     items: list[str] = []
     for value in raw:
         value = value.strip()
         if value.startswith("["):
             try:
                 parsed = json.loads(value)
-            except json.JSONDecodeError:
-                raise bad_request(f"'{name}' is not a valid JSON array: {value!r}", param=name) from None
-            items.extend(str(v).strip() for v in (parsed if isinstance(parsed, list) else [parsed]))
+            except (ValueError, RecursionError):  # also ints over 4,300 digits and deep nesting
+                raise bad_request(f"'{name}' is not a valid JSON array: {_shown(value)}", param=name) from None
+            if not all(isinstance(v, str) for v in parsed):
+                raise bad_request(f"'{name}' must be a JSON array of strings: {_shown(value)}", param=name)
+            items.extend(v.strip() for v in parsed)
         elif split_commas:
             items.extend(v.strip() for v in value.split(","))
         else:
@@ -106,7 +197,8 @@ def _language(value: str | None, param: str) -> str | None:
     try:
         return normalize_language(value)
     except ValueError:
-        raise bad_request(f"Invalid language '{value}'. Language parameter must be specified in ISO-639-1 format.",
+        raise bad_request(f"Invalid language {_shown(value)}. Language parameter must be specified in ISO-639-1 "
+                          "format.",
                           param=param, code="invalid_language_format") from None
 
 
@@ -147,7 +239,7 @@ def _bool(form: FormData, name: str) -> bool:
 
 def parse_audio_form(form: FormData, *, task: str) -> AudioRequest:
     """Validate the fields shared by transcriptions and translations."""
-    upload = form.get("file")
+    upload = _one(form, "file")
     if upload is None:
         raise bad_request("Missing required parameter: 'file'.", param="file", code="missing_required_parameter")
     if not isinstance(upload, UploadFile):
@@ -158,7 +250,7 @@ def parse_audio_form(form: FormData, *, task: str) -> AudioRequest:
     response_format = (_text(form, "response_format") or "json").lower()
     if response_format not in RESPONSE_FORMATS:
         supported = ", ".join(f"'{f}'" for f in RESPONSE_FORMATS)
-        raise bad_request(f"Invalid value: '{response_format}'. Supported values are: {supported}.",
+        raise bad_request(f"Invalid value: {_shown(response_format)}. Supported values are: {supported}.",
                           param="response_format")
 
     temperature_raw = _text(form, "temperature")
@@ -184,13 +276,13 @@ def parse_audio_form(form: FormData, *, task: str) -> AudioRequest:
     granularities = _list(form, "timestamp_granularities") or ["segment"]
     bad = [g for g in granularities if g not in GRANULARITIES]
     if bad:
-        raise bad_request(f"Invalid value for 'timestamp_granularities[]': {bad[0]!r}. Supported values are: "
+        raise bad_request(f"Invalid value for 'timestamp_granularities[]': {_shown(bad[0])}. Supported values are: "
                           "'word' and 'segment'.", param="timestamp_granularities")
 
     include = _list(form, "include")
     bad = [i for i in include if i not in INCLUDES]
     if bad:
-        raise bad_request(f"Invalid value for 'include[]': {bad[0]!r}. Supported values are: 'logprobs'.",
+        raise bad_request(f"Invalid value for 'include[]': {_shown(bad[0])}. Supported values are: 'logprobs'.",
                           param="include")
 
     diarize = _bool(form, "diarize")
@@ -209,7 +301,7 @@ def parse_audio_form(form: FormData, *, task: str) -> AudioRequest:
 
     return AudioRequest(
         file=upload, model=model, task=task, response_format=response_format, language=language,
-        languages=languages, prompt=_text(form, "prompt"), keywords=_keywords(form), temperature=temperature,
+        languages=languages, prompt=_prompt(form), keywords=_keywords(form), temperature=temperature,
         beam_size=_beam_size(form),
         stream=_bool(form, "stream") if task == "transcribe" else False,
         timestamp_granularities=list(dict.fromkeys(granularities)),
@@ -222,11 +314,11 @@ def _known_speakers(form: FormData) -> tuple[list[str], list[bytes]]:
     """``known_speaker_names[]`` and ``known_speaker_references[]``: paired, at most four, each
     reference a base64 data URL of audio (decoded and checked for length by the route)."""
     names = _list(form, "known_speaker_names", split_commas=False)
-    references = [v.strip() for key in ("known_speaker_references[]", "known_speaker_references")
-                  for v in form.getlist(key)]
+    references = [v for key in ("known_speaker_references[]", "known_speaker_references") for v in form.getlist(key)]
     if any(not isinstance(v, str) for v in references):
         raise bad_request("'known_speaker_references[]' must be text fields (data URLs), not files.",
                           param="known_speaker_references")
+    references = [v.strip() for v in references]
     if len(names) > MAX_KNOWN_SPEAKERS:
         raise bad_request(f"Too many known speakers: {len(names)}; at most {MAX_KNOWN_SPEAKERS} are allowed.",
                           param="known_speaker_names")
@@ -269,11 +361,11 @@ def _data_url(value: str, index: int) -> bytes:
 def _chunking_strategy(form: FormData) -> dict | str | None:
     """``auto``, a JSON object, or the SDK's bracketed ``chunking_strategy[type]=server_vad`` parts;
     also (our extension) ``none``: the sequential procedure whatever the server's default."""
-    value = _text(form, "chunking_strategy")
+    value = _text(form, "chunking_strategy", max_chars=MAX_CHUNKING_CHARS)
     if value is not None and value.startswith("{"):
-        try:
-            strategy = json.loads(value)
-        except json.JSONDecodeError:
+        try:  # integers as floats: a 400-digit integer would overflow float() in the VAD's check
+            strategy = json.loads(value, parse_int=float)
+        except (ValueError, RecursionError):
             raise bad_request("'chunking_strategy' is not valid JSON.", param="chunking_strategy") from None
     elif value is not None:
         if value not in ("auto", "none"):
@@ -281,7 +373,7 @@ def _chunking_strategy(form: FormData) -> dict | str | None:
                               param="chunking_strategy")
         return value
     else:
-        strategy = {key[len("chunking_strategy["):-1]: form.get(key) for key in form.keys()
+        strategy = {key[len("chunking_strategy["):-1]: _text(form, key) for key in form.keys()
                     if key.startswith("chunking_strategy[") and key.endswith("]")}
         if not strategy:
             return None

@@ -1,6 +1,11 @@
-"""Admission control for transcriptions: how many may run at once, how long they may take, how
-long their audio may be, the per-request slot that also records the request's metrics, and
-stopping the work of a request whose client has disconnected."""
+"""Admission control for transcriptions: how many may upload and run at once, how long they may
+take, how long their audio may be, how much decoded audio the process holds (``AudioBudget``), the
+per-request slot that also records the request's metrics, and stopping the work of a request whose
+client has disconnected.
+
+A request is counted as an upload while its body is read and its audio decoded, and takes one of
+the ``max_in_flight`` transcription slots only then: a client that sends slowly (or stops) holds
+an upload place, never a transcription slot, until the body deadline closes it."""
 
 from __future__ import annotations
 
@@ -8,30 +13,110 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 from fastapi.responses import StreamingResponse
-from starlette.types import Receive
+from starlette.types import Message, Receive
 
+from openstt.api.body_deadline import BodyDeadline
 from openstt.metrics import metrics
 from openstt.settings import (
+    AUDIO_BUDGET_WAIT_S,
+    CPU_BATCH_WINDOWS,
     CPU_LIVE_INTERIM_DECODES,
     LIVE_IDLE_TIMEOUT_S,
     LIVE_MAX_BUFFER_SECONDS,
     LIVE_MAX_MESSAGE_BYTES,
+    LIVE_MAX_PENDING_TURNS,
     LIVE_MAX_SESSION_SECONDS,
+    LIVE_MAX_SPEED,
     MAX_AUDIO_SECONDS,
     MAX_CONCURRENT_REQUESTS,
     MAX_LIVE_SESSIONS,
+    MAX_UPLOADS_IN_PROGRESS,
     REQUEST_TIMEOUT_S,
 )
 
 log = logging.getLogger("openstt.api")
 T = TypeVar("T")
 
+# How long a stream's event may wait for its client to read (the socket's buffers being full).
+STREAM_SEND_TIMEOUT_S = 30.0
 # nginx's "client closed request": recorded for requests whose client went away, never sent.
 CLIENT_CLOSED_REQUEST = 499
+
+
+BYTES_PER_SECOND = 4 * 16000  # decoded audio: 16 kHz float32
+
+
+class AudioBudget:
+    """Bytes of decoded audio that the process's requests and live sessions hold at once.
+
+    A request reserves its audio's declared length before decoding it; if that does not fit, it
+    waits (first come, first served) up to ``wait`` s for others to give theirs back, then is
+    refused. Amounts above the whole budget are clamped to it: such audio runs, alone. Used from
+    the event loop only."""
+
+    def __init__(self, capacity: int, wait: float = AUDIO_BUDGET_WAIT_S):
+        self.capacity, self.wait, self.used = capacity, wait, 0
+        self._waiters: list[tuple[int, asyncio.Future]] = []
+
+    def try_take(self, amount: int) -> bool:
+        """Take ``amount`` bytes now if they fit (and nobody waits before), else take nothing."""
+        amount = min(amount, self.capacity)
+        if self._waiters or self.used + amount > self.capacity:
+            return False
+        self.used += amount
+        return True
+
+    def force(self, amount: int) -> None:
+        """Take ``amount`` bytes whatever is left: what admitted work turned out to need."""
+        self.used += amount
+
+    async def take(self, amount: int) -> int:
+        """Reserve ``amount`` bytes (clamped to the budget), waiting up to ``wait`` s; returns the
+        bytes taken (give them back with ``give_back``), or raises ``BudgetExhausted``."""
+        amount = min(amount, self.capacity)
+        if self.try_take(amount):
+            return amount
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append((amount, waiter))
+        try:
+            await asyncio.wait_for(waiter, self.wait)
+        except BaseException as exc:  # timed out, or the request was cancelled while it waited
+            if waiter.done() and not waiter.cancelled():
+                self.give_back(amount)  # granted just as it stopped waiting
+            self._waiters = [w for w in self._waiters if w[1] is not waiter]
+            self._wake()
+            if isinstance(exc, asyncio.TimeoutError):
+                raise BudgetExhausted(self) from None
+            raise
+        return amount
+
+    def give_back(self, amount: int) -> None:
+        self.used = max(self.used - amount, 0)
+        self._wake()
+
+    def _wake(self) -> None:
+        # in order: the first waiter that does not fit holds back those after it (no starvation)
+        while self._waiters:
+            amount, waiter = self._waiters[0]
+            if waiter.done():
+                self._waiters.pop(0)
+                continue
+            if self.used + amount > self.capacity:
+                return
+            self._waiters.pop(0)
+            self.used += amount
+            waiter.set_result(None)
+
+
+class BudgetExhausted(Exception):
+    """The decoded-audio budget stayed full for as long as a request may wait."""
+
+    def __init__(self, budget: AudioBudget):
+        super().__init__(f"decoded audio budget full ({budget.used} of {budget.capacity} bytes)")
 
 
 @dataclass
@@ -41,13 +126,47 @@ class Limits:
     max_in_flight: int = MAX_CONCURRENT_REQUESTS
     max_audio_seconds: float = MAX_AUDIO_SECONDS
     request_timeout: float = REQUEST_TIMEOUT_S
+    max_uploads: int = MAX_UPLOADS_IN_PROGRESS  # bodies being read and decoded (no slot held yet)
+    audio: AudioBudget = field(default_factory=lambda: AudioBudget(default_audio_budget()))
+    body: BodyDeadline = field(default_factory=BodyDeadline)  # how slowly a request body may arrive
     in_flight: int = 0
+    uploading: int = 0
+
+    def try_upload(self, route: str) -> Slot | None:
+        """A place for one request to upload and decode its audio, or None when all are taken."""
+        if self.uploading >= self.max_uploads:
+            return None
+        self.uploading += 1  # single-threaded event loop: no lock needed
+        return Slot(self, route)
+
+    def try_admit(self, slot: Slot) -> bool:
+        """Move ``slot`` from uploading to transcribing, if a transcription slot is free."""
+        if slot.admitted:
+            return True
+        if self.in_flight >= self.max_in_flight:
+            return False
+        self.uploading -= 1
+        self.in_flight += 1
+        slot.admitted = True
+        metrics().in_flight.labels(slot.route).inc()
+        return True
 
     def try_acquire(self, route: str) -> Slot | None:
-        if self.in_flight >= self.max_in_flight:
+        """An upload place and a transcription slot at once (for callers with audio in hand)."""
+        slot = self.try_upload(route)
+        if slot is not None and not self.try_admit(slot):
+            slot.release()
             return None
-        self.in_flight += 1  # single-threaded event loop: no lock needed
-        return Slot(self, route)
+        return slot
+
+
+def default_audio_budget() -> int:
+    """An eighth of the machine's (or container's) memory, within 0.5 to 4 GiB: 3 GiB on a
+    24 GB machine, about 13 hours of decoded audio held at once."""
+    from openstt.memory import system_memory
+
+    total, _ = system_memory()
+    return int(min(max(total // 8, 512 << 20), 4 << 30))
 
 
 @dataclass
@@ -60,12 +179,25 @@ class LiveLimits:
     max_message_bytes: int = LIVE_MAX_MESSAGE_BYTES
     idle_timeout: float = LIVE_IDLE_TIMEOUT_S  # seconds without any client message
     max_interim_decodes: int = CPU_LIVE_INTERIM_DECODES  # previews of all sessions in flight at once
+    max_speed: float = LIVE_MAX_SPEED  # audio received per second of session, after a burst
+    max_pending_turns: int = LIVE_MAX_PENDING_TURNS  # per session, committed and not yet transcribed
+    max_queued_decodes: int = CPU_BATCH_WINDOWS  # final decodes of all sessions in the model service at once
+    audio: AudioBudget | None = None  # the process's decoded-audio budget (shared with Limits)
     open: int = 0
+    draining: bool = False  # shutting down: no new sessions, open ones finish their turns and close
 
     def __post_init__(self):
         from openstt.live.session import PreviewBudget
 
         self.previews = PreviewBudget(self.max_interim_decodes)
+        self.decodes = asyncio.Semaphore(self.max_queued_decodes)
+        self.sessions: dict[object, asyncio.Event] = {}  # open sessions, and the event that drains each
+
+    def bounds(self):
+        from openstt.live.session import SessionBounds
+
+        return SessionBounds(max_buffer_seconds=self.max_buffer_seconds, max_speed=self.max_speed,
+                             max_pending_turns=self.max_pending_turns)
 
     def try_open(self) -> bool:
         if self.open >= self.max_sessions:
@@ -84,13 +216,13 @@ class Slot:
     once, however the request ends (releasing twice is harmless)."""
 
     def __init__(self, limits: Limits, route: str):
-        self.limits, self.route, self.released = limits, route, False
+        self.limits, self.route, self.released, self.admitted = limits, route, False, False
         self.started = time.perf_counter()
         self.model, self.status, self.audio_seconds, self.reason = "unknown", 200, 0.0, None
         self.request_id: str | None = None
         self.progress = 0.0  # seconds of audio decoded so far (end of the last segment)
         self._on_release: list = []
-        metrics().in_flight.labels(route).inc()
+        self.audio_bytes = 0  # of the process's AudioBudget, held until released
 
     def on_release(self, callback) -> None:
         """Call ``callback()`` when the request ends (e.g. to release its model lease)."""
@@ -111,11 +243,15 @@ class Slot:
         if self.released:
             return
         self.released = True
-        self.limits.in_flight -= 1
+        m, elapsed = metrics(), time.perf_counter() - self.started
+        if self.admitted:
+            self.limits.in_flight -= 1
+            m.in_flight.labels(self.route).dec()
+        else:
+            self.limits.uploading -= 1
+        self.limits.audio.give_back(self.audio_bytes)
         for callback in self._on_release:
             callback()
-        m, elapsed = metrics(), time.perf_counter() - self.started
-        m.in_flight.labels(self.route).dec()
         m.requests.labels(self.route, self.model, str(self.status)).inc()
         m.latency.labels(self.route, self.model).observe(elapsed)
         if self.status == 200:
@@ -186,8 +322,17 @@ class SlotStreamingResponse(StreamingResponse):
     async def __call__(self, scope, receive, send) -> None:
         # Starlette listens for the disconnect itself only under ASGI spec < 2.4 (uvicorn says 2.3),
         # and otherwise notices it at the next send, a whole window later: watch here, for any server.
+        async def bounded_send(message: Message) -> None:
+            # a client that stops reading fills the socket's buffers, and then a send waits for it
+            try:
+                await asyncio.wait_for(send(message), STREAM_SEND_TIMEOUT_S)
+            except asyncio.TimeoutError:
+                log.info("%s stream stopped: the client read nothing for %g s", self.slot.request_id,
+                         STREAM_SEND_TIMEOUT_S)
+                raise ClientDisconnected from None
+
         try:
-            await unless_disconnected(self.stream_response(send), receive)
+            await unless_disconnected(self.stream_response(bounded_send), receive)
         except (ClientDisconnected, OSError):  # OSError: a spec 2.4 server's send to a closed connection
             self.slot.cancel()
         finally:

@@ -1,10 +1,12 @@
-"""ASGI middleware: request ids on every response, and bearer-token auth.
+"""ASGI middleware: request ids on every response, and API-key auth.
 
 Written as plain ASGI (not ``BaseHTTPMiddleware``) so streamed responses pass through untouched.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hmac
 import logging
 import uuid
@@ -17,8 +19,12 @@ from openstt.api.errors import OpenAIError
 
 log = logging.getLogger("openstt.api")
 
-# Paths that stay open when a key is set: load balancers and probes carry no credentials.
-OPEN_PATHS = frozenset({"/health", "/ui"})
+# Open when keys are set: kubelet and load-balancer probes carry no credentials. Each answers
+# liveness or readiness only (a status word, no model names, versions or counts).
+PROBE_PATHS = frozenset({"/health", "/livez", "/healthz", "/readyz"})
+# Also open unless OPEN_STT_PROTECT_METRICS_AND_UI is set: Prometheus scrapes without a key by
+# default, and the /ui page asks for the key itself before it calls the API.
+METRICS_AND_UI_PATHS = frozenset({"/metrics", "/ui"})
 
 MISSING_KEY_MESSAGE = (
     "You didn't provide an API key. You need to provide your API key in an Authorization header using "
@@ -36,8 +42,9 @@ class RequestIdMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request_id = "req_" + uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = request_id
+        state = scope.setdefault("state", {})
+        # the id given by an outer instance (service.py adds one around BentoML's own routes), if any
+        request_id = state.setdefault("request_id", "req_" + uuid.uuid4().hex)
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -56,32 +63,59 @@ def _mask(key: str) -> str:
     return f"{key[:6]}***{key[-4:]}" if len(key) >= 14 else "***"
 
 
-class ApiKeyMiddleware:
-    """Require ``Authorization: Bearer <key>`` on every path but ``OPEN_PATHS`` when keys are set.
+def _token(header: str, api: bool) -> str:
+    """The key in an ``Authorization`` header: a bearer token, or, outside the API (``/v1``), a
+    Basic password (what a browser sends for ``/ui`` and the docs pages after its login prompt)."""
+    scheme, _, value = header.partition(" ")
+    scheme, value = scheme.lower(), value.strip()
+    if scheme == "bearer":
+        return value
+    if scheme == "basic" and not api:
+        try:
+            return base64.b64decode(value, validate=True).decode().partition(":")[2]
+        except (binascii.Error, UnicodeDecodeError):
+            return ""
+    return ""
 
-    ``keys`` is called per request so a reconfigured app picks up new keys; comparison runs in
-    constant time against each accepted key.
+
+class ApiKeyMiddleware:
+    """Require the key on every HTTP path but ``PROBE_PATHS`` (and ``METRICS_AND_UI_PATHS`` unless
+    protected) when keys are set. WebSockets check their own key (``routes_realtime``).
+
+    ``keys`` and ``protect_metrics_and_ui`` are called per request so a reconfigured app picks up
+    new values. Keys are compared in constant time against each.
     """
 
-    def __init__(self, app: ASGIApp, keys: Callable[[], Sequence[str]]):
-        self.app, self.keys = app, keys
+    def __init__(self, app: ASGIApp, keys: Callable[[], Sequence[str]],
+                 protect_metrics_and_ui: Callable[[], bool] = lambda: False):
+        self.app, self.keys, self.protect = app, keys, protect_metrics_and_ui
+
+    def _open(self, scope: Scope) -> bool:
+        path = scope["path"]
+        if path in PROBE_PATHS or scope.get("method") == "OPTIONS":  # probes, CORS preflights
+            return True
+        return path in METRICS_AND_UI_PATHS and not self.protect()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         keys = self.keys() if scope["type"] == "http" else ()
-        if not keys or scope["path"] in OPEN_PATHS or scope.get("method") == "OPTIONS":
+        if not keys or self._open(scope):
             await self.app(scope, receive, send)
             return
-        header = Headers(scope=scope).get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        token = token.strip()
-        if scheme.lower() != "bearer" or not token:
+        path = scope["path"]
+        api = (path + "/").startswith("/v1/")
+        token = _token(Headers(scope=scope).get("authorization", ""), api)
+        if not token:
             error = OpenAIError(401, MISSING_KEY_MESSAGE)
         elif key_accepted(token, keys):
             await self.app(scope, receive, send)
             return
         else:
             error = OpenAIError(401, f"Incorrect API key provided: {_mask(token)}.", code="invalid_api_key")
-        log.info("rejected unauthenticated %s %s", scope.get("method"), scope["path"])
+        if not api:
+            # pages (/ui, the docs): the browser asks for the key (any user name); never on /v1, where
+            # a prompt would pop up over the /ui page's own calls
+            error.headers["www-authenticate"] = 'Basic realm="open-stt"'
+        log.info("rejected unauthenticated %s %s", scope.get("method"), path)
         await error.response()(scope, receive, send)
 
 

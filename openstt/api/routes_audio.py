@@ -30,7 +30,9 @@ from openstt.api.errors import (
 )
 from openstt.api.forms import AudioRequest, parse_audio_form, read_form
 from openstt.api.limits import (
+    BYTES_PER_SECOND,
     CLIENT_CLOSED_REQUEST,
+    BudgetExhausted,
     ClientDisconnected,
     Limits,
     Slot,
@@ -38,7 +40,7 @@ from openstt.api.limits import (
     unless_disconnected,
 )
 from openstt.api.state import app_state
-from openstt.audio import SAMPLE_RATE, AudioError, decode_audio
+from openstt.audio import SAMPLE_RATE, AudioError, decode_audio, probe_seconds
 from openstt.diarization.attribution import Speakers, attribute
 from openstt.engines.base import Segment, TranscribeOptions, Transcript, TranscriptionRun, UnsupportedRequest
 from openstt.errors import OpenSTTError
@@ -133,18 +135,22 @@ def _client_error(exc: Exception) -> OpenAIError:
     return err
 
 
+def _busy(route: str, reason: str, message: str, status: int = 429, retry_after: int = 2) -> OpenAIError:
+    metrics().requests.labels(route, "unknown", str(status)).inc()
+    metrics().failures.labels(route, reason).inc()
+    # Shed load instead of queueing without bound; the SDK waits for Retry-After and retries.
+    return OpenAIError(status, message, type="rate_limit_error" if status == 429 else "server_error",
+                       code=reason, headers={"retry-after": str(retry_after)})
+
+
 async def _transcribe(request: Request, task: str) -> Response:
     registry = app_state(request.app).serving_registry()
     limits: Limits = app_state(request.app).limits
     route = "transcriptions" if task == "transcribe" else "translations"
-    slot = limits.try_acquire(route)
+    slot = limits.try_upload(route)
     if slot is None:
-        metrics().requests.labels(route, "unknown", "429").inc()
-        metrics().failures.labels(route, "rate_limit_exceeded").inc()
-        # Shed load instead of queueing without bound; the SDK waits for Retry-After and retries.
-        raise OpenAIError(429, f"The server is busy ({limits.max_in_flight} transcriptions in progress). "
-                          "Retry shortly.", type="rate_limit_error", code="rate_limit_exceeded",
-                          headers={"retry-after": "2"})
+        raise _busy(route, "rate_limit_exceeded", f"The server is busy ({limits.max_uploads} uploads in progress). "
+                    "Retry shortly.")
     slot.request_id = request_id_of(request)
     try:
         response = await _transcribe_admitted(request, registry, limits, task, slot)
@@ -166,6 +172,26 @@ async def _transcribe(request: Request, task: str) -> Response:
     return response
 
 
+async def _decode(req: AudioRequest, limits: Limits, slot: Slot) -> np.ndarray:
+    """The upload's audio, decoded in a worker thread once the process's decoded-audio budget has
+    room for its declared length (``slot`` holds the bytes until the request ends)."""
+    declared = await run_in_threadpool(probe_seconds, req.file.file)
+    seconds = min(declared if declared is not None else limits.max_audio_seconds, limits.max_audio_seconds)
+    try:
+        slot.audio_bytes = await limits.audio.take(int(seconds * BYTES_PER_SECOND))
+    except BudgetExhausted:
+        raise _busy(slot.route, "server_busy", "The server is busy: the audio of the requests in progress fills "
+                    "its memory budget. Retry shortly.", status=503, retry_after=5) from None
+    audio = await run_in_threadpool(decode_audio, req.file.file, max_duration=limits.max_audio_seconds)
+    extra = audio.nbytes - slot.audio_bytes  # a declared length is only a hint: account for what is held
+    if extra > 0:
+        limits.audio.force(extra)
+    else:
+        limits.audio.give_back(-extra)
+    slot.audio_bytes = audio.nbytes
+    return audio
+
+
 async def _transcribe_admitted(request: Request, registry: ModelRegistry, limits: Limits, task: str,
                                slot: Slot) -> Response:
     req: AudioRequest = parse_audio_form(await read_form(request), task=task)
@@ -181,8 +207,12 @@ async def _transcribe_admitted(request: Request, registry: ModelRegistry, limits
     try:
         # Decoding and inference run in worker threads so the event loop (and /health) stay free.
         references = await run_in_threadpool(_references, req)
-        audio = await run_in_threadpool(decode_audio, req.file.file, max_duration=limits.max_audio_seconds)
+        audio = await _decode(req, limits, slot)
         slot.audio_seconds = len(audio) / SAMPLE_RATE
+        # Only now, with the upload read and decoded, does the request take a transcription slot.
+        if not limits.try_admit(slot):
+            raise _busy(slot.route, "rate_limit_exceeded", f"The server is busy ({limits.max_in_flight} "
+                        "transcriptions in progress). Retry shortly.")
         # the server's default beam size is Whisper's; other families decode without beams
         beam_size = state.beam_size if engine.spec.family == "whisper" else 1
         options = _options(req, state.long_form, beam_size,
@@ -290,10 +320,16 @@ async def _events(run: TranscriptionRun, req: AudioRequest, model: str, request_
         emitted += len(pieces)
         return [sse(diarized_segment(p)) for p in pieces if p.text.strip()]
 
+    segments = run.aiter()
     try:
-        async for segment in run.aiter():
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"stream exceeded {limits.request_timeout} s")
+        while True:
+            try:  # every step waits at most until the request's deadline
+                async with asyncio.timeout(max(deadline - time.monotonic(), 0.001)):
+                    segment = await anext(segments)
+            except StopAsyncIteration:
+                break
+            except asyncio.TimeoutError:
+                raise TimeoutError(f"stream exceeded {limits.request_timeout} s") from None
             slot.progress = segment.end
             delta = segment.text.lstrip() if not text else segment.text
             if segment_events:

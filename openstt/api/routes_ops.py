@@ -4,6 +4,7 @@ try-it page). Prometheus ``/metrics`` is BentoML's own endpoint, next to this ap
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 from fastapi import APIRouter, FastAPI, Request
@@ -13,19 +14,25 @@ from openstt.api.state import app_state
 
 router = APIRouter()
 
+READY_TTL_S = 2.0
+READY_TIMEOUT_S = 5.0  # under load the model service answers late, not never
+
 UI_PAGE = Path(__file__).resolve().parent.parent / "ui" / "index.html"
 
 
 async def _models_ready(app: FastAPI) -> bool:
-    """Whether the process holding the weights answers (always, when they are in-process)."""
+    """Whether the process holding the weights answers (always, when they are in-process). A yes
+    holds for ``READY_TTL_S``: probes every few seconds cost one call, and a model service that
+    died or restarts turns /health to 503 within that time."""
     state = app_state(app)
-    if state.models_ready_cached or state.models_ready is None:
+    if state.models_ready is None or time.monotonic() - state.models_ready_at < READY_TTL_S:
         return True
     try:
-        ready = bool(await asyncio.wait_for(state.models_ready(), timeout=5))
-    except Exception:  # not up yet: connection refused, timeout
+        ready = bool(await asyncio.wait_for(state.models_ready(), timeout=READY_TIMEOUT_S))
+    except Exception:  # not up (yet, or any more): connection refused, timeout
         return False
-    state.models_ready_cached = ready
+    if ready:
+        state.models_ready_at = time.monotonic()
     return ready
 
 
@@ -38,5 +45,6 @@ async def health(request: Request) -> JSONResponse:
 
 @router.get("/ui", include_in_schema=False)
 async def try_it() -> HTMLResponse:
-    # A plain page calling the public API; it asks for the key itself, so it is served openly.
+    # A plain page calling the public API with the key it asks for: open unless
+    # OPEN_STT_PROTECT_METRICS_AND_UI (then ApiKeyMiddleware asks the browser for the key first).
     return HTMLResponse(UI_PAGE.read_text("utf-8"))

@@ -37,8 +37,12 @@ router = APIRouter()
 KEY_PROTOCOL = "openai-insecure-api-key."  # how browsers (which cannot set headers) send the key
 # Close codes (RFC 6455): policy violation (auth, not a transcription session, live transcription
 # off), try again later (capacity, models loading), normal (session expired or idle).
-POLICY_VIOLATION, TRY_AGAIN_LATER, NORMAL = 1008, 1013, 1000
+POLICY_VIOLATION, TRY_AGAIN_LATER, NORMAL, SERVICE_RESTART = 1008, 1013, 1000, 1012
 FINISH_SECONDS = 10.0  # at the end of a session, how long committed turns may take to complete
+# A client that reads no event for this long is gone as far as the session is concerned: its
+# socket's buffers are full, and the session's work would only pile up behind it.
+SEND_TIMEOUT_S = 30.0
+INLINE_JSON_BYTES = 64 * 1024  # larger events (appends of up to 15 MiB) are parsed off the event loop
 
 
 def _options(transcription: Transcription, *, final: bool, logprobs: bool) -> TranscribeOptions:
@@ -54,8 +58,9 @@ class ModelTranscriber:
 
     PARAM = "session.audio.input.transcription"
 
-    def __init__(self, registry: ModelRegistry):
+    def __init__(self, registry: ModelRegistry, decodes: asyncio.Semaphore | None = None):
         self.registry = registry
+        self.decodes = decodes or asyncio.Semaphore(1 << 30)  # final decodes of all sessions in flight at once
 
     def check(self, transcription: Transcription) -> None:
         try:
@@ -76,7 +81,11 @@ class ModelTranscriber:
             raise ProtocolError(exc.message, param=f"{self.PARAM}.model", code="model_not_found") from None
         try:
             run = lease.engine.start(audio, _options(transcription, final=final, logprobs=logprobs))
-            transcript = await run.acollect()
+            if final:
+                async with self.decodes:
+                    transcript = await run.acollect()
+            else:  # interims are bounded by the PreviewBudget, and skipped rather than queued
+                transcript = await run.acollect()
         except ModelFailure as exc:
             if exc.code == ErrorCode.model_not_loaded:
                 raise ProtocolError(f"The model `{lease.name}` was unloaded while this turn was transcribed.",
@@ -120,6 +129,9 @@ def _refusal(ws: WebSocket) -> tuple[dict, int] | None:
     if state.registry is None:
         return error_event("The server is still loading its models; retry shortly.", type="server_error",
                            code="models_loading"), TRY_AGAIN_LATER
+    if state.live_limits.draining:
+        return error_event("The server is shutting down; reconnect to open a session elsewhere.",
+                           type="server_error", code="server_shutting_down"), SERVICE_RESTART
     return None
 
 
@@ -159,13 +171,20 @@ async def _send(ws: WebSocket, message: dict) -> bool:
 async def _serve(ws: WebSocket, limits: LiveLimits) -> None:
     state = app_state(ws.app)
     lock = asyncio.Lock()
+    gone = asyncio.Event()  # the client stopped reading
 
     async def send(message: dict) -> None:
+        if gone.is_set():
+            return
         async with lock:  # events from the receive loop and from decodes, one at a time
-            await _send(ws, message)
+            try:
+                await asyncio.wait_for(_send(ws, message), SEND_TIMEOUT_S)
+            except asyncio.TimeoutError:
+                gone.set()
 
-    session = LiveSession(send, ModelTranscriber(state.serving_registry()), limits.max_buffer_seconds,
-                          limits.previews)
+    session = LiveSession(send, ModelTranscriber(state.serving_registry(), limits.decodes), limits.bounds(),
+                          limits.previews, budget=limits.audio)
+    drain = limits.sessions[session] = asyncio.Event()
     requested = ws.query_params.get("model")  # the SDK's connect(model=...): a served model starts the session on it
     if requested:
         try:
@@ -177,13 +196,25 @@ async def _serve(ws: WebSocket, limits: LiveLimits) -> None:
     deadline = started + limits.max_session_seconds
     messages, ending = 0, "client closed"
     log.info("live session %s opened (%d open)", session.id, limits.open)
-    await session.start()
+    stops = (asyncio.ensure_future(drain.wait()), asyncio.ensure_future(gone.wait()))
     try:
+        await session.start()
         while True:
             remaining = deadline - time.monotonic()
-            try:
-                message = await asyncio.wait_for(ws.receive(), timeout=max(0.0, min(limits.idle_timeout, remaining)))
-            except asyncio.TimeoutError:
+            receive = asyncio.ensure_future(ws.receive())
+            done, _ = await asyncio.wait((receive, *stops), timeout=max(0.0, min(limits.idle_timeout, remaining)),
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if receive not in done:
+                receive.cancel()
+                if gone.is_set():
+                    ending = "client stopped reading"
+                    await ws.close(POLICY_VIOLATION)
+                    return
+                if drain.is_set():  # shutting down: committed turns complete, then the client reconnects
+                    ending = "server shutting down"
+                    await session.finish(FINISH_SECONDS)
+                    await ws.close(SERVICE_RESTART)
+                    return
                 expired = time.monotonic() >= deadline
                 ending = "expired" if expired else "idle"
                 text = (f"Your session hit the maximum duration of {limits.max_session_seconds:g} seconds."
@@ -192,16 +223,34 @@ async def _serve(ws: WebSocket, limits: LiveLimits) -> None:
                 await session.finish(FINISH_SECONDS)
                 await ws.close(NORMAL)
                 return
+            message = receive.result()
             if message["type"] == "websocket.disconnect":
                 return
             messages += 1
             await _dispatch(session, send, message, limits.max_message_bytes)
-    except WebSocketDisconnect:
+    except (WebSocketDisconnect, RuntimeError, OSError):  # RuntimeError: closing a socket already closed
         pass
     finally:
-        await session.close()
+        for stop in stops:
+            stop.cancel()
+        limits.sessions.pop(session, None)
+        await session.close()  # whatever is queued or decoding for it stops now
         log.info("live session %s closed (%s) after %.1f s, %d events", session.id, ending,
                  time.monotonic() - started, messages)
+
+
+async def drain_sessions(limits: LiveLimits, timeout: float = FINISH_SECONDS + 5) -> None:
+    """On shutdown: refuse new sessions; let each open one complete its committed turns (sending
+    ``completed`` or ``failed``) and close with 1012, so its client reconnects elsewhere."""
+    limits.draining = True
+    if not limits.sessions:
+        return
+    log.info("shutting down: finishing the committed turns of %d live session(s)", len(limits.sessions))
+    for drain in limits.sessions.values():
+        drain.set()
+    deadline = time.monotonic() + timeout
+    while limits.sessions and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
 
 
 async def _dispatch(session: LiveSession, send, message: dict, max_bytes: int) -> None:
@@ -215,7 +264,7 @@ async def _dispatch(session: LiveSession, send, message: dict, max_bytes: int) -
                                "audio in smaller appends.", code="message_too_large"))
         return
     try:
-        event = json.loads(raw)
+        event = json.loads(raw) if len(raw) < INLINE_JSON_BYTES else await asyncio.to_thread(json.loads, raw)
     except (ValueError, RecursionError):
         await send(error_event("The event is not valid JSON.", code="invalid_json"))
         return

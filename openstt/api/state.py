@@ -30,6 +30,7 @@ class AppState:
     registry: ModelRegistry | None = None  # None: still loading, the routes answer 503
     model_manager: ModelManager | None = None  # runtime load/unload and the idle TTL (two-service layout)
     api_keys: list[str] = field(default_factory=list)  # empty: no authentication
+    protect_metrics_and_ui: bool = False  # /metrics and /ui need the key too (when keys are set)
     max_upload_bytes: int = MAX_UPLOAD_BYTES  # whole request body; 0: unchecked
     long_form: str = _setting_default("long_form")  # "vad" or "sequential", without chunking_strategy
     beam_size: int = _setting_default("beam_size")  # Whisper's, for requests without beam_size
@@ -39,9 +40,9 @@ class AppState:
     diarization: bool = False
     diarize: Callable[[DiarizeJob], Awaitable[DiarizeReply]] | None = None
     # The model service's readiness probe (two-service layout; None: the weights are in-process),
-    # and whether it has answered yes (then it is not asked again).
+    # and when it last answered yes (monotonic seconds; /health trusts that for READY_TTL_S).
     models_ready: Callable[[], Awaitable[bool]] | None = None
-    models_ready_cached: bool = False
+    models_ready_at: float = float("-inf")
 
     def serving_registry(self) -> ModelRegistry:
         """The registry to serve with; ``ModelsLoading`` (503) until the models are attached."""

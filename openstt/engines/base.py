@@ -17,6 +17,13 @@ if TYPE_CHECKING:
 
 # Whisper's fallback ladder: start at the requested temperature, step up on failure.
 TEMPERATURE_STEP = 0.2
+# Bounds on what a request may put in the decoder's prompt, which holds about 220 tokens in all
+# (Whisper: half its 448-token context). Keywords beyond these could never fit. Of a longer
+# prompt only the tail is used (as in openai/whisper); 224 tokens are rarely more than 1,500
+# characters, so the last 4,000 are all that is ever tokenised.
+MAX_KEYWORDS = 50
+MAX_KEYWORD_CHARS = 100
+MAX_PROMPT_CHARS = 4000
 
 
 @dataclass(frozen=True)
@@ -103,6 +110,9 @@ class LoopState:
     """What a running transcription has learnt so far (the language, once detected)."""
 
     language: str | None = None
+    # the request's prompt and keywords as tokens: tokenised once, off the event loop (``Engine.start``)
+    prompt_tokens: list[int] = field(default_factory=list)
+    keyword_tokens: list[int] = field(default_factory=list)
 
 
 @dataclass

@@ -68,7 +68,9 @@ class WhisperFrontend:
                                          "prompt. Send fewer or shorter keywords.", param="keywords")
 
     def new_state(self, options: TranscribeOptions) -> LoopState:
-        return LoopState(language=options.language or (None if self.multilingual else "en"))
+        return LoopState(language=options.language or (None if self.multilingual else "en"),
+                         prompt_tokens=self.loop.prompt_tokens(options.prompt),
+                         keyword_tokens=self.loop.keyword_tokens(options.keywords))
 
 
 class WhisperEngine(InProcessEngine):

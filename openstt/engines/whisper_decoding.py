@@ -10,6 +10,7 @@ transformers provides the weights, the encoder and a KV-cached decoder step.
 from __future__ import annotations
 
 import collections
+import functools
 import hashlib
 import threading
 import zlib
@@ -21,7 +22,7 @@ import torch
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
 from openstt.audio import SAMPLE_RATE
-from openstt.engines.base import Segment, TokenLogprob, TranscribeOptions, Word
+from openstt.engines.base import MAX_PROMPT_CHARS, Segment, TokenLogprob, TranscribeOptions, Word
 from openstt.engines.jobs import LoopState, compression_ratio, is_silent, needs_fallback, settle
 from openstt.model_service import AlignJob, DecodeResult, ModelFailure, WindowJob
 
@@ -469,11 +470,20 @@ class WindowLoop(Detokenizer):
         # keywords may take half the prompt; the previous text keeps the rest
         self.max_keyword_tokens = max_prompt_tokens // 2
 
+    @functools.lru_cache(maxsize=256)  # a live session's every turn, a request's every chunk: once
     def keyword_tokens(self, keywords: tuple[str, ...]) -> list[int]:
         """Keywords as prompt text, like faster-whisper's ``hotwords``: one comma-separated list."""
         if not keywords:
             return []
         return self.tokenizer.encode(" " + ", ".join(keywords), add_special_tokens=False)
+
+    @functools.lru_cache(maxsize=256)
+    def prompt_tokens(self, prompt: str | None) -> list[int]:
+        """The tail of ``prompt`` that fits the decoder's prompt, as tokens."""
+        if not prompt or not prompt.strip():
+            return []
+        tokens = self.tokenizer.encode(" " + prompt.strip()[-MAX_PROMPT_CHARS:], add_special_tokens=False)
+        return tokens[-self.max_prompt_tokens:]
 
     def logprob_entries(self, tokens: list[int], logprobs: list[float]) -> list[TokenLogprob]:
         out = []
@@ -492,13 +502,12 @@ class WindowLoop(Detokenizer):
         n_frames = int(np.ceil(len(audio) / HOP_LENGTH))
         duration = len(audio) / SAMPLE_RATE
         seek = 0
-        all_tokens: list[int] = []
-        if options.prompt:
-            all_tokens.extend(self.tokenizer.encode(" " + options.prompt.strip(), add_special_tokens=False))
+        # (tokenised by the frontend's ``new_state`` when the request started, or cached)
+        all_tokens: list[int] = list(state.prompt_tokens or self.prompt_tokens(options.prompt))
         prompt_reset_since = 0
         # Keywords lead every window's prompt (a context reset never drops them); the previous
         # text, the caller's prompt first, fills the rest of the budget.
-        keywords = self.keyword_tokens(options.keywords)
+        keywords = state.keyword_tokens or self.keyword_tokens(options.keywords)
         context_budget = self.max_prompt_tokens - len(keywords)
         next_id = 0
         while seek < n_frames:

@@ -12,10 +12,11 @@ from __future__ import annotations
 import dataclasses
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from openstt.engines.base import MAX_KEYWORD_CHARS, MAX_KEYWORDS, MAX_PROMPT_CHARS
 from openstt.languages import normalize_language
 
 # OpenAI's input formats: 16-bit PCM at 24 kHz, and G.711 mu-law / A-law at 8 kHz (telephony).
@@ -103,8 +104,8 @@ class _Transcription(_Strict):
     model: str | None = None
     language: str | None = None
     prompt: str | None = None
-    keywords: list[str] | None = Field(None, max_length=50)
-    languages: list[str] | None = None
+    keywords: list[Annotated[str, Field(max_length=MAX_KEYWORD_CHARS)]] | None = Field(None, max_length=MAX_KEYWORDS)
+    languages: list[str] | None = Field(None, max_length=100)
     delay: str | None = None  # gpt-realtime-whisper's latency trade-off: accepted, not used
 
 
@@ -169,7 +170,8 @@ def _transcription(given: _Transcription, param: str) -> Transcription:
                             "ISO-639-1 format.", param=f"{param}.language", code="invalid_language_format") from None
     if language is None and len(languages) == 1:
         language = languages[0]
-    return Transcription(model=given.model or None, language=language, prompt=given.prompt or None,
+    prompt = given.prompt.strip()[-MAX_PROMPT_CHARS:] if given.prompt else None  # only a tail is ever used
+    return Transcription(model=given.model or None, language=language, prompt=prompt or None,
                          keywords=tuple(given.keywords or ()),
                          languages=() if language else tuple(dict.fromkeys(languages)))
 

@@ -9,8 +9,14 @@ silence has lasted long enough; if speech resumes first, it is dropped. Without 
 the client commits the buffer itself.
 
 Decoding goes through ``Transcriber`` (the model service, in the server), one decode in flight per
-kind at a time; interim decodes of all sessions share a ``PreviewBudget``, so that final decodes
-never wait behind them; completed events keep the order of their turns.
+kind at a time: later turns' final decodes queue behind the one running, in order; interim
+decodes of all sessions share a ``PreviewBudget``, so that final decodes never wait behind them;
+completed events keep the order of their turns.
+
+A session is bounded (``SessionBounds``): audio may arrive at most ``max_speed`` times faster than
+real time (after a burst), at most ``max_pending_turns`` committed turns may wait for their
+transcript, and the audio it holds counts against the process's ``AudioBudget``. What exceeds a
+bound is refused with an ``error`` event naming it; what was committed before is still transcribed.
 """
 
 from __future__ import annotations
@@ -42,6 +48,19 @@ SPECULATION_DELAY = 0.2
 MIN_COMMIT_SECONDS = 0.1  # OpenAI refuses to commit less than 100 ms
 MAX_TURN_SECONDS = 30.0  # longer turns are cut: every decode is one Whisper window
 KEEP_BEFORE_SPEECH = 1.0  # seconds kept before a turn when none is in progress (covers any prefix padding)
+# Appended audio decoded and run through the VAD on the event loop when shorter than this (a
+# usual 20-100 ms frame costs less than a hop to a thread); longer appends go to a worker thread.
+INLINE_SECONDS = 1.0
+
+
+@dataclass(frozen=True)
+class SessionBounds:
+    """What one session may ask of the server."""
+
+    max_buffer_seconds: float = 600.0  # uncommitted audio held at once
+    max_speed: float = 10.0  # audio received, in seconds, per second of session ...
+    burst_seconds: float = 10.0  # ... beyond this much at any moment
+    max_pending_turns: int = 8  # committed turns waiting for their transcript
 
 
 @dataclass
@@ -79,17 +98,26 @@ class Transcriber(Protocol):
 
 
 class AudioBuffer:
-    """The session's recent audio, addressed by session sample (16 kHz samples since it began)."""
+    """The session's recent audio, addressed by session sample (16 kHz samples since it began).
+    Its memory is taken from ``budget`` (the process's ``AudioBudget``) and given back by ``free``."""
 
-    def __init__(self):
+    def __init__(self, budget=None):
+        self.budget = budget
         self._data = np.zeros(SAMPLE_RATE * 4, np.float32)
+        if budget is not None:
+            budget.force(self._data.nbytes)
         self.start = 0  # session sample of _data[0]
         self.end = 0  # session sample after the last one appended
 
     def append(self, audio: np.ndarray) -> None:
         used = self.end - self.start
         if used + len(audio) > len(self._data):
-            grown = np.zeros(max(2 * len(self._data), used + len(audio)), np.float32)
+            size = max(2 * len(self._data), used + len(audio))
+            if self.budget is not None and not self.budget.try_take((size - len(self._data)) * 4):
+                raise ProtocolError("The server is busy: the audio of the sessions and requests in progress fills "
+                                    "its memory budget; this audio was dropped. Commit or clear the buffer, or retry "
+                                    "shortly.", type="server_error", param="audio", code="server_busy")
+            grown = np.zeros(size, np.float32)
             grown[:used] = self._data[:used]
             self._data = grown
         self._data[used:used + len(audio)] = audio
@@ -108,6 +136,11 @@ class AudioBuffer:
 
     def seconds(self, start: int | None = None) -> float:
         return (self.end - max(self.start, start or 0)) / SAMPLE_RATE
+
+    def free(self) -> None:
+        if self.budget is not None:
+            self.budget.give_back(self._data.nbytes)
+            self.budget = None
 
 
 @dataclass
@@ -138,19 +171,23 @@ class LiveSession:
     """One WebSocket's transcription session. ``send`` delivers a server event (a dict)."""
 
     def __init__(self, send: Callable[[dict], Awaitable[None]], transcriber: Transcriber,
-                 max_buffer_seconds: float, previews: PreviewBudget | None = None, session_id: str | None = None):
+                 bounds: SessionBounds | None = None, previews: PreviewBudget | None = None,
+                 session_id: str | None = None, budget=None):
         self.id = session_id or new_id("sess")
-        self.send, self.transcriber, self.max_buffer_seconds = send, transcriber, max_buffer_seconds
+        self.send, self.transcriber, self.bounds = send, transcriber, bounds or SessionBounds()
         self.previews = previews or PreviewBudget(1)
         self.config = SessionConfig()
         self.input = InputAudio(self.config.format)
         self.vad = StreamingVad()
         self.detector = TurnDetector(self.config.turn_detection)
-        self.buffer = AudioBuffer()
+        self.buffer = AudioBuffer(budget)
         self.turn: Turn | None = None  # the item audio is being added to (speech in progress, or manual)
         self.last_item: str | None = None  # the last committed item, for previous_item_id
         self._finals: asyncio.Task | None = None  # the last turn's finalisation (they complete in order)
+        self._final_lane = asyncio.Lock()  # one final decode in flight; the next ones wait, in order (FIFO)
+        self.pending_turns = 0  # committed, transcript not sent yet
         self._tasks: set[asyncio.Task] = set()
+        self.opened, self.received = time.monotonic(), 0.0  # for the bound on audio ahead of real time
 
     # --- client events ----------------------------------------------------------------------------
 
@@ -203,17 +240,28 @@ class LiveSession:
         if not isinstance(data, str):
             raise ProtocolError("Missing required parameter: 'audio' (base64-encoded audio bytes).", param="audio",
                                 code="missing_required_parameter")
-        audio = self.input.decode(data)
+        # a long append (up to 15 MiB: minutes of audio) is decoded off the event loop
+        inline = len(data) * 3 / 4 < INLINE_SECONDS * self.input.bytes_per_second()
+        audio = self.input.decode(data) if inline else await asyncio.to_thread(self.input.decode, data)
         if not len(audio):
             return
-        if self.config.turn_detection is None and self.buffer.seconds() + len(audio) / SAMPLE_RATE > self.max_buffer_seconds:
-            raise ProtocolError(f"The input audio buffer would exceed {self.max_buffer_seconds:g} s, the most this "
+        seconds = len(audio) / SAMPLE_RATE
+        bounds = self.bounds
+        if self.config.turn_detection is None and self.buffer.seconds() + seconds > bounds.max_buffer_seconds:
+            raise ProtocolError(f"The input audio buffer would exceed {bounds.max_buffer_seconds:g} s, the most this "
                                 "server keeps uncommitted; this audio was dropped. Commit or clear the buffer.",
                                 param="audio", code="input_audio_buffer_full")
-        metrics().live_audio_seconds.inc(len(audio) / SAMPLE_RATE)
-        first = self.vad.frames
+        allowed = bounds.burst_seconds + bounds.max_speed * (time.monotonic() - self.opened)
+        if self.received + seconds > allowed:
+            raise ProtocolError(f"Audio is arriving faster than this server accepts: at most {bounds.max_speed:g}x "
+                                f"real time after the first {bounds.burst_seconds:g} s ({self.received:.1f} s received "
+                                f"in {time.monotonic() - self.opened:.1f} s); this audio was dropped. Send it at the "
+                                "pace it was recorded.", param="audio", code="input_audio_too_fast")
         self.buffer.append(audio)
-        probabilities = self.vad.feed(audio)
+        self.received += seconds
+        metrics().live_audio_seconds.inc(seconds)
+        first = self.vad.frames
+        probabilities = self.vad.feed(audio) if inline else await asyncio.to_thread(self.vad.feed, audio)
         if self.config.turn_detection is None:
             if self.turn is None:
                 self.turn = Turn(new_id("item"), self.buffer.start)
@@ -273,6 +321,11 @@ class LiveSession:
         """Commit ``turn``'s audio up to ``end`` and finalise it (after the turns before it). With
         ``at_pause`` (turn detection stopped it), the decode started when its pause began is the
         final one: its audio ends where the speech did."""
+        if self.config.transcription is not None and self.pending_turns >= self.bounds.max_pending_turns:
+            self._cancel(turn)
+            raise ProtocolError(f"{self.pending_turns} committed turns are still being transcribed, the most this "
+                                "server queues per session; this turn was not committed. Wait for their transcripts "
+                                "before committing more.", code="too_many_pending_turns")
         kept = turn.speculation if at_pause else None
         if kept is not None:
             turn.speculation = None  # it is the final decode: not dropped below
@@ -288,6 +341,7 @@ class LiveSession:
             return
         if pending is None:
             pending = self._final_decode(audio)
+        self.pending_turns += 1
         self._finals = self._spawn(self._finalize(turn, audio, pending, self.config.logprobs, self._finals,
                                                   time.perf_counter()))
 
@@ -303,8 +357,13 @@ class LiveSession:
         turn.speculation = (end, self._final_decode(self.buffer.slice(turn.start, end)))
 
     def _final_decode(self, audio: np.ndarray) -> asyncio.Task:
-        return self._spawn(self.transcriber.transcribe(audio, self.config.transcription, final=True,
-                                                       logprobs=self.config.logprobs))
+        transcription, logprobs = self.config.transcription, self.config.logprobs
+
+        async def decode() -> Decoded:
+            async with self._final_lane:  # one at a time: a fast client's turns queue here, not in the model service
+                return await self.transcriber.transcribe(audio, transcription, final=True, logprobs=logprobs)
+
+        return self._spawn(decode())
 
     def _drop_speculation(self, turn: Turn) -> None:
         if turn.speculation is not None:
@@ -338,6 +397,13 @@ class LiveSession:
 
     async def _finalize(self, turn: Turn, audio: np.ndarray, pending: asyncio.Task, logprobs: bool,
                         previous: asyncio.Task | None, committed_at: float) -> None:
+        try:
+            await self._finalize_in_order(turn, audio, pending, logprobs, previous, committed_at)
+        finally:
+            self.pending_turns -= 1
+
+    async def _finalize_in_order(self, turn: Turn, audio: np.ndarray, pending: asyncio.Task, logprobs: bool,
+                                 previous: asyncio.Task | None, committed_at: float) -> None:
         error = None
         try:
             decoded = await pending
@@ -389,8 +455,10 @@ class LiveSession:
                 await asyncio.wait_for(asyncio.shield(self._finals), timeout)
 
     async def close(self) -> None:
-        """Stop all of the session's work (its client left or it ended)."""
+        """Stop all of the session's work at once, queued and in flight (its client left or it
+        ended): cancelled decodes are dropped by the model service too."""
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.buffer.free()

@@ -1,0 +1,97 @@
+"""Deadlines on reading a request body, so that a client that sends slowly, or stops, cannot hold
+the server's resources (uvicorn, like Starlette, waits for body bytes forever).
+
+After a grace period the body must average a minimum transfer rate, and it must be complete
+within an overall limit. A client that falls behind gets OpenAI's error envelope with 408, and
+the app sees a disconnect: its handler stops reading, releases what it held, and the connection
+is closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from openstt.api.errors import OpenAIError
+from openstt.settings import UPLOAD_GRACE_S, UPLOAD_MIN_BYTES_PER_S, UPLOAD_TIMEOUT_S
+
+log = logging.getLogger("openstt.api")
+
+
+@dataclass(frozen=True)
+class BodyDeadline:
+    min_rate: int = UPLOAD_MIN_BYTES_PER_S  # bytes/s averaged since the request began; 0: none
+    grace: float = UPLOAD_GRACE_S  # seconds before the rate counts (connection set-up, slow start)
+    timeout: float = UPLOAD_TIMEOUT_S  # the whole body
+
+    def due(self, started: float, received: int) -> float:
+        """When the next body bytes must have arrived (monotonic time)."""
+        limit = started + self.timeout
+        if self.min_rate:
+            limit = min(limit, started + self.grace + received / self.min_rate)
+        return limit
+
+
+class BodyDeadlineMiddleware:
+    """Apply ``deadline()`` to the body of every HTTP request."""
+
+    def __init__(self, app: ASGIApp, deadline: Callable[[], BodyDeadline]):
+        self.app, self.deadline = app, deadline
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        deadline = self.deadline()
+        started = time.monotonic()
+        received, more_body, expired, response_started = 0, True, False, False
+
+        async def timed_receive() -> Message:
+            nonlocal received, more_body, expired
+            if expired:
+                return {"type": "http.disconnect"}
+            if not more_body:  # the body is complete: what comes now is the disconnect, whenever
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(deadline.due(started, received) - time.monotonic(), 0))
+            except asyncio.TimeoutError:
+                expired = True
+                elapsed = time.monotonic() - started
+                log.info("closed %s %s: request body too slow (%d bytes in %.1f s)", scope.get("method"),
+                         scope["path"], received, elapsed)
+                if not response_started:
+                    await _too_slow(deadline, received, elapsed).response()(scope, receive, guarded_send)
+                return {"type": "http.disconnect"}
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                more_body = message.get("more_body", False)
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal response_started
+            if message["type"] == "http.response.start":
+                response_started = True
+            await send(message)
+
+        async def app_send(message: Message) -> None:
+            if expired and message["type"].startswith("http.response"):
+                return  # the 408 already answered this request
+            await guarded_send(message)
+
+        await self.app(scope, timed_receive, app_send)
+
+
+def _too_slow(deadline: BodyDeadline, received: int, elapsed: float) -> OpenAIError:
+    if elapsed >= deadline.timeout - 0.01:
+        why = f"the request body was not complete within {deadline.timeout:g} s"
+    else:
+        why = (f"the request body arrived slower than {deadline.min_rate} bytes/s "
+               f"({received} bytes in {elapsed:.1f} s)")
+    # 408: the SDK retries it, which is right for a transfer that stalled on the way
+    return OpenAIError(408, f"Request timeout: {why}.", type="invalid_request_error", code="request_timeout",
+                       headers={"connection": "close"})
