@@ -175,7 +175,8 @@ async def _transcribe(request: Request, task: str) -> Response:
 async def _decode(req: AudioRequest, limits: Limits, slot: Slot) -> np.ndarray:
     """The upload's audio, decoded in a worker thread once the process's decoded-audio budget has
     room for its declared length (``slot`` holds the bytes until the request ends)."""
-    declared = await run_in_threadpool(probe_seconds, req.file.file)
+    # what the header declares; what decoding would refuse from it (too long, too many channels) is a 400 now
+    declared = await run_in_threadpool(probe_seconds, req.file.file, max_duration=limits.max_audio_seconds)
     seconds = min(declared if declared is not None else limits.max_audio_seconds, limits.max_audio_seconds)
     try:
         slot.audio_bytes = await limits.audio.take(int(seconds * BYTES_PER_SECOND))

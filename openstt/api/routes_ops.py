@@ -15,7 +15,7 @@ from openstt.api.state import app_state
 router = APIRouter()
 
 READY_TTL_S = 2.0
-READY_TIMEOUT_S = 5.0  # under load the model service answers late, not never
+READY_TIMEOUT_S = 2.0  # the sync `ready` API answers in milliseconds beside a busy compute thread
 
 UI_PAGE = Path(__file__).resolve().parent.parent / "ui" / "index.html"
 
