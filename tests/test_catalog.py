@@ -55,7 +55,11 @@ def catalog_cache(hf_cache, base_model, tmp_path_factory):
     return cache
 
 
-@pytest.mark.parametrize("name", list(CATALOG))
+# one of each shape in the quick run (English-only, 128 mel bins, Voxtral); every id in the whole suite
+QUICK = {"whisper-tiny.en", "whisper-large-v3", "voxtral-mini"}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=() if n in QUICK else pytest.mark.slow) for n in CATALOG])
 def test_every_id_loads_its_engine_and_processor(name, catalog_cache):
     spec = CATALOG[name]
     assert lookup(spec.repo_id) is spec and lookup(name) is spec

@@ -193,3 +193,50 @@ def test_runtime_load_refusal_reaches_the_client_as_a_400(fake_shape, monkeypatc
                              download=False, batch_windows=8)
     reply = weights.load("whisper-base")
     assert reply.error == ErrorCode.insufficient_memory and "whisper-base" in reply.message
+
+
+def test_runtime_loads_check_memory_one_at_a_time(monkeypatch):
+    """Two loads checked at once would both count on the same free memory: the check and the load
+    run under one lock, whatever the model."""
+    import threading
+    import time
+
+    import torch
+
+    from openstt.device import Placement
+    from openstt.model_manager import WeightsManager
+    from openstt.registry import ModelRegistry
+
+    inside, most = 0, 0
+    guard = threading.Lock()
+
+    def check(*args, **kwargs):
+        nonlocal inside, most
+        with guard:
+            inside += 1
+            most = max(most, inside)
+
+    class Loaded:
+        def __init__(self, name):
+            self.name = name
+
+        def describe(self):
+            return {"name": self.name}
+
+    def load(spec, *args, **kwargs):
+        nonlocal inside
+        time.sleep(0.2)  # while a load runs, the other model's check must wait
+        with guard:
+            inside -= 1
+        return Loaded(spec.name)
+
+    monkeypatch.setattr("openstt.memory.check_runtime_load", check)
+    monkeypatch.setattr("openstt.model_manager.load_weights", load)
+    weights = WeightsManager(ModelRegistry([Loaded("whisper-tiny.en")], "whisper-tiny.en"),
+                             Placement(torch.device("cpu"), torch.float32), download=False, batch_windows=8)
+    threads = [threading.Thread(target=weights.load, args=(name,)) for name in ("whisper-base", "whisper-small")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert most == 1 and sorted(weights.registry.names()) == ["whisper-base", "whisper-small", "whisper-tiny.en"]

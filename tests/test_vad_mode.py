@@ -119,6 +119,7 @@ def test_first_chunk_alone_only_to_detect_the_language_or_to_stream():
     assert first_alone(TranscribeOptions(language="fr", stream=True), multilingual=True)  # its text comes early
 
 
+@pytest.mark.slow  # 9 s: three passes over three chunks
 def test_chunks_are_decoded_together(tiny_en_engine, three_chunks, monkeypatch):
     """The first chunk runs alone when asked (it detects the language, and its text streams out
     early), then all the others go to the decoder together, in batches of at most ``max_batch``;

@@ -58,8 +58,9 @@ class BodyDeadlineMiddleware:
             if not more_body:  # the body is complete: what comes now is the disconnect, whenever
                 return await receive()
             try:
-                message = await asyncio.wait_for(receive(), max(deadline.due(started, received) - time.monotonic(), 0))
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(max(deadline.due(started, received) - time.monotonic(), 0)):
+                    message = await receive()
+            except TimeoutError:
                 expired = True
                 elapsed = time.monotonic() - started
                 log.info("closed %s %s: request body too slow (%d bytes in %.1f s)", scope.get("method"),

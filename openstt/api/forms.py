@@ -18,6 +18,7 @@ from starlette.datastructures import FormData, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from openstt.api.errors import bad_request
+from openstt.engines.base import MAX_KEYWORD_CHARS, MAX_KEYWORDS, MAX_PROMPT_CHARS
 from openstt.languages import normalize_language
 from openstt.vad import VadOptions
 
@@ -30,14 +31,7 @@ MAX_TEXT_PART = 8 * 1024 * 1024
 # Model names, codes, enums and numbers: HF repo ids are at most 96 characters.
 MAX_FIELD_CHARS = 256
 MAX_CHUNKING_CHARS = 1024  # a server_vad object of four keys is under 200 characters
-# Whisper keeps the last 223 prompt tokens (half its 448-token text context); a token is ~4
-# characters of English, so that is ~1,000 characters and rarely over 2,000. Keeping the last
-# 4,000 loses nothing the model would see and keeps tokenising a huge prompt cheap.
-MAX_PROMPT_CHARS = 4000
-# keywords[] become decoder prompt context, which holds about 220 tokens in all (see the engine's
-# own token budget); these bounds only refuse what could never fit.
-MAX_KEYWORDS = 50
-MAX_KEYWORD_CHARS = 100
+# MAX_PROMPT_CHARS, MAX_KEYWORDS, MAX_KEYWORD_CHARS: what could reach the decoder's prompt (engines/base.py)
 MAX_BEAM_SIZE = 10  # beam_size (our extension): 1 (greedy) .. 10
 MAX_KNOWN_SPEAKERS = 4  # OpenAI's limit on known_speaker_names[] / known_speaker_references[]
 MAX_SPEAKER_NAME_CHARS = 64

@@ -325,8 +325,9 @@ class SlotStreamingResponse(StreamingResponse):
         async def bounded_send(message: Message) -> None:
             # a client that stops reading fills the socket's buffers, and then a send waits for it
             try:
-                await asyncio.wait_for(send(message), STREAM_SEND_TIMEOUT_S)
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(STREAM_SEND_TIMEOUT_S):
+                    await send(message)
+            except TimeoutError:
                 log.info("%s stream stopped: the client read nothing for %g s", self.slot.request_id,
                          STREAM_SEND_TIMEOUT_S)
                 raise ClientDisconnected from None

@@ -178,8 +178,9 @@ async def _serve(ws: WebSocket, limits: LiveLimits) -> None:
             return
         async with lock:  # events from the receive loop and from decodes, one at a time
             try:
-                await asyncio.wait_for(_send(ws, message), SEND_TIMEOUT_S)
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(SEND_TIMEOUT_S):
+                    await _send(ws, message)
+            except TimeoutError:
                 gone.set()
 
     session = LiveSession(send, ModelTranscriber(state.serving_registry(), limits.decodes), limits.bounds(),

@@ -32,6 +32,11 @@ FRAME_SECONDS = HOP_LENGTH / SAMPLE_RATE  # 0.01
 TIME_PRECISION = 0.02  # seconds per timestamp token
 BEST_OF = 5  # samples per window when decoding at temperature > 0
 MAX_INITIAL_TIMESTAMP_INDEX = 50  # the first timestamp is at most 1.0 s
+# Sampled tokens a window may take: Whisper's 224 for a full window, fewer for a short one. Speech
+# carries at most ~10 tokens a second (fast Mandarin; English ~5, timestamps included), so a
+# window that runs past 32 + 12 per second is a loop. Without this a 1 s clip whose prompt makes
+# Whisper loop (223 tokens of "1111") decoded 224 tokens at each of six temperatures: ~35 s of CPU.
+TOKENS_PER_SECOND, TOKENS_BASE = 12, 32
 
 
 @dataclass
@@ -294,7 +299,8 @@ class WhisperCore(Detokenizer):
         beam_layout = self._beam_layout(open_beams, beam_of, first, alive_rows)
         no_speech = torch.zeros(n)
         inputs, step_positions = tokens, positions
-        max_len = min(self.n_text_ctx, width + self.n_text_ctx // 2)
+        longest = max(len(job.audio) for job in jobs) / SAMPLE_RATE
+        max_len = min(self.n_text_ctx, width + min(self.n_text_ctx // 2, TOKENS_BASE + int(TOKENS_PER_SECOND * longest)))
         while tokens.shape[1] < max_len:
             self.decoder_rows.append(len(alive_rows))
             hidden = self.model.model.decoder(input_ids=inputs, attention_mask=mask, position_ids=step_positions,
