@@ -61,7 +61,7 @@ MATRIX = [
     ("too-many-keywords", {"model": "whisper-1", "keywords[]": [f"k{i}" for i in range(60)]},
      {"file": ("fox.wav", "FOX")}, 400, "keywords"),
     ("huge-text-field", {"model": "whisper-1", "prompt": "x" * (9 * 1024 * 1024)}, {"file": ("fox.wav", "FOX")},
-     400, "multipart"),
+     400, "prompt"),
     ("50ms", {"model": "whisper-1"}, {"file": ("short.wav", "SHORT")}, 400, "too short"),
     ("6h-silent-flac", {"model": "whisper-1"}, {"file": ("bomb.flac", "BOMB")}, 400, "longer than"),
     ("bad-format", {"model": "whisper-1", "response_format": "xml"}, {"file": ("fox.wav", "FOX")}, 400,
