@@ -274,3 +274,39 @@ def test_live_audio_counts_against_the_process_budget():
         assert budget.used == 0
 
     asyncio.run(scenario())
+
+
+def test_final_decodes_of_all_sessions_share_a_global_cap():
+    """Sessions' final decodes in the model service at once are capped (``LiveLimits.decodes``);
+    the others wait in this process, where leaving costs nothing."""
+    from openstt.api.routes_realtime import ModelTranscriber
+    from openstt.catalog import CATALOG
+    from openstt.engines.base import Engine, LoopState, Segment, TranscriptionRun
+    from openstt.registry import ModelRegistry
+
+    running = {"now": 0, "most": 0}
+
+    class Slow(Engine):
+        def start(self, audio, options) -> TranscriptionRun:
+            async def segments():
+                running["now"] += 1
+                running["most"] = max(running["most"], running["now"])
+                await asyncio.sleep(0.05)
+                running["now"] -= 1
+                yield Segment(0, 0, 0.0, 1.0, " hi", [], 0.0, 0.0, 1.0, 0.0)
+
+            return TranscriptionRun(state=LoopState("en"), duration=1.0, segments=segments())
+
+    async def scenario():
+        transcriber = ModelTranscriber(ModelRegistry([Slow(CATALOG["whisper-tiny.en"])], "whisper-tiny.en"),
+                                       asyncio.Semaphore(2))
+        audio = np.zeros(SAMPLE_RATE, np.float32)
+        finals = [transcriber.transcribe(audio, Transcription(), final=True, logprobs=False) for _ in range(6)]
+        assert [d.text for d in await asyncio.gather(*finals)] == ["hi"] * 6
+        assert running["most"] == 2
+        running["most"] = 0  # interims are not queued: the preview budget skips them instead
+        interims = [transcriber.transcribe(audio, Transcription(), final=False, logprobs=False) for _ in range(4)]
+        await asyncio.gather(*interims)
+        assert running["most"] == 4
+
+    asyncio.run(scenario())
