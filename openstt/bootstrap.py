@@ -155,7 +155,7 @@ def attach(app: FastAPI, registry: ModelRegistry, settings: Settings | None = No
     """Serve ``registry`` from ``app`` with the configured keys and limits (and ``manager``, the
     runtime model management, when the models can be loaded and unloaded)."""
     settings = settings or get_settings()
-    from openstt.api.body_deadline import BodyDeadline
+    from openstt.api.body_limits import BodyDeadline
     from openstt.api.limits import AudioBudget, Limits, LiveLimits, default_audio_budget
     from openstt.api.state import app_state
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from openstt.api.app import create_app
-from openstt.api.body_deadline import BodyDeadline
+from openstt.api.body_limits import BodyDeadline
 from openstt.api.limits import AudioBudget, BudgetExhausted, Limits
 from openstt.api.state import app_state
 from openstt.audio import SAMPLE_RATE

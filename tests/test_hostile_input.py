@@ -5,7 +5,6 @@ or a connection; and a long prompt still works, its tail kept."""
 from __future__ import annotations
 
 import io
-import socket
 import struct
 import time
 
@@ -99,24 +98,3 @@ def test_8_channels_for_2_hours_is_a_quick_400(client):
     error = error_of(client.post(URL, files={"file": ("x.flac", bytes(data))}))
     assert error["param"] == "file" and error["code"] == "too_many_channels"
     assert time.perf_counter() - started < 2
-
-
-@pytest.mark.parametrize("kind", ["concat", "sdp"])
-def test_playlists_are_not_followed(client, kind, tmp_path, monkeypatch):
-    """An ffconcat script naming a WAV in the server's working directory was transcribed as that
-    file; an SDP file held the request while FFmpeg waited on RTP sockets."""
-    (tmp_path / "secret.wav").write_bytes(fox())
-    monkeypatch.chdir(tmp_path)
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen()
-        listener.settimeout(0.2)
-        port = listener.getsockname()[1]
-        upload = {"concat": f"ffconcat version 1.0\nfile secret.wav\nfile http://127.0.0.1:{port}/x.wav\n",
-                  "sdp": f"v=0\no=- 0 0 IN IP4 127.0.0.1\ns=x\nc=IN IP4 127.0.0.1\nt=0 0\n"
-                         f"m=audio {port} RTP/AVP 0\n"}[kind]
-        started = time.perf_counter()
-        error = error_of(client.post(URL, files={"file": ("a.wav", upload.encode())}))
-        assert error["message"].startswith("Invalid file format") and time.perf_counter() - started < 2
-        with pytest.raises(socket.timeout):
-            listener.accept()

@@ -16,9 +16,9 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import Response
 
 from openstt.api import routes_audio, routes_models, routes_ops, routes_realtime
-from openstt.api.body_deadline import BodyDeadlineMiddleware
+from openstt.api.body_limits import BodyLimitsMiddleware
 from openstt.api.errors import OpenAIError, install_error_handlers
-from openstt.api.middleware import ApiKeyMiddleware, MaxBodySizeMiddleware, RequestIdMiddleware
+from openstt.api.middleware import ApiKeyMiddleware, RequestIdMiddleware
 from openstt.api.state import AppState, app_state
 
 
@@ -46,8 +46,8 @@ def create_app() -> FastAPI:
     app = FastAPI(title="open-stt", version="0.1.0", docs_url="/docs", redoc_url=None, lifespan=_lifespan)
     app.state.openstt = AppState()
     install_error_handlers(app)
-    app.add_middleware(BodyDeadlineMiddleware, deadline=lambda: app_state(app).limits.body)
-    app.add_middleware(MaxBodySizeMiddleware, max_bytes=lambda: app_state(app).max_upload_bytes)
+    app.add_middleware(BodyLimitsMiddleware, max_bytes=lambda: app_state(app).max_upload_bytes,
+                       deadline=lambda: app_state(app).limits.body)
     app.add_middleware(ApiKeyMiddleware, keys=lambda: app_state(app).api_keys,
                        protect_metrics_and_ui=lambda: app_state(app).protect_metrics_and_ui)
     app.add_middleware(RequestIdMiddleware)

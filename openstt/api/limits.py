@@ -19,7 +19,7 @@ from typing import TypeVar
 from fastapi.responses import StreamingResponse
 from starlette.types import Message, Receive
 
-from openstt.api.body_deadline import BodyDeadline
+from openstt.api.body_limits import BodyDeadline
 from openstt.metrics import metrics
 from openstt.settings import (
     AUDIO_BUDGET_WAIT_S,

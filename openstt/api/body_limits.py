@@ -1,10 +1,11 @@
-"""Deadlines on reading a request body, so that a client that sends slowly, or stops, cannot hold
-the server's resources (uvicorn, like Starlette, waits for body bytes forever).
+"""Limits on reading a request body: its size, and how slowly it may arrive.
 
-After a grace period the body must average a minimum transfer rate, and it must be complete
-within an overall limit. A client that falls behind gets OpenAI's error envelope with 408, and
-the app sees a disconnect: its handler stops reading, releases what it held, and the connection
-is closed.
+A body over ``max_bytes`` gets OpenAI's 413 before the multipart form is parsed
+(``Content-Length`` up front; chunked uploads counted as they stream in). And since uvicorn, like
+Starlette, waits for body bytes forever, a client that sends slowly or stops could hold the
+server's resources: after a grace period the body must average a minimum transfer rate, and be
+complete within an overall limit, or the client gets 408. Either way the app then sees a
+disconnect: its handler stops reading, releases what it held, and the connection is closed.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from openstt.api.errors import OpenAIError
@@ -37,23 +39,27 @@ class BodyDeadline:
         return limit
 
 
-class BodyDeadlineMiddleware:
-    """Apply ``deadline()`` to the body of every HTTP request."""
+class BodyLimitsMiddleware:
+    """Apply ``max_bytes()`` (0: no limit) and ``deadline()`` to the body of every HTTP request."""
 
-    def __init__(self, app: ASGIApp, deadline: Callable[[], BodyDeadline]):
-        self.app, self.deadline = app, deadline
+    def __init__(self, app: ASGIApp, max_bytes: Callable[[], int], deadline: Callable[[], BodyDeadline]):
+        self.app, self.max_bytes, self.deadline = app, max_bytes, deadline
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        deadline = self.deadline()
+        limit, deadline = self.max_bytes(), self.deadline()
+        declared = Headers(scope=scope).get("content-length")
+        if limit and declared and declared.isdigit() and int(declared) > limit:
+            await _too_large(limit, int(declared)).response()(scope, receive, send)
+            return
         started = time.monotonic()
-        received, more_body, expired, response_started = 0, True, False, False
+        received, more_body, refused, response_started = 0, True, False, False
 
-        async def timed_receive() -> Message:
-            nonlocal received, more_body, expired
-            if expired:
+        async def limited_receive() -> Message:
+            nonlocal received, more_body, refused
+            if refused:
                 return {"type": "http.disconnect"}
             if not more_body:  # the body is complete: what comes now is the disconnect, whenever
                 return await receive()
@@ -61,17 +67,23 @@ class BodyDeadlineMiddleware:
                 async with asyncio.timeout(max(deadline.due(started, received) - time.monotonic(), 0)):
                     message = await receive()
             except TimeoutError:
-                expired = True
                 elapsed = time.monotonic() - started
                 log.info("closed %s %s: request body too slow (%d bytes in %.1f s)", scope.get("method"),
                          scope["path"], received, elapsed)
-                if not response_started:
-                    await _too_slow(deadline, received, elapsed).response()(scope, receive, guarded_send)
-                return {"type": "http.disconnect"}
+                return await refuse(_too_slow(deadline, received, elapsed))
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 more_body = message.get("more_body", False)
+                if limit and received > limit:
+                    return await refuse(_too_large(limit, received))
             return message
+
+        async def refuse(error: OpenAIError) -> Message:
+            nonlocal refused
+            refused = True
+            if not response_started:
+                await error.response()(scope, receive, guarded_send)
+            return {"type": "http.disconnect"}
 
         async def guarded_send(message: Message) -> None:
             nonlocal response_started
@@ -80,11 +92,15 @@ class BodyDeadlineMiddleware:
             await send(message)
 
         async def app_send(message: Message) -> None:
-            if expired and message["type"].startswith("http.response"):
-                return  # the 408 already answered this request
+            if refused:
+                return  # the 413 or 408 already answered this request
             await guarded_send(message)
 
-        await self.app(scope, timed_receive, app_send)
+        await self.app(scope, limited_receive, app_send)
+
+
+def _too_large(limit: int, read: int) -> OpenAIError:
+    return OpenAIError(413, f"Maximum content size limit ({limit}) exceeded ({read} bytes read)", type="server_error")
 
 
 def _too_slow(deadline: BodyDeadline, received: int, elapsed: float) -> OpenAIError:
