@@ -141,8 +141,6 @@ class Limits:
 
     def try_admit(self, slot: Slot) -> bool:
         """Move ``slot`` from uploading to transcribing, if a transcription slot is free."""
-        if slot.admitted:
-            return True
         if self.in_flight >= self.max_in_flight:
             return False
         self.uploading -= 1
@@ -151,18 +149,10 @@ class Limits:
         metrics().in_flight.labels(slot.route).inc()
         return True
 
-    def try_acquire(self, route: str) -> Slot | None:
-        """An upload place and a transcription slot at once (for callers with audio in hand)."""
-        slot = self.try_upload(route)
-        if slot is not None and not self.try_admit(slot):
-            slot.release()
-            return None
-        return slot
-
 
 def default_audio_budget() -> int:
     """An eighth of the machine's (or container's) memory, within 0.5 to 4 GiB: 3 GiB on a
-    24 GB machine, about 13 hours of decoded audio held at once."""
+    24 GB machine, about 14 hours of decoded audio held at once."""
     from openstt.memory import system_memory
 
     total, _ = system_memory()

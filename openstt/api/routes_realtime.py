@@ -11,6 +11,7 @@ wrong is an ``error`` event; only auth, admission and the session's limits close
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
@@ -60,7 +61,7 @@ class ModelTranscriber:
 
     def __init__(self, registry: ModelRegistry, decodes: asyncio.Semaphore | None = None):
         self.registry = registry
-        self.decodes = decodes or asyncio.Semaphore(1 << 30)  # final decodes of all sessions in flight at once
+        self.decodes = decodes  # final decodes of all sessions in the model service at once (None: any number)
 
     def check(self, transcription: Transcription) -> None:
         try:
@@ -81,10 +82,8 @@ class ModelTranscriber:
             raise ProtocolError(exc.message, param=f"{self.PARAM}.model", code="model_not_found") from None
         try:
             run = lease.engine.start(audio, _options(transcription, final=final, logprobs=logprobs))
-            if final:
-                async with self.decodes:
-                    transcript = await run.acollect()
-            else:  # interims are bounded by the PreviewBudget, and skipped rather than queued
+            # (interims are bounded by the PreviewBudget, which skips them rather than queue them)
+            async with self.decodes if final and self.decodes else contextlib.nullcontext():
                 transcript = await run.acollect()
         except ModelFailure as exc:
             if exc.code == ErrorCode.model_not_loaded:

@@ -36,6 +36,7 @@ from openstt.live.audio_input import InputAudio
 from openstt.live.protocol import ProtocolError, SessionConfig, Transcription, apply_update, error_event, event, new_id
 from openstt.live.turns import StableText, TurnDetector
 from openstt.metrics import metrics
+from openstt.settings import LIVE_MAX_BUFFER_SECONDS, LIVE_MAX_PENDING_TURNS, LIVE_MAX_SPEED
 from openstt.vad import StreamingVad
 
 log = logging.getLogger("openstt.live")
@@ -55,12 +56,12 @@ INLINE_SECONDS = 1.0
 
 @dataclass(frozen=True)
 class SessionBounds:
-    """What one session may ask of the server."""
+    """What one session may ask of the server (the ``OPEN_STT_LIVE_MAX_*`` settings)."""
 
-    max_buffer_seconds: float = 600.0  # uncommitted audio held at once
-    max_speed: float = 10.0  # audio received, in seconds, per second of session ...
-    burst_seconds: float = 10.0  # ... beyond this much at any moment
-    max_pending_turns: int = 8  # committed turns waiting for their transcript
+    max_buffer_seconds: float = LIVE_MAX_BUFFER_SECONDS  # uncommitted audio held at once
+    max_speed: float = LIVE_MAX_SPEED  # audio received, in seconds, per second of session ...
+    burst_seconds: float = 10.0  # ... beyond this much (a client may send what it buffered while connecting)
+    max_pending_turns: int = LIVE_MAX_PENDING_TURNS  # committed turns waiting for their transcript
 
 
 @dataclass
@@ -344,6 +345,7 @@ class LiveSession:
         self.pending_turns += 1
         self._finals = self._spawn(self._finalize(turn, audio, pending, self.config.logprobs, self._finals,
                                                   time.perf_counter()))
+        self._finals.add_done_callback(self._turn_done)
 
     def _speculate(self, turn: Turn) -> None:
         """Start the turn's final decode now, early in a pause that may end it (instead of an
@@ -397,13 +399,6 @@ class LiveSession:
 
     async def _finalize(self, turn: Turn, audio: np.ndarray, pending: asyncio.Task, logprobs: bool,
                         previous: asyncio.Task | None, committed_at: float) -> None:
-        try:
-            await self._finalize_in_order(turn, audio, pending, logprobs, previous, committed_at)
-        finally:
-            self.pending_turns -= 1
-
-    async def _finalize_in_order(self, turn: Turn, audio: np.ndarray, pending: asyncio.Task, logprobs: bool,
-                                 previous: asyncio.Task | None, committed_at: float) -> None:
         error = None
         try:
             decoded = await pending
@@ -435,6 +430,9 @@ class LiveSession:
         metrics().live_turn_latency.observe(time.perf_counter() - committed_at)
 
     # --- lifetime ---------------------------------------------------------------------------------
+
+    def _turn_done(self, _: asyncio.Task) -> None:
+        self.pending_turns -= 1
 
     def _spawn(self, coroutine) -> asyncio.Task:
         task = asyncio.ensure_future(coroutine)
