@@ -297,7 +297,9 @@ def test_sigterm_lets_in_flight_requests_finish(hf_cache, tmp_path):
     worker = threading.Thread(target=transcribe)
     worker.start()
     deadline = time.monotonic() + 30
-    while 'openstt_requests_in_flight{route="transcriptions"} 1.0' not in httpx.get(srv.base + "/metrics").text:
+    # (a generous timeout: on a loaded CI machine the first scrape, during the server's first decode, took over 5 s)
+    while 'openstt_requests_in_flight{route="transcriptions"} 1.0' not in httpx.get(srv.base + "/metrics",
+                                                                                      timeout=60).text:
         assert time.monotonic() < deadline and worker.is_alive(), "the transcription never started"
         time.sleep(0.05)
     os.kill(srv.proc.pid, signal.SIGTERM)  # while it is in flight
