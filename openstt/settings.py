@@ -20,7 +20,7 @@ MAX_CONCURRENT_REQUESTS = 64  # transcriptions in flight per API worker
 # Requests whose body is being read or whose audio is being decoded (they hold no transcription
 # slot yet). Each costs a socket and at most 1 MiB of memory (the rest of a file spools to disk),
 # so twice the slots: 100 stalled clients leave room for everyone else until the deadlines below
-# close them.
+# close them; beyond that, an upload stalled for 2 s gives its place to a newcomer.
 MAX_UPLOADS_IN_PROGRESS = 2 * MAX_CONCURRENT_REQUESTS
 # Reading a request body: it must average at least this rate after the first UPLOAD_GRACE_S, and
 # finish within UPLOAD_TIMEOUT_S. 25 MiB (OpenAI's limit) at the minimum rate take 800 s, so a

@@ -120,6 +120,50 @@ def test_a_stalled_upload_is_closed_by_the_deadline_and_holds_no_slot(tiny_en_en
     assert status == 408 and "0.5 s" in body["error"]["message"] and took < 2
 
 
+def test_a_stalled_upload_gives_its_place_to_a_new_client(tiny_en_engine, hf_cache, monkeypatch):
+    """All upload places taken: the upload that has sent nothing for ``STALLED_S`` or more is
+    closed (408) for the newcomer, who is answered as on an idle server; one quiet for less keeps
+    its place."""
+    from openstt.api import limits as limits_module
+    from tests.inmemory import inmemory_app
+
+    monkeypatch.setattr(limits_module, "STALLED_S", 0.6)
+    app = create_app()
+    inmemory_app([tiny_en_engine], hf_cache, app=app)
+    limits = app_state(app).limits
+    limits.max_uploads = 1
+    head = b'--xyz\r\nContent-Disposition: form-data; name="model"\r\n\r\nwhisper-tiny.en\r\n'
+
+    async def scenario():
+        stalled = asyncio.ensure_future(_stalled_request(app, [head], stall=60))
+        await asyncio.sleep(0.2)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+            def post():
+                return client.post("/v1/audio/transcriptions", files={"file": ("a.wav", _silence_wav())},
+                                   data={"model": "whisper-tiny.en"})
+
+            early = await post()  # the stalled one has been quiet for 0.2 s only: it keeps its place
+            assert early.status_code == 429 and "uploads in progress" in early.json()["error"]["message"]
+            await asyncio.sleep(0.5)
+            answer = await post()
+        status, body, took = await asyncio.wait_for(stalled, 5)
+        return answer, status, body
+
+    answer, status, body = asyncio.run(scenario())
+    assert answer.status_code == 200, answer.text
+    assert status == 408 and "while other clients waited" in body["error"]["message"]
+    assert limits.uploading == 0
+
+
+def _silence_wav() -> bytes:
+    import soundfile as sf
+    import io
+
+    buf = io.BytesIO()
+    sf.write(buf, np.zeros(SAMPLE_RATE, np.float32), SAMPLE_RATE, format="WAV", subtype="PCM_16")
+    return buf.getvalue()
+
+
 # --- /health follows the model service --------------------------------------------------------------
 
 def test_health_rechecks_the_model_service(tiny_en_engine, hf_cache, monkeypatch):

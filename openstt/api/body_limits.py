@@ -39,6 +39,26 @@ class BodyDeadline:
         return limit
 
 
+class BodyProgress:
+    """How one request's body is arriving (``scope["state"]["body"]``): when bytes last came, and a
+    way to stop waiting for the rest (``evict``: the place it holds is wanted by another client)."""
+
+    def __init__(self) -> None:
+        self.last = time.monotonic()
+        self.complete = False
+        self.evicted = False
+        self._waiting: asyncio.Timeout | None = None
+
+    def idle(self) -> float:
+        """Seconds since its last bytes; 0 once the body is complete."""
+        return 0.0 if self.complete else time.monotonic() - self.last
+
+    def evict(self) -> None:
+        self.evicted = True
+        if self._waiting is not None:
+            self._waiting.reschedule(asyncio.get_running_loop().time())  # the pending read ends now
+
+
 class BodyLimitsMiddleware:
     """Apply ``max_bytes()`` (0: no limit) and ``deadline()`` to the body of every HTTP request."""
 
@@ -55,25 +75,31 @@ class BodyLimitsMiddleware:
             await _too_large(limit, int(declared)).response()(scope, receive, send)
             return
         started = time.monotonic()
-        received, more_body, refused, response_started = 0, True, False, False
+        progress = scope.setdefault("state", {})["body"] = BodyProgress()
+        received, refused, response_started = 0, False, False
 
         async def limited_receive() -> Message:
-            nonlocal received, more_body, refused
+            nonlocal received, refused
             if refused:
                 return {"type": "http.disconnect"}
-            if not more_body:  # the body is complete: what comes now is the disconnect, whenever
+            if progress.complete:  # what comes now is the disconnect, whenever
                 return await receive()
             try:
-                async with asyncio.timeout(max(deadline.due(started, received) - time.monotonic(), 0)):
+                if progress.evicted:
+                    raise TimeoutError
+                async with asyncio.timeout(max(deadline.due(started, received) - time.monotonic(), 0)) as waiting:
+                    progress._waiting = waiting
                     message = await receive()
             except TimeoutError:
                 elapsed = time.monotonic() - started
-                log.info("closed %s %s: request body too slow (%d bytes in %.1f s)", scope.get("method"),
-                         scope["path"], received, elapsed)
-                return await refuse(_too_slow(deadline, received, elapsed))
+                log.info("closed %s %s: request body %s (%d bytes in %.1f s)", scope.get("method"), scope["path"],
+                         "stalled while others waited" if progress.evicted else "too slow", received, elapsed)
+                return await refuse(_too_slow(deadline, received, elapsed, progress))
+            finally:
+                progress._waiting = None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                more_body = message.get("more_body", False)
+                progress.last, progress.complete = time.monotonic(), not message.get("more_body", False)
                 if limit and received > limit:
                     return await refuse(_too_large(limit, received))
             return message
@@ -103,8 +129,11 @@ def _too_large(limit: int, read: int) -> OpenAIError:
     return OpenAIError(413, f"Maximum content size limit ({limit}) exceeded ({read} bytes read)", type="server_error")
 
 
-def _too_slow(deadline: BodyDeadline, received: int, elapsed: float) -> OpenAIError:
-    if elapsed >= deadline.timeout - 0.01:
+def _too_slow(deadline: BodyDeadline, received: int, elapsed: float, progress: BodyProgress) -> OpenAIError:
+    if progress.evicted:
+        why = (f"the request body stalled ({progress.idle():.1f} s without data) while other clients waited "
+               "for an upload place")
+    elif elapsed >= deadline.timeout - 0.01:
         why = f"the request body was not complete within {deadline.timeout:g} s"
     else:
         why = (f"the request body arrived slower than {deadline.min_rate} bytes/s "

@@ -19,7 +19,7 @@ from typing import TypeVar
 from fastapi.responses import StreamingResponse
 from starlette.types import Message, Receive
 
-from openstt.api.body_limits import BodyDeadline
+from openstt.api.body_limits import BodyDeadline, BodyProgress
 from openstt.metrics import metrics
 from openstt.settings import (
     AUDIO_BUDGET_WAIT_S,
@@ -41,6 +41,9 @@ from openstt.settings import (
 log = logging.getLogger("openstt.api")
 T = TypeVar("T")
 
+# An upload that has sent nothing for this long may be closed when another client needs its place
+# (a client on a poor link pauses for a second, not for two).
+STALLED_S = 2.0
 # How long a stream's event may wait for its client to read (the socket's buffers being full).
 STREAM_SEND_TIMEOUT_S = 30.0
 # nginx's "client closed request": recorded for requests whose client went away, never sent.
@@ -130,20 +133,32 @@ class Limits:
     audio: AudioBudget = field(default_factory=lambda: AudioBudget(default_audio_budget()))
     body: BodyDeadline = field(default_factory=BodyDeadline)  # how slowly a request body may arrive
     in_flight: int = 0
-    uploading: int = 0
+    uploads: set = field(default_factory=set)  # slots reading or decoding their upload
 
-    def try_upload(self, route: str) -> Slot | None:
-        """A place for one request to upload and decode its audio, or None when all are taken."""
+    @property
+    def uploading(self) -> int:
+        return len(self.uploads)
+
+    def try_upload(self, route: str, body: BodyProgress | None = None) -> Slot | None:
+        """A place for one request to upload and decode its audio (``body``: how its body is
+        arriving). When all are taken, the upload that has sent nothing for longest, if that is
+        ``STALLED_S`` or more, is closed (408) to make room; else None."""
         if self.uploading >= self.max_uploads:
-            return None
-        self.uploading += 1  # single-threaded event loop: no lock needed
-        return Slot(self, route)
+            stalled = max(self.uploads, key=lambda s: s.body.idle() if s.body else 0.0, default=None)
+            if stalled is None or stalled.body is None or stalled.body.idle() < STALLED_S:
+                return None
+            stalled.body.evict()
+            self.uploads.discard(stalled)  # its place is free now; its handler ends on the 408
+        slot = Slot(self, route)
+        slot.body = body
+        self.uploads.add(slot)  # single-threaded event loop: no lock needed
+        return slot
 
     def try_admit(self, slot: Slot) -> bool:
         """Move ``slot`` from uploading to transcribing, if a transcription slot is free."""
         if self.in_flight >= self.max_in_flight:
             return False
-        self.uploading -= 1
+        self.uploads.discard(slot)
         self.in_flight += 1
         slot.admitted = True
         metrics().in_flight.labels(slot.route).inc()
@@ -213,6 +228,7 @@ class Slot:
         self.progress = 0.0  # seconds of audio decoded so far (end of the last segment)
         self._on_release: list = []
         self.audio_bytes = 0  # of the process's AudioBudget, held until released
+        self.body: BodyProgress | None = None  # how its request body is arriving (while uploading)
 
     def on_release(self, callback) -> None:
         """Call ``callback()`` when the request ends (e.g. to release its model lease)."""
@@ -238,7 +254,7 @@ class Slot:
             self.limits.in_flight -= 1
             m.in_flight.labels(self.route).dec()
         else:
-            self.limits.uploading -= 1
+            self.limits.uploads.discard(self)
         self.limits.audio.give_back(self.audio_bytes)
         for callback in self._on_release:
             callback()

@@ -147,7 +147,7 @@ async def _transcribe(request: Request, task: str) -> Response:
     registry = app_state(request.app).serving_registry()
     limits: Limits = app_state(request.app).limits
     route = "transcriptions" if task == "transcribe" else "translations"
-    slot = limits.try_upload(route)
+    slot = limits.try_upload(route, request.scope.get("state", {}).get("body"))
     if slot is None:
         raise _busy(route, "rate_limit_exceeded", f"The server is busy ({limits.max_uploads} uploads in progress). "
                     "Retry shortly.")
