@@ -194,6 +194,20 @@ def test_deadline_gives_504_that_the_sdk_will_not_retry(hf_cache):
     assert r.json()["error"]["code"] == "timeout"
 
 
+def test_a_stream_ends_at_its_deadline_while_a_window_hangs(hf_cache):
+    """Every step of a stream waits at most until the request's deadline (it used to be checked only
+    when a segment arrived: a hung window held the stream and its slot)."""
+    _Gate.gate.clear()
+    with _app(_Gate(CATALOG["whisper-tiny.en"], hf_cache), hf_cache, request_timeout=0.5) as client:
+        started = time.monotonic()
+        r = _post(client, stream="true")
+        took = time.monotonic() - started
+        _Gate.gate.set()
+        assert app_state(client.app).limits.in_flight == 0
+    assert r.status_code == 200 and took < 5
+    assert '"type":"error"' in r.text and '"code":"timeout"' in r.text.replace(" ", "")
+
+
 @pytest.mark.parametrize("reason, status", [(ErrorCode.out_of_memory, 503), (ErrorCode.failed, 500)])
 def test_model_failures(reason, status, hf_cache):
     with _app(_Failing(CATALOG["whisper-tiny.en"], hf_cache, reason), hf_cache) as client:

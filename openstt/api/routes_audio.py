@@ -239,10 +239,7 @@ async def _transcribe_admitted(request: Request, registry: ModelRegistry, limits
         # The form has been read, so the next message from the client can only be its disconnect.
         transcript = await unless_disconnected(collect, request.receive)
     except asyncio.TimeoutError:
-        # Deterministic for this audio: tell the SDK not to retry it.
-        raise OpenAIError(504, f"Transcription did not finish within {limits.request_timeout} s. Send shorter "
-                          "audio or raise OPEN_STT_REQUEST_TIMEOUT.", type="server_error", code="timeout",
-                          headers={"x-should-retry": "false"}) from None
+        raise _deadline(limits) from None
     except ModelFailure as exc:
         log.error("%s %s", request_id, exc)
         raise model_failure(exc, request_id, engine.name) from None
@@ -251,6 +248,13 @@ async def _transcribe_admitted(request: Request, registry: ModelRegistry, limits
     _log_done(request_id, req, engine.name, transcript.duration, started)
     return render(transcript, req.response_format, task=task, granularities=req.timestamp_granularities,
                   logprobs="logprobs" in req.include, model=engine.name)
+
+
+def _deadline(limits: Limits) -> OpenAIError:
+    # Deterministic for this audio: tell the SDK not to retry it.
+    return OpenAIError(504, f"Transcription did not finish within {limits.request_timeout:g} s. Send shorter audio "
+                       "or raise OPEN_STT_REQUEST_TIMEOUT.", type="server_error", code="timeout",
+                       headers={"x-should-retry": "false"})
 
 
 async def _collect(run: TranscriptionRun, slot: Slot, speakers: asyncio.Task | None) -> Transcript:
@@ -351,8 +355,12 @@ async def _events(run: TranscriptionRun, req: AudioRequest, model: str, request_
         _log_done(request_id, req, model, run.duration, started)
     except Exception as exc:
         # Headers are gone already: report in-band, as the SDK expects (it raises openai.APIError).
-        log.exception("%s stream failed after %d characters", request_id, len(text))
-        err = model_failure(exc, request_id, model) if isinstance(exc, ModelFailure) else internal_error(request_id)
+        if isinstance(exc, TimeoutError):
+            log.info("%s stream stopped at its deadline after %d characters", request_id, len(text))
+            err = _deadline(limits)
+        else:
+            log.exception("%s stream failed after %d characters", request_id, len(text))
+            err = model_failure(exc, request_id, model) if isinstance(exc, ModelFailure) else internal_error(request_id)
         slot.fail(err.status, err.code or "internal_error")
         yield sse(error_event(err.message, code=err.code))
     finally:  # also when its client left (SlotStreamingResponse cancels or closes this generator)
