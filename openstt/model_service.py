@@ -148,7 +148,9 @@ class DiarizeJob(bentoml.IODescriptor):
     probabilities: np.ndarray = Field(default_factory=lambda: np.zeros(0, np.float32))
     references: list[np.ndarray] = Field(default_factory=list)  # known speakers' voices, 1-10 s each
     names: list[str] = Field(default_factory=list)  # their names, paired by position
-    num_speakers: int | None = None  # None: estimated from the audio
+    num_speakers: int | None = None  # None: estimated from the audio, between these two
+    min_speakers: int = 1
+    max_speakers: int = 15  # the clustering's MAX_SPEAKERS
 
     _audio = field_validator("audio", "probabilities")(_float32)
 
@@ -254,7 +256,8 @@ def diarize_request(diarizer: Diarizer | None, job: DiarizeJob) -> DiarizeReply:
         known = {name: diarizer.voice(audio) for name, audio in zip(job.names, job.references)}
         turns = diarizer.diarize(job.audio, probabilities=job.probabilities if len(job.probabilities) else None,
                                  known=known,
-                                 num_speakers=job.num_speakers)
+                                 num_speakers=job.num_speakers, min_speakers=job.min_speakers,
+                                 max_speakers=job.max_speakers)
     except Exception as exc:  # reported to the request it belongs to
         log.exception("diarizing %.1f s of audio failed", len(job.audio) / 16000)
         metrics().diarization_failures.inc()

@@ -224,6 +224,30 @@ def test_diarized_json_in_process(client, talk):
     assert all(s["id"].startswith("seg_") and s["end"] >= s["start"] for s in body["segments"])
 
 
+def test_speaker_count_hints_bound_the_clustering():
+    """Three well-separated voices (synthetic embeddings): found as three, and as many as the
+    hints allow when they say otherwise."""
+    from openstt.diarization.clustering import cluster
+
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(3, 192))
+    embeddings = np.concatenate([c + 0.15 * rng.normal(size=(20, 192)) for c in centers])
+    count = lambda **hints: len(set(cluster(embeddings, **hints)))  # noqa: E731
+    assert count() == 3
+    assert count(max_speakers=2) == 2 and count(num_speakers=2) == 2 and count(num_speakers=1) == 1
+    assert count(min_speakers=4) == 4 and count(num_speakers=5) == 5
+    assert count(min_speakers=2, max_speakers=3) == 3
+
+
+@pytest.mark.slow
+def test_speaker_count_hints_on_a_real_conversation(diarizer, talk):
+    """Two voices: two by default; one when told there is one; three when told at least three."""
+    speakers = lambda **hints: {t.speaker for t in diarizer.diarize(talk.audio, **hints)}  # noqa: E731
+    assert speakers() == {"A", "B"}
+    assert speakers(num_speakers=1) == {"A"}
+    assert speakers(min_speakers=3) == {"A", "B", "C"}
+
+
 def test_bad_diarization_requests(client, talk):
     audio = wav(talk.audio[:16000 * 5])
     ref = data_url(reference("allison"))
@@ -250,6 +274,12 @@ def test_bad_diarization_requests(client, talk):
     # without diarization the known speakers are ignored (checklist B49 sends a 2 MB one to whisper-1)
     assert post(client, audio, **{"known_speaker_names[]": ["a"], "known_speaker_references[]": ["junk"]}).status_code == 200
     error_of(post(client, audio, diarize="true", response_format="json"), "diarize")
+    for hints, param in [({"num_speakers": "0"}, "num_speakers"), ({"max_speakers": "16"}, "max_speakers"),
+                         ({"min_speakers": "two"}, "min_speakers"), ({"min_speakers": "3", "max_speakers": "2"},
+                                                                     "min_speakers"),
+                         ({"num_speakers": "4", "max_speakers": "3"}, "num_speakers")]:
+        error_of(post(client, audio, **fields, **hints), param)
+    assert post(client, audio, num_speakers="0").status_code == 200  # not diarized: not read
     error_of(post(client, audio, response_format="diarized_json", **{"include[]": ["logprobs"]}), "include")
     r = client.post("/v1/audio/translations", files={"file": ("a.wav", audio, "audio/wav")},
                     data={"response_format": "diarized_json"})

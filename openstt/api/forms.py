@@ -18,6 +18,7 @@ from starlette.datastructures import FormData, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from openstt.api.errors import bad_request
+from openstt.diarization.clustering import MAX_SPEAKERS
 from openstt.engines.base import MAX_KEYWORD_CHARS, MAX_KEYWORDS, MAX_PROMPT_CHARS
 from openstt.languages import normalize_language
 from openstt.vad import VadOptions
@@ -57,6 +58,10 @@ class AudioRequest:
     diarize: bool = False  # our extension: speakers in verbose_json, srt and vtt
     known_speaker_names: list[str] = field(default_factory=list)
     known_speaker_references: list[bytes] = field(default_factory=list)  # decoded data URLs, paired with the names
+    # speaker-count hints for the diarization (our extension, pyannote's names): exactly, at least, at most
+    num_speakers: int | None = None
+    min_speakers: int | None = None
+    max_speakers: int | None = None
 
     @property
     def diarized(self) -> bool:
@@ -220,6 +225,25 @@ def _beam_size(form: FormData) -> int | None:
     return int(value)
 
 
+def _speaker_counts(form: FormData) -> tuple[int | None, int | None, int | None]:
+    """``num_speakers``, ``min_speakers`` and ``max_speakers`` (our extension, pyannote's names; the
+    SDK sends them with ``extra_body``): integers from 1 to ``MAX_SPEAKERS``, consistent."""
+    counts = []
+    for name in ("num_speakers", "min_speakers", "max_speakers"):
+        value = _text(form, name)
+        if value is not None and not (value.isascii() and value.isdigit() and 1 <= int(value) <= MAX_SPEAKERS):
+            raise bad_request(f"Invalid value for '{name}': expected an integer between 1 and {MAX_SPEAKERS}.",
+                              param=name)
+        counts.append(int(value) if value is not None else None)
+    num, low, high = counts
+    if low is not None and high is not None and low > high:
+        raise bad_request(f"'min_speakers' ({low}) is more than 'max_speakers' ({high}).", param="min_speakers")
+    if num is not None and not (low or 1) <= num <= (high or MAX_SPEAKERS):
+        raise bad_request(f"'num_speakers' ({num}) is outside 'min_speakers'..'max_speakers' ({low or 1}.."
+                          f"{high or MAX_SPEAKERS}).", param="num_speakers")
+    return num, low, high
+
+
 def _bool(form: FormData, name: str) -> bool:
     value = _text(form, name)
     if value is None:
@@ -283,6 +307,7 @@ def parse_audio_form(form: FormData, *, task: str) -> AudioRequest:
     diarized = diarize or response_format == "diarized_json"
     # known speakers are diarization's (OpenAI: "diarize only"); other requests ignore them unread
     names, references = _known_speakers(form) if diarized else ([], [])
+    num_speakers, min_speakers, max_speakers = _speaker_counts(form) if diarized else (None, None, None)
     if diarize and response_format not in DIARIZE_FORMATS:
         raise bad_request(f"'diarize' adds speakers to {', '.join(DIARIZE_FORMATS)}; for speakers with "
                           f"response_format '{response_format}' use 'diarized_json'.", param="diarize")
@@ -301,6 +326,7 @@ def parse_audio_form(form: FormData, *, task: str) -> AudioRequest:
         timestamp_granularities=list(dict.fromkeys(granularities)),
         include=include, chunking_strategy=_chunking_strategy(form), diarize=diarize,
         known_speaker_names=names, known_speaker_references=references,
+        num_speakers=num_speakers, min_speakers=min_speakers, max_speakers=max_speakers,
     )
 
 

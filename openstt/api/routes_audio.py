@@ -42,6 +42,7 @@ from openstt.api.limits import (
 from openstt.api.state import app_state
 from openstt.audio import SAMPLE_RATE, AudioError, decode_audio, probe_seconds
 from openstt.diarization.attribution import Speakers, attribute
+from openstt.diarization.clustering import MAX_SPEAKERS
 from openstt.engines.base import Segment, TranscribeOptions, Transcript, TranscriptionRun, UnsupportedRequest
 from openstt.errors import OpenSTTError
 from openstt.formats import delta_event, diarized_segment, done_event, error_event, render, sse, token_usage
@@ -118,7 +119,8 @@ def _start_diarization(request: Request, req: AudioRequest, audio: np.ndarray, r
     """Who spoke when, found by the model service while the transcription runs."""
     diarize = app_state(request.app).diarize
     job = DiarizeJob(audio=audio, probabilities=probabilities, references=references,
-                     names=req.known_speaker_names)
+                     names=req.known_speaker_names, num_speakers=req.num_speakers,
+                     min_speakers=req.min_speakers or 1, max_speakers=req.max_speakers or MAX_SPEAKERS)
 
     async def speakers() -> Speakers:
         reply = await diarize(job)
@@ -391,6 +393,10 @@ def _audio_openapi(task: str) -> dict:
                                            "description": "data URLs of 1-10 s of each known speaker's voice"},
             "diarize": {"type": "boolean", "description": "Extension: speakers in verbose_json, srt and vtt "
                                                           "(needs --enable-diarization)."},
+            **{name: {"type": "integer", "minimum": 1, "maximum": 15, "description": f"Extension: {what}."}
+               for name, what in (("num_speakers", "the number of speakers, when known"),
+                                  ("min_speakers", "at least this many speakers"),
+                                  ("max_speakers", "at most this many speakers"))},
         })
     error = {"description": "OpenAI error envelope", "content": {"application/json": {"schema": {
         "type": "object", "required": ["error"], "properties": {"error": {"type": "object", "required": [

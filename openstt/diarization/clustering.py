@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 MIN_SEGMENTS = 10  # fewer embeddings than this: one speaker (too little to tell voices apart)
+MAX_SPEAKERS = 15  # the most the eigengap search considers (and what a request may ask for)
 
 
 def _normalized(x: np.ndarray) -> np.ndarray:
@@ -40,9 +41,10 @@ def _kmeans(points: np.ndarray, k: int, *, starts: int = 10, iterations: int = 1
     return best
 
 
-def spectral_labels(embeddings: np.ndarray, *, num_speakers: int | None = None, max_speakers: int = 15,
-                    pval: float = 0.012, min_pnum: int = 6) -> np.ndarray:
-    """A cluster index for each embedding (rows of ``embeddings``)."""
+def spectral_labels(embeddings: np.ndarray, *, num_speakers: int | None = None, min_speakers: int = 1,
+                    max_speakers: int = MAX_SPEAKERS, pval: float = 0.012, min_pnum: int = 6) -> np.ndarray:
+    """A cluster index for each embedding (rows of ``embeddings``): ``num_speakers`` clusters, or
+    as many as the largest eigengap says, held between ``min_speakers`` and ``max_speakers``."""
     n = len(embeddings)
     x = _normalized(embeddings)
     affinity = x @ x.T
@@ -55,9 +57,9 @@ def spectral_labels(embeddings: np.ndarray, *, num_speakers: int | None = None, 
     np.fill_diagonal(affinity, 0.0)
     laplacian = np.diag(np.abs(affinity).sum(1)) - affinity
     eigenvalues, eigenvectors = np.linalg.eigh(laplacian)
-    if num_speakers is None:
-        gaps = np.diff(eigenvalues[:max_speakers + 1])
-        num_speakers = int(np.argmax(gaps)) + 1
+    if num_speakers is None:  # the largest eigengap's count, held within the bounds
+        gaps = np.diff(eigenvalues[:MAX_SPEAKERS + 1])
+        num_speakers = min(max(int(np.argmax(gaps)) + 1, min_speakers), max_speakers, n)
     return _kmeans(eigenvectors[:, :num_speakers], num_speakers)
 
 
@@ -67,33 +69,38 @@ def spectral_labels(embeddings: np.ndarray, *, num_speakers: int | None = None, 
 MERGE_COSINE = 0.7
 
 
-def cluster(embeddings: np.ndarray, *, num_speakers: int | None = None, min_cluster_size: int = 4,
-            merge_cosine: float = MERGE_COSINE) -> np.ndarray:
-    """Speaker labels 0..k-1 for the embeddings, numbered in order of first appearance."""
+def cluster(embeddings: np.ndarray, *, num_speakers: int | None = None, min_speakers: int = 1,
+            max_speakers: int = MAX_SPEAKERS, min_cluster_size: int = 4, merge_cosine: float = MERGE_COSINE
+            ) -> np.ndarray:
+    """Speaker labels 0..k-1 for the embeddings, numbered in order of first appearance: exactly
+    ``num_speakers`` when given, else between ``min_speakers`` and ``max_speakers`` (a request's
+    hints; as many as there are embeddings at most)."""
     n = len(embeddings)
     if n == 0:
         return np.zeros(0, dtype=int)
-    if n < MIN_SEGMENTS or num_speakers == 1:
+    if num_speakers is not None:
+        min_speakers = max_speakers = num_speakers
+    min_speakers, max_speakers = min(min_speakers, n), min(max_speakers, n)
+    if max_speakers == 1 or (n < MIN_SEGMENTS and min_speakers == 1):
         return np.zeros(n, dtype=int)
-    labels = spectral_labels(embeddings, num_speakers=num_speakers)
+    labels = spectral_labels(embeddings, num_speakers=min_speakers if min_speakers == max_speakers else None,
+                             min_speakers=min_speakers, max_speakers=max_speakers)
     x = _normalized(embeddings)
-    # a cluster of a few spans is a stray (a cough, a laugh, an overlap), not a speaker
+    # a cluster of a few spans is a stray (a cough, a laugh, an overlap), not a speaker, unless the
+    # request says there are more speakers than the larger clusters
     ids, sizes = np.unique(labels, return_counts=True)
-    major = ids[sizes >= min_cluster_size]
-    if len(major) == 0:
-        return np.zeros(n, dtype=int)
+    major = ids[np.argsort(-sizes, kind="stable")][:max(int((sizes >= min_cluster_size).sum()), min_speakers)]
     if len(major) < len(ids):
         centers = _normalized(np.stack([x[labels == c].mean(0) for c in major]))
         minor = ~np.isin(labels, major)
         labels[minor] = major[(x[minor] @ centers.T).argmax(1)]
-    if num_speakers is None:  # voices too alike to be two speakers
-        while len(ids := np.unique(labels)) > 1:
-            centers = _normalized(np.stack([x[labels == c].mean(0) for c in ids]))
-            sim = np.triu(centers @ centers.T, 1)
-            i, j = np.unravel_index(np.argmax(sim), sim.shape)
-            if sim[i, j] < merge_cosine:
-                break
-            labels[labels == ids[j]] = ids[i]
+    while len(ids := np.unique(labels)) > min_speakers:  # voices too alike to be two speakers
+        centers = _normalized(np.stack([x[labels == c].mean(0) for c in ids]))
+        sim = np.triu(centers @ centers.T, 1)
+        i, j = np.unravel_index(np.argmax(sim), sim.shape)
+        if sim[i, j] < merge_cosine:
+            break
+        labels[labels == ids[j]] = ids[i]
     _, first = np.unique(labels, return_index=True)
     order = {old: new for new, old in enumerate(labels[np.sort(first)])}
     return np.asarray([order[label] for label in labels], dtype=int)

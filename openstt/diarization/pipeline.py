@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from openstt.audio import SAMPLE_RATE
-from openstt.diarization.clustering import cluster
+from openstt.diarization.clustering import MAX_SPEAKERS, cluster
 from openstt.diarization.features import WINDOW, fbank
 from openstt.diarization.weights import weights_path
 from openstt.vad import VadOptions, speech_probabilities, speech_regions
@@ -114,9 +114,11 @@ class Diarizer:
         return emb / max(np.linalg.norm(emb), 1e-8)
 
     def diarize(self, audio: np.ndarray, *, probabilities: np.ndarray | None = None,
-                known: dict[str, np.ndarray] | None = None, num_speakers: int | None = None) -> list[Turn]:
+                known: dict[str, np.ndarray] | None = None, num_speakers: int | None = None,
+                min_speakers: int = 1, max_speakers: int = MAX_SPEAKERS) -> list[Turn]:
         """The speaker turns of ``audio``, in time order. ``probabilities``: the VAD's, if the request
-        has them already; ``known``: name -> reference embedding (``voice``)."""
+        has them already; ``known``: name -> reference embedding (``voice``); the speaker count:
+        ``num_speakers`` exactly, else between ``min_speakers`` and ``max_speakers``."""
         if probabilities is None:
             probabilities = speech_probabilities(audio)
         regions = speech_regions(None, REGIONS, probabilities=probabilities, total_samples=len(audio))
@@ -124,7 +126,7 @@ class Diarizer:
         if not spans:
             return []
         embeddings = self.embed(audio, spans)
-        labels = cluster(embeddings, num_speakers=num_speakers)
+        labels = cluster(embeddings, num_speakers=num_speakers, min_speakers=min_speakers, max_speakers=max_speakers)
         names = _names(embeddings, labels, known or {})
         return _turns(spans, regions, [names[label] for label in labels])
 
