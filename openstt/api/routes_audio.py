@@ -49,6 +49,7 @@ from openstt.formats import delta_event, diarized_segment, done_event, error_eve
 from openstt.metrics import metrics
 from openstt.model_service import DiarizeJob, ModelFailure
 from openstt.registry import ModelRegistry
+from openstt.speech_times import hold_to_speech, speech_spans
 from openstt.vad import VadOptions, speech_probabilities
 
 log = logging.getLogger("openstt.api")
@@ -220,13 +221,17 @@ async def _transcribe_admitted(request: Request, registry: ModelRegistry, limits
         beam_size = state.beam_size if engine.spec.family == "whisper" else 1
         options = _options(req, state.long_form, beam_size,
                            word_timestamps=req.diarized and engine.supports_word_timestamps)
-        if req.diarized:
-            # one VAD pass for both: the diarization's speech regions and the transcription's chunks
+        if req.diarized or options.word_timestamps:
+            # one VAD pass for all: the diarization's speech regions, the transcription's chunks and
+            # where its words may be
             probabilities = await run_in_threadpool(speech_probabilities, audio)
             options = dataclasses.replace(options, speech_probabilities=probabilities)
+        if req.diarized:
             speakers = _start_diarization(request, req, audio, references, probabilities)
             slot.on_release(speakers.cancel)
         run = await run_in_threadpool(engine.start, audio, options)
+        if options.word_timestamps:
+            run = _held_to_speech(run, speech_spans(probabilities, len(audio)))
     except (AudioError, UnsupportedRequest) as exc:
         raise _client_error(exc) from None
     finally:
@@ -266,6 +271,16 @@ async def _collect(run: TranscriptionRun, slot: Slot, speakers: asyncio.Task | N
     if speakers is not None:
         transcript.segments = attribute(transcript.segments, await speakers)
     return transcript
+
+
+def _held_to_speech(run: TranscriptionRun, spans: list[tuple[float, float]]) -> TranscriptionRun:
+    """The same run, its words' times held to the speech (``speech_times``) as each segment comes."""
+
+    async def segments() -> AsyncIterator[Segment]:
+        async for segment in run.aiter():
+            yield hold_to_speech([segment], spans)[0]
+
+    return dataclasses.replace(run, segments=segments())
 
 
 def _tracked(run: TranscriptionRun, slot: Slot) -> TranscriptionRun:
