@@ -351,3 +351,30 @@ def test_killed_client_stops_its_transcription(server, five_minutes, stream):
     r = httpx.post(server.base + "/v1/audio/transcriptions", headers={"Authorization": f"Bearer {API_KEY}"},
                    data=tiny, files={"file": ("fox.wav", clip("en/quick_brown_fox").read_bytes())}, timeout=60)
     assert r.status_code == 200 and r.json()["text"] == FOX  # and the server serves on
+
+
+def test_a_word_timed_run_closes_its_window_loop_when_closed():
+    """Word-timed runs are wrapped (their times held to the speech): closing the wrapper, as a
+    request whose client left does, closes the window loop itself at once, not at garbage
+    collection."""
+    from openstt.api.routes_audio import _held_to_speech, _stop
+    from openstt.engines.base import LoopState, Segment, TranscriptionRun
+
+    closed = []
+
+    async def window_loop():
+        try:
+            for i in range(20):
+                yield Segment(i, 0, float(i), i + 1.0, " word", [], 0.0, 0.0, 1.0, 0.0)
+        finally:
+            closed.append(True)
+
+    async def scenario():
+        run = TranscriptionRun(state=LoopState("en"), duration=20.0, segments=window_loop())
+        held = _held_to_speech(run, [(0.0, 20.0)])
+        first = await anext(held.aiter())
+        await _stop(held)
+        return first, list(closed)  # before asyncio.run finalizes leftover generators
+
+    first, closed_then = asyncio.run(scenario())
+    assert first.start == 0.0 and closed_then == [True]

@@ -277,8 +277,11 @@ def _held_to_speech(run: TranscriptionRun, spans: list[tuple[float, float]]) -> 
     """The same run, its words' times held to the speech (``speech_times``) as each segment comes."""
 
     async def segments() -> AsyncIterator[Segment]:
-        async for segment in run.aiter():
-            yield hold_to_speech([segment], spans)[0]
+        try:
+            async for segment in run.aiter():
+                yield hold_to_speech([segment], spans)[0]
+        finally:  # closed early (client gone, deadline): the window loop closes now, too
+            await _stop(run)
 
     return dataclasses.replace(run, segments=segments())
 
