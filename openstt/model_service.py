@@ -26,6 +26,7 @@ import bentoml
 import numpy as np
 from pydantic import Field, field_validator
 
+from openstt.diarization.clustering import MAX_SPEAKERS
 from openstt.engines.base import Engine, Word
 from openstt.metrics import metrics
 
@@ -150,7 +151,7 @@ class DiarizeJob(bentoml.IODescriptor):
     names: list[str] = Field(default_factory=list)  # their names, paired by position
     num_speakers: int | None = None  # None: estimated from the audio, between these two
     min_speakers: int = 1
-    max_speakers: int = 15  # the clustering's MAX_SPEAKERS
+    max_speakers: int = MAX_SPEAKERS
 
     _audio = field_validator("audio", "probabilities")(_float32)
 

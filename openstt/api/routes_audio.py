@@ -348,13 +348,11 @@ async def _events(run: TranscriptionRun, req: AudioRequest, model: str, request_
     segments = run.aiter()
     try:
         while True:
-            try:  # every step waits at most until the request's deadline
+            try:  # every step waits at most until the request's deadline (TimeoutError, answered below)
                 async with asyncio.timeout(max(deadline - time.monotonic(), 0.001)):
                     segment = await anext(segments)
             except StopAsyncIteration:
                 break
-            except asyncio.TimeoutError:
-                raise TimeoutError(f"stream exceeded {limits.request_timeout} s") from None
             slot.progress = segment.end
             delta = segment.text.lstrip() if not text else segment.text
             if segment_events:
@@ -411,7 +409,7 @@ def _audio_openapi(task: str) -> dict:
                                            "description": "data URLs of 1-10 s of each known speaker's voice"},
             "diarize": {"type": "boolean", "description": "Extension: speakers in verbose_json, srt and vtt "
                                                           "(needs --enable-diarization)."},
-            **{name: {"type": "integer", "minimum": 1, "maximum": 15, "description": f"Extension: {what}."}
+            **{name: {"type": "integer", "minimum": 1, "maximum": MAX_SPEAKERS, "description": f"Extension: {what}."}
                for name, what in (("num_speakers", "the number of speakers, when known"),
                                   ("min_speakers", "at least this many speakers"),
                                   ("max_speakers", "at most this many speakers"))},
