@@ -5,8 +5,9 @@ speech begins later: 7 s of room noise before "The quick brown fox" gave "The" 0
 segment 0.00-9.68 s (issue #26). So, for a request whose words are timed, each word's start and
 end are moved out of the non-speech around it (into the first and last speech regions it
 overlaps, padded by ``PAD_MS``), and each segment spans its words: from its first word's start to
-its last word's end. A word that overlaps no speech region at all keeps its times (the VAD may
-have missed a quiet word).
+its last word's end. Without word times (plain ``verbose_json``, srt, vtt), each segment is held
+the same way. A word or segment that overlaps no speech region at all keeps its times (the VAD
+may have missed a quiet word).
 """
 
 from __future__ import annotations
@@ -32,22 +33,23 @@ def speech_spans(probabilities: np.ndarray, samples: int) -> list[tuple[float, f
 
 def hold_to_speech(segments: list[Segment], spans: list[tuple[float, float]]) -> list[Segment]:
     """``segments`` with their words' times moved out of non-speech and each segment spanning
-    its words (segments without words keep their times). Changes them in place; returns them."""
+    its words; a segment without words is itself held to the speech under it. Changes them in
+    place; returns them."""
     if not spans:
         return segments
     starts = [s for s, _ in spans]
     for segment in segments:
-        for word in segment.words:
-            # the regions the word overlaps: from the last one starting before its end, back
-            last = bisect.bisect_left(starts, word.end) - 1
+        for item in segment.words or [segment]:
+            # the regions it overlaps: from the last one starting before its end, back
+            last = bisect.bisect_left(starts, item.end) - 1
             first = last
-            while first >= 0 and spans[first][1] > word.start:
+            while first >= 0 and spans[first][1] > item.start:
                 first -= 1
             first += 1
             if first > last:  # no speech under it
                 continue
-            word.start = max(word.start, spans[first][0])
-            word.end = max(min(word.end, spans[last][1]), word.start)
+            item.start = max(item.start, spans[first][0])
+            item.end = max(min(item.end, spans[last][1]), item.start)
         if segment.words:
             segment.start, segment.end = segment.words[0].start, segment.words[-1].end
     return segments

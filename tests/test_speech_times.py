@@ -24,6 +24,9 @@ def test_words_leave_the_non_speech_and_segments_span_their_words():
     assert (segment.start, segment.end) == (7.0, 11.2)  # "um" overlaps no speech: its own times stand
     untimed = Segment(1, 0, 3.0, 4.0, " hi", [], 0, 0, 1, 0)
     assert (hold_to_speech([untimed], spans)[0].start, untimed.end) == (3.0, 4.0)
+    # a segment without words (plain verbose_json, srt, vtt) is held to the speech itself
+    lead_in = hold_to_speech([Segment(2, 0, 0.0, 9.6, " The quick fox", [], 0, 0, 1, 0)], spans)[0]
+    assert (lead_in.start, lead_in.end) == (7.0, 9.6)
 
 
 def test_a_long_silent_lead_in_puts_the_first_word_at_the_speech(tiny_en_engine, hf_cache):
@@ -42,6 +45,10 @@ def test_a_long_silent_lead_in_puts_the_first_word_at_the_speech(tiny_en_engine,
             words, segments = body["words"], body["segments"]
             assert words[0]["word"] == "The" and 6.5 < words[0]["start"] < 7.3, (long_form, words[:2])
             assert segments[0]["start"] == words[0]["start"] and segments[-1]["end"] == words[-1]["end"]
+            plain = client.post("/v1/audio/transcriptions", files={"file": ("a.wav", buf.getvalue())},
+                                data={"response_format": "verbose_json", "chunking_strategy": "auto" if long_form == "vad"
+                                      else "none"}).json()["segments"]  # no word times: held to the speech itself
+            assert 6.5 < plain[0]["start"] < 7.3 and plain[0]["text"].strip().startswith("The"), (long_form, plain[0])
             spans = speech_spans(speech_probabilities(full), len(full))
             inside = lambda t: any(s - PAD_MS / 1000 - 0.01 <= t <= e + 0.01 for s, e in spans)  # noqa: E731
             assert all(inside(w["start"]) and inside(w["end"]) for w in words)
