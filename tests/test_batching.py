@@ -63,6 +63,7 @@ def test_models_batch_separately_and_failures_stay_local(tiny_en_engine):
     assert replies[3].error is ErrorCode.model_not_loaded
 
 
+@pytest.mark.slow  # a few seconds: in the full suite, out of the one-minute quick one
 @pytest.mark.parametrize("options", [TranscribeOptions(), TranscribeOptions(word_timestamps=True, prompt="Foxes.")])
 def test_batched_engine_matches_in_process_engine(tiny_en_engine, hf_cache, options):
     spec = CATALOG["whisper-tiny.en"]

@@ -79,6 +79,7 @@ def openai_beam_search(core, audio: np.ndarray, beam_size: int, prompt: list[int
     return max(candidates, key=lambda c: c[1] / max(len(c[0]), 1))
 
 
+@pytest.mark.slow  # a few seconds: in the full suite, out of the one-minute quick one
 def test_beam_size_one_is_the_greedy_decoder(tiny_en_engine):
     core = tiny_en_engine.core
     fox, counting = audio_of("en/quick_brown_fox"), audio_of("en/counting")
@@ -193,6 +194,7 @@ def test_beams_unfinished_at_the_length_limit(tiny_en_engine, monkeypatch):
     assert beam.sum_logprob >= greedy.sum_logprob - 1e-4
 
 
+@pytest.mark.slow  # a few seconds: in the full suite, out of the one-minute quick one
 def test_fallback_temperatures_sample_without_beams(tiny_en_engine, monkeypatch):
     """A beam window that needs a fallback is retried at the job's temperatures, sampled (best of 5)."""
     core = tiny_en_engine.core

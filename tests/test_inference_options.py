@@ -109,6 +109,7 @@ def test_dtype_choice():
     assert pick_dtype(torch.device("cpu"), "bfloat16") == torch.bfloat16
 
 
+@pytest.mark.slow  # a few seconds: in the full suite, out of the one-minute quick one
 def test_int8_and_eager_reach_the_model(hf_cache):
     spec = CATALOG["whisper-tiny.en"]
     path = resolve_model(spec, download=False, cache=hf_cache)

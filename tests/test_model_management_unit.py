@@ -190,6 +190,7 @@ def test_unload_gives_up_waiting_after_the_drain_timeout():
     run(go())
 
 
+@pytest.mark.slow  # a few seconds: in the full suite, out of the one-minute quick one
 def test_idle_unloading_works_without_the_endpoints():
     reg, service = registry("whisper-tiny.en", "whisper-base"), FakeModelService()
     m = manager(reg, service, enabled=False, idle_ttl=0.5)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 
 import numpy as np
+import pytest
 import soundfile as sf
 from starlette.testclient import TestClient
 
@@ -29,6 +30,7 @@ def test_words_leave_the_non_speech_and_segments_span_their_words():
     assert (lead_in.start, lead_in.end) == (7.0, 9.6)
 
 
+@pytest.mark.slow  # a few seconds: in the full suite, out of the one-minute quick one
 def test_a_long_silent_lead_in_puts_the_first_word_at_the_speech(tiny_en_engine, hf_cache):
     """7 s of room noise, then "The quick brown fox...": the first word and segment used to start
     at 0.00 s and last 7 s. Now no word or segment boundary lies over 0.2 s inside non-speech."""

@@ -95,6 +95,7 @@ def test_processor_template_and_features_come_from_the_checkpoint(engine):
 
 
 @needs_asterisk
+@pytest.mark.slow  # a few seconds: in the full suite, out of the one-minute quick one
 def test_long_audio_becomes_one_segment_per_chunk(engine):
     audio, _ = english_clip(50)
     result = engine.transcribe(audio, TranscribeOptions(language="en", token_logprobs=True))
