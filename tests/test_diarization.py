@@ -37,8 +37,9 @@ def reference(speaker, seconds=6.0):
         pytest.skip(str(exc))
 
 
-def der(truth, turns) -> float:
-    """pyannote's diarization error rate, with a 0.25 s collar each side of a true boundary."""
+def der(truth, turns, collar: float = 0.5) -> float:
+    """pyannote's diarization error rate, by default with a 0.25 s collar each side of a true
+    boundary (``collar=0.0``: none). ``turns``: anything with start, end and speaker."""
     from pyannote.core import Annotation
     from pyannote.core import Segment as Span
     from pyannote.metrics.diarization import DiarizationErrorRate
@@ -50,7 +51,7 @@ def der(truth, turns) -> float:
         hyp[Span(t.start, t.end)] = t.speaker
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "uem approximated": the union of both is what we want
-        return DiarizationErrorRate(collar=0.5)(ref, hyp)
+        return DiarizationErrorRate(collar=collar)(ref, hyp)
 
 
 def wav(audio: np.ndarray, rate: int = 16000) -> bytes:

@@ -38,6 +38,7 @@ MAX_INITIAL_TIMESTAMP_INDEX = 50  # the first timestamp is at most 1.0 s
 # Whisper loop (223 tokens of "1111") decoded 224 tokens at each of six temperatures: ~35 s of CPU.
 TOKENS_PER_SECOND, TOKENS_BASE = 12, 32
 TAIL_FRAMES = 100  # 1 s: the end of the audio after a window's last word, not decoded again
+END_SLACK = 0.2  # seconds: words the alignment puts this near a window's end sit at its end
 
 
 @dataclass
@@ -590,9 +591,12 @@ class WindowLoop(Detokenizer):
                                      for w in segment_words]
                     if segment.words:  # bounds follow the words, as in Whisper's word-timestamp mode
                         segment.start, segment.end = segment.words[0].start, segment.words[-1].end
-                # Text the alignment finds no audio for (every word 0 s long) was made up: after the
-                # last word of a real call, whisper-base added five earlier lines at 29.98-29.98 s.
-                window = [s for s in window if not s.words or any(w.end > w.start for w in s.words)]
+                # Text the alignment finds no audio for (every word 0 s long, pushed to the window's
+                # end) was made up: after the last word of a real call, whisper-base added five
+                # earlier lines at 29.98-29.98 s.
+                window_end = time_offset + segment_size * FRAME_SECONDS - END_SLACK
+                window = [s for s in window if not s.words or s.words[0].start < window_end
+                          or any(w.end > w.start for w in s.words)]
                 last_word = max((s.words[-1].end for s in window if s.words), default=None)
                 if not single_timestamp_ending and consecutive and last_word is not None \
                         and last_word > seek * FRAME_SECONDS:
@@ -601,8 +605,8 @@ class WindowLoop(Detokenizer):
                     # resuming at 20 s transcribed its last 10 s twice (issue #26).
                     seek = min(int(round(last_word / FRAME_SECONDS)), window_seek + segment_size)
                     if n_frames - seek < TAIL_FRAMES:
-                        # this window heard that tail and found no word in it; decoded alone, with
-                        # the text so far as prompt, 0.2 s gave six made-up lines (issue #26)
+                        # this window heard that tail and found no word in it; decoded alone, the
+                        # last 0.16 s of that call gave a made-up "Okay." (issue #26)
                         seek = n_frames
             for segment in window:
                 segment.id = next_id
