@@ -23,18 +23,8 @@ from openstt.bootstrap import (
     start_api,
     weights_manager,
 )
-from openstt.model_service import (
-    AlignJob,
-    AlignReply,
-    DecodeResult,
-    DiarizeJob,
-    DiarizeReply,
-    ModelServiceClient,
-    WeightsReply,
-    WindowJob,
-    align_request,
-    diarize_request,
-)
+from openstt.messages import AlignJob, AlignReply, DecodeResult, DiarizeJob, DiarizeReply, WeightsReply, WindowJob
+from openstt.model_service import ModelServiceClient, align_request, diarize_request
 from openstt.compute import run_aside
 from openstt.logs import quiet_caller_disconnects
 from openstt.settings import Settings

@@ -13,9 +13,11 @@ import numpy as np
 
 from openstt.audio import SAMPLE_RATE
 from openstt.catalog import ModelSpec
-from openstt.engines.base import Engine, TranscribeOptions, TranscriptionRun, Word
+from openstt.engines.base import Engine, TranscribeOptions, TranscriptionRun
+from openstt.transcript import Word
 from openstt.engines.jobs import Frontend, adrive
-from openstt.model_service import AlignJob, DecodeResult, ModelFailure, ModelServiceClient, WindowJob
+from openstt.messages import AlignJob, DecodeResult, ModelFailure, WindowJob
+from openstt.model_service import ModelServiceClient
 
 
 class BatchedEngine(Engine):

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from openstt.engines.base import Engine
-    from openstt.model_service import DecodeResult, WindowJob
+    from openstt.messages import DecodeResult, WindowJob
 
 log = logging.getLogger("openstt.compute")
 

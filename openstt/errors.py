@@ -5,9 +5,9 @@ one to OpenAI's error envelope and an HTTP status (and registers the FastAPI han
 just let them propagate). Each error is worded once, here, as its ``message`` (also its ``str``):
 the API answers with it and logs show the same text.
 
-Failures that cross from the model service travel as ``openstt.model_service.ErrorCode``: a
+Failures that cross from the model service travel as ``openstt.messages.ErrorCode``: a
 failed runtime load keeps its code (``ModelLoadFailed.code``), as a failed window does
-(``openstt.model_service.ModelFailure``).
+(``openstt.messages.ModelFailure``).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from openstt.catalog import OPENAI_ALIAS
 
 if TYPE_CHECKING:
-    from openstt.model_service import ErrorCode
+    from openstt.messages import ErrorCode
 
 
 class OpenSTTError(Exception):

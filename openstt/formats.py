@@ -7,7 +7,7 @@ import math
 
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
-from openstt.engines.base import Segment, TokenLogprob, Transcript
+from openstt.transcript import Segment, TokenLogprob, Transcript
 from openstt.languages import LANGUAGE_NAMES
 
 TEXT_MEDIA_TYPE = "text/plain; charset=utf-8"

@@ -39,7 +39,8 @@ from openstt.errors import (
     ModelManagementDisabled,
     ModelNotFound,
 )
-from openstt.model_service import ErrorCode, ModelServiceClient, WeightsReply
+from openstt.messages import ErrorCode, WeightsReply
+from openstt.model_service import ModelServiceClient
 from openstt.registry import ModelRegistry, load_weights
 
 log = logging.getLogger("openstt.models")

@@ -17,7 +17,7 @@ import bisect
 import numpy as np
 
 from openstt.audio import SAMPLE_RATE
-from openstt.engines.base import Segment
+from openstt.transcript import Segment
 from openstt.vad import VadOptions, speech_regions
 
 PAD_MS = 200  # a boundary may sit this far into non-speech (onsets and tails the VAD scores low)

@@ -30,7 +30,7 @@ from openstt.catalog import CATALOG
 from openstt.device import Placement
 from openstt.engines import TranscribeOptions, load_engine
 from openstt.memory import estimate
-from openstt.model_service import WindowJob
+from openstt.messages import WindowJob
 from openstt.settings import GPU_BATCH_WINDOWS
 
 BATCH = GPU_BATCH_WINDOWS  # OPEN_STT_MAX_BATCH_WINDOWS's default on CUDA

@@ -36,7 +36,7 @@ def main() -> None:
     from openstt.engines import load_engine
     from openstt.hub import resolve_model
     from openstt.memory import estimate
-    from openstt.model_service import WindowJob
+    from openstt.messages import WindowJob
 
     imported, _ = rss()
     spec = CATALOG[args.model]

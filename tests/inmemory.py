@@ -27,9 +27,11 @@ from fastapi import FastAPI
 from openstt import bootstrap
 from openstt.api.app import create_app
 from openstt.catalog import CATALOG, ModelSpec
-from openstt.engines.base import Engine, TranscribeOptions, TranscriptionRun, Word
+from openstt.engines.base import Engine, TranscribeOptions, TranscriptionRun
+from openstt.transcript import Word
 from openstt.hub import resolve_model
-from openstt.model_service import AlignJob, DecodeResult, InMemoryModelService, WindowJob
+from openstt.messages import AlignJob, DecodeResult, WindowJob
+from openstt.model_service import InMemoryModelService
 from openstt.registry import ModelRegistry
 from openstt.settings import Settings
 

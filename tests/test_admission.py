@@ -325,7 +325,8 @@ def test_final_decodes_of_all_sessions_share_a_global_cap():
     the others wait in this process, where leaving costs nothing."""
     from openstt.api.routes_realtime import ModelTranscriber
     from openstt.catalog import CATALOG
-    from openstt.engines.base import Engine, LoopState, Segment, TranscriptionRun
+    from openstt.engines.base import Engine, LoopState, TranscriptionRun
+    from openstt.transcript import Segment
     from openstt.registry import ModelRegistry
 
     running = {"now": 0, "most": 0}

@@ -12,7 +12,7 @@ from openstt.api.state import app_state
 from openstt.batching import BatchedEngine
 from openstt.catalog import CATALOG
 from openstt.engines.jobs import InProcessEngine
-from openstt.model_service import WindowJob
+from openstt.messages import WindowJob
 from tests.conftest import clip
 from tests.inmemory import FakeModel, Named, inmemory_app, stand_in_cache
 

@@ -12,22 +12,11 @@ from openstt.audio import decode_audio
 from openstt.batching import BatchedEngine
 from openstt.catalog import CATALOG
 from openstt.engines import TranscribeOptions
-from openstt.engines.base import Word
+from openstt.transcript import Word
 from openstt.engines.whisper import WhisperFrontend
 from openstt.hub import resolve_model
-from openstt.model_service import (
-    AlignJob,
-    AlignReply,
-    DecodeResult,
-    ErrorCode,
-    InMemoryModelService,
-    ModelFailure,
-    WeightsReply,
-    WindowJob,
-    align_request,
-    call_with_reconnect,
-    decode_batch,
-)
+from openstt.messages import AlignJob, AlignReply, DecodeResult, ErrorCode, ModelFailure, WeightsReply, WindowJob
+from openstt.model_service import InMemoryModelService, align_request, call_with_reconnect, decode_batch
 from tests.conftest import clip
 
 FOX = "The quick brown fox jumps over the lazy dog."

@@ -14,9 +14,10 @@ from openstt.api.state import app_state
 from openstt.audio import SAMPLE_RATE, decode_audio
 from openstt.catalog import CATALOG
 from openstt.engines import TranscribeOptions
-from openstt.engines.base import Engine, Segment, TranscriptionRun, UnsupportedRequest
+from openstt.engines.base import Engine, TranscriptionRun, UnsupportedRequest
+from openstt.transcript import Segment
 from openstt.engines.jobs import LoopState
-from openstt.model_service import WindowJob
+from openstt.messages import WindowJob
 from openstt.registry import ModelRegistry
 from tests.conftest import clip, needs_asterisk, reference
 from tests.evaluation import english_clip, wer

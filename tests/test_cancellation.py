@@ -29,9 +29,9 @@ from openstt.api.limits import unless_disconnected
 from openstt.api.state import app_state
 from openstt.batching import BatchedEngine
 from openstt.catalog import CATALOG
-from openstt.engines.base import Segment
+from openstt.transcript import Segment
 from openstt.engines.jobs import LoopState
-from openstt.model_service import AlignJob, AlignReply, DecodeResult, WindowJob
+from openstt.messages import AlignJob, AlignReply, DecodeResult, WindowJob
 from openstt.registry import ModelRegistry
 from tests.conftest import API_KEY, REPORT, clip, encode, needs_asterisk
 
@@ -358,7 +358,8 @@ def test_a_word_timed_run_closes_its_window_loop_when_closed():
     request whose client left does, closes the window loop itself at once, not at garbage
     collection."""
     from openstt.api.routes_audio import _held_to_speech, _stop
-    from openstt.engines.base import LoopState, Segment, TranscriptionRun
+    from openstt.engines.base import LoopState, TranscriptionRun
+    from openstt.transcript import Segment
 
     closed = []
 

@@ -16,7 +16,8 @@ import torch
 from openstt.catalog import CATALOG
 from openstt.compute import ComputeThread, one_torch_thread, run_aside
 from openstt.engines.base import Engine
-from openstt.model_service import DecodeResult, ModelServiceClient, WindowJob
+from openstt.messages import DecodeResult, WindowJob
+from openstt.model_service import ModelServiceClient
 
 JOB = WindowJob(audio=np.zeros(1600, np.float32), prompt=[], task="transcribe", language="en", temperature=0,
                 model="whisper-tiny.en")

@@ -15,7 +15,7 @@ import soundfile as sf
 from fastapi.testclient import TestClient
 
 from openstt.diarization.attribution import Speakers, attribute
-from openstt.engines.base import Segment, Transcript, Word
+from openstt.transcript import Segment, Transcript, Word
 from openstt.formats import render
 from tests import conversations
 from tests.inmemory import inmemory_app

@@ -13,7 +13,7 @@ import pytest
 
 from openstt.diarization.attribution import Speakers, attribute, word_speakers
 from openstt.diarization.clustering import cluster
-from openstt.engines.base import Segment, Word
+from openstt.transcript import Segment, Word
 from tests import conversations, real_conversations
 from tests.conftest import API_KEY
 from tests.test_diarization import der, diarizer, wav  # noqa: F401 (a fixture)

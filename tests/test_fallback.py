@@ -10,7 +10,7 @@ import pytest
 from openstt.audio import SAMPLE_RATE, decode_audio
 from openstt.engines import TranscribeOptions
 from openstt.engines.jobs import needs_fallback, settle
-from openstt.model_service import DecodeResult, WindowJob
+from openstt.messages import DecodeResult, WindowJob
 from tests.conftest import clip, normalize
 
 FOX = "The quick brown fox jumps over the lazy dog."

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from openstt.engines.base import Segment, TokenLogprob, Transcript, Word
+from openstt.transcript import Segment, TokenLogprob, Transcript, Word
 from openstt.formats import render, sse, to_srt, to_verbose_json, to_vtt, token_usage, usage
 
 SEGMENTS = [

@@ -21,7 +21,8 @@ from starlette.testclient import TestClient
 from openstt.api.app import create_app
 from openstt.api.state import app_state
 from openstt.catalog import CATALOG
-from openstt.engines.base import Engine, LoopState, Segment, TranscribeOptions, TranscriptionRun
+from openstt.engines.base import Engine, LoopState, TranscribeOptions, TranscriptionRun
+from openstt.transcript import Segment
 from openstt.registry import ModelRegistry
 from tests.conftest import clip
 from tests.inmemory import inmemory_app

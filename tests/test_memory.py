@@ -180,7 +180,7 @@ def test_runtime_load_refusal_reaches_the_client_as_a_400(fake_shape, monkeypatc
 
     from openstt.device import Placement
     from openstt.model_manager import WeightsManager
-    from openstt.model_service import ErrorCode
+    from openstt.messages import ErrorCode
     from openstt.registry import ModelRegistry
 
     monkeypatch.setattr(memory, "capacity", lambda device: Capacity(device, 64 * GB, int(0.1 * GB)))

@@ -13,7 +13,8 @@ from openstt.api.app import create_app
 from openstt.api.errors import OpenAIError, openai_error
 from openstt.api.state import app_state
 from openstt.catalog import CATALOG
-from openstt.engines.base import Engine, LoopState, Segment, TranscribeOptions, TranscriptionRun
+from openstt.engines.base import Engine, LoopState, TranscribeOptions, TranscriptionRun
+from openstt.transcript import Segment
 from openstt.errors import (
     DefaultModelPinned,
     ModelIsAlias,
@@ -22,7 +23,7 @@ from openstt.errors import (
     ModelNotFound,
 )
 from openstt.model_manager import ModelManager
-from openstt.model_service import ErrorCode, WeightsReply
+from openstt.messages import ErrorCode, WeightsReply
 from openstt.registry import ModelRegistry, UnknownModel
 from tests.conftest import clip
 

@@ -25,7 +25,7 @@ from fastapi.testclient import TestClient
 from openstt.api.limits import Limits
 from openstt.api.state import app_state
 from openstt.catalog import CATALOG
-from openstt.model_service import ErrorCode, WindowJob
+from openstt.messages import ErrorCode, WindowJob
 from tests.conftest import API_KEY, REPORT, Server, clip, encode, free_port, needs_asterisk, normalize, server_env
 from tests.evaluation import english_clip, wer
 from tests.inmemory import FakeModel, inmemory_app

@@ -171,7 +171,7 @@ def test_languages_restrict_detection(base_engine):
 @pytest.mark.slow
 def test_languages_apply_per_window_in_a_mixed_batch(base_engine):
     """Rows with and without candidates decoded in one batch each keep their own restriction."""
-    from openstt.model_service import WindowJob
+    from openstt.messages import WindowJob
 
     french = audio_of("fr/bonjour_monde")
     results = base_engine.core.decode_windows([

@@ -10,7 +10,7 @@ import pytest
 import soundfile as sf
 from starlette.testclient import TestClient
 
-from openstt.engines.base import Segment, Word
+from openstt.transcript import Segment, Word
 from openstt.speech_times import PAD_MS, hold_to_speech, speech_spans
 from openstt.vad import speech_probabilities
 from tests.conftest import clip

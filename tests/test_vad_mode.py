@@ -18,7 +18,7 @@ from openstt.audio import SAMPLE_RATE, decode_audio
 from openstt.engines import TranscribeOptions, vad_chunked
 from openstt.engines.jobs import LoopState, needs_fallback
 from openstt.engines.vad_chunked import adrive_chunks, drive_chunks
-from openstt.model_service import DecodeResult, WindowJob
+from openstt.messages import DecodeResult, WindowJob
 from openstt.vad import VadOptions
 from tests.conftest import API_KEY
 from tests.evaluation import ASTERISK_SOUNDS, asterisk_prompts, english_clip, wer

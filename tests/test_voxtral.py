@@ -26,7 +26,7 @@ from openstt.catalog import CATALOG
 from openstt.engines import TranscribeOptions, UnsupportedRequest, load_engine, load_frontend
 from openstt.engines.chunking import plan_chunks
 from openstt.hub import install_snapshot, resolve_model
-from openstt.model_service import WindowJob
+from openstt.messages import WindowJob
 from tests.conftest import Server, clip, encode, free_port, needs_asterisk, server_env
 from tests.evaluation import english_clip, long_english_clip
 from tests.test_mel128 import build_mel128

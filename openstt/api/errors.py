@@ -27,7 +27,7 @@ from openstt.errors import (
     ModelsLoading,
     OpenSTTError,
 )
-from openstt.model_service import ErrorCode, ModelFailure
+from openstt.messages import ErrorCode, ModelFailure
 
 log = logging.getLogger("openstt.api")
 

@@ -43,11 +43,12 @@ from openstt.api.state import app_state
 from openstt.audio import SAMPLE_RATE, AudioError, decode_audio, probe_seconds
 from openstt.diarization.attribution import Speakers, attribute
 from openstt.diarization.clustering import MAX_SPEAKERS
-from openstt.engines.base import Segment, TranscribeOptions, Transcript, TranscriptionRun, UnsupportedRequest
+from openstt.engines.base import TranscribeOptions, TranscriptionRun, UnsupportedRequest
+from openstt.transcript import Segment, Transcript
 from openstt.errors import OpenSTTError
 from openstt.formats import delta_event, diarized_segment, done_event, error_event, render, sse, token_usage
 from openstt.metrics import metrics
-from openstt.model_service import DiarizeJob, ModelFailure
+from openstt.messages import DiarizeJob, ModelFailure
 from openstt.registry import ModelRegistry
 from openstt.speech_times import hold_to_speech, speech_spans
 from openstt.vad import VadOptions, speech_probabilities

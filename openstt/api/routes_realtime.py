@@ -28,7 +28,7 @@ from openstt.engines.base import TranscribeOptions, UnsupportedRequest
 from openstt.errors import ModelNotFound
 from openstt.live.protocol import ProtocolError, Transcription, error_event
 from openstt.live.session import Decoded, LiveSession
-from openstt.model_service import ErrorCode, ModelFailure
+from openstt.messages import ErrorCode, ModelFailure
 from openstt.registry import ModelRegistry
 
 log = logging.getLogger("openstt.live")

@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from starlette.applications import Starlette
 
     from openstt.model_manager import ModelManager
-    from openstt.model_service import DiarizeJob, DiarizeReply
+    from openstt.messages import DiarizeJob, DiarizeReply
     from openstt.registry import ModelRegistry
 
 

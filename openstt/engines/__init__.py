@@ -8,7 +8,8 @@ import torch
 
 from openstt.catalog import ModelSpec
 from openstt.device import Placement, tune_backends
-from openstt.engines.base import Engine, TranscribeOptions, Transcript, UnsupportedRequest
+from openstt.engines.base import Engine, TranscribeOptions, UnsupportedRequest
+from openstt.transcript import Transcript
 
 __all__ = ["Engine", "TranscribeOptions", "Transcript", "UnsupportedRequest", "load_engine",
            "load_frontend"]

@@ -10,10 +10,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from openstt.catalog import ModelSpec
+from openstt.transcript import Segment, Transcript
 from openstt.vad import VadOptions
 
 if TYPE_CHECKING:
-    from openstt.model_service import Core
+    from openstt.messages import Core
 
 # Whisper's fallback ladder: start at the requested temperature, step up on failure.
 TEMPERATURE_STEP = 0.2
@@ -59,50 +60,6 @@ class TranscribeOptions:
             return (self.temperature,)
         steps = int(round((1.0 - self.temperature) / TEMPERATURE_STEP))
         return tuple(round(self.temperature + i * TEMPERATURE_STEP, 2) for i in range(steps + 1)) or (1.0,)
-
-
-@dataclass
-class Word:
-    word: str
-    start: float
-    end: float
-    speaker: str | None = None  # who said it, when the request asked for diarization
-
-
-@dataclass
-class TokenLogprob:
-    token: str
-    logprob: float
-    bytes: list[int]
-
-
-@dataclass
-class Segment:
-    id: int
-    seek: int  # window offset in 10 ms mel frames
-    start: float
-    end: float
-    text: str  # with Whisper's leading space
-    tokens: list[int]
-    temperature: float
-    avg_logprob: float
-    compression_ratio: float
-    no_speech_prob: float
-    words: list[Word] = field(default_factory=list)
-    logprobs: list[TokenLogprob] = field(default_factory=list)
-    speaker: str | None = None  # who said it, when the request asked for diarization
-
-
-@dataclass
-class Transcript:
-    text: str
-    language: str  # ISO-639-1 code, detected or given
-    duration: float  # seconds of input audio
-    segments: list[Segment] = field(default_factory=list)
-
-    @property
-    def words(self) -> list[Word]:
-        return [w for s in self.segments for w in s.words]
 
 
 @dataclass

@@ -16,8 +16,9 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 
 from openstt.audio import SAMPLE_RATE
-from openstt.engines.base import Engine, LoopState, Segment, TranscribeOptions, TranscriptionRun, Word
-from openstt.model_service import AlignJob, Core, DecodeResult, WindowJob
+from openstt.engines.base import Engine, LoopState, TranscribeOptions, TranscriptionRun
+from openstt.transcript import Segment, Word
+from openstt.messages import AlignJob, Core, DecodeResult, WindowJob
 from openstt.settings import default_batch_windows
 
 if TYPE_CHECKING:

@@ -28,9 +28,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Itera
 import numpy as np
 
 from openstt.audio import SAMPLE_RATE
-from openstt.engines.base import Segment, TranscribeOptions, Word
+from openstt.engines.base import TranscribeOptions
+from openstt.transcript import Segment, Word
 from openstt.engines.jobs import adrive
-from openstt.model_service import AlignJob, Core, DecodeResult, WindowJob
+from openstt.messages import AlignJob, Core, DecodeResult, WindowJob
 from openstt.vad import Chunk, VadOptions, speech_chunks
 
 CHUNK_SECONDS = 30.0  # Whisper's window: a chunk decodes as one window

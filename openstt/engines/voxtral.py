@@ -27,10 +27,11 @@ import torch
 
 from openstt.audio import SAMPLE_RATE
 from openstt.device import Placement, quantize_int8
-from openstt.engines.base import Segment, TokenLogprob, TranscribeOptions, UnsupportedRequest, Word
+from openstt.engines.base import TranscribeOptions, UnsupportedRequest
+from openstt.transcript import Segment, TokenLogprob, Word
 from openstt.engines.chunking import plan_chunks
 from openstt.engines.jobs import InProcessEngine, LoopState, compression_ratio, is_silent
-from openstt.model_service import AlignJob, DecodeResult, ModelFailure, WindowJob
+from openstt.messages import AlignJob, DecodeResult, ModelFailure, WindowJob
 
 log = logging.getLogger(__name__)
 

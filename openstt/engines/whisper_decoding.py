@@ -22,9 +22,10 @@ import torch
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
 from openstt.audio import SAMPLE_RATE
-from openstt.engines.base import MAX_PROMPT_CHARS, Segment, TokenLogprob, TranscribeOptions, Word
+from openstt.engines.base import MAX_PROMPT_CHARS, TranscribeOptions
+from openstt.transcript import Segment, TokenLogprob, Word
 from openstt.engines.jobs import LoopState, compression_ratio, is_silent, needs_fallback, settle
-from openstt.model_service import AlignJob, DecodeResult, ModelFailure, WindowJob
+from openstt.messages import AlignJob, DecodeResult, ModelFailure, WindowJob
 
 HOP_LENGTH = 160
 N_FRAMES = 3000  # mel frames in one 30 s window

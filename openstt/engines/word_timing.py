@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from openstt.engines.base import Word
+from openstt.transcript import Word
 
 ENCODER_FRAMES_PER_SECOND = 50  # 20 ms each
 MEDIAN_FILTER_WIDTH = 7
