@@ -24,7 +24,8 @@ from openstt.bootstrap import (
     weights_manager,
 )
 from openstt.messages import AlignJob, AlignReply, DecodeResult, DiarizeJob, DiarizeReply, WeightsReply, WindowJob
-from openstt.model_service import ModelServiceClient, align_request, diarize_request
+from openstt.model_client import ModelServiceClient
+from openstt.serving import align_request, diarize_request
 from openstt.compute import run_aside
 from openstt.logs import quiet_caller_disconnects
 from openstt.settings import Settings

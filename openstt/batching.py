@@ -3,7 +3,7 @@ through the model service.
 
 Every transcription is a sequence of windows (Whisper's 30 s ``WindowLoop``, Voxtral's
 ``ChunkLoop``). The API process runs that loop per request and sends each window to the model
-service (``openstt.model_service``), whose compute thread (``openstt.compute``) decodes every
+service (``openstt.model_client``), whose compute thread (``openstt.compute``) decodes every
 window waiting, whatever request it belongs to, in one batch.
 """
 
@@ -17,7 +17,7 @@ from openstt.engines.base import Engine, TranscribeOptions, TranscriptionRun
 from openstt.transcript import Word
 from openstt.engines.jobs import Frontend, adrive
 from openstt.messages import AlignJob, DecodeResult, ModelFailure, WindowJob
-from openstt.model_service import ModelServiceClient
+from openstt.model_client import ModelServiceClient
 
 
 class BatchedEngine(Engine):

@@ -18,7 +18,7 @@ from openstt.registry import ModelRegistry, build_batched_engine
 from openstt.settings import Settings, format_validation_error
 
 if TYPE_CHECKING:
-    from openstt.model_service import ModelServiceClient
+    from openstt.model_client import ModelServiceClient
 
 log = logging.getLogger("openstt")
 

@@ -201,7 +201,7 @@ class ComputeThread:
 
     def _run(self, windows: list[_Waiting], call: _Waiting | None) -> None:
         from openstt.metrics import metrics
-        from openstt.model_service import decode_batch
+        from openstt.serving import decode_batch
 
         self._report_queue()
         if call is not None:

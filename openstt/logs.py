@@ -49,7 +49,7 @@ class _CallerLeft(logging.Filter):
         from starlette.requests import ClientDisconnect
 
         if record.exc_info and isinstance(record.exc_info[1], ClientDisconnect):
-            logging.getLogger("openstt.model_service").debug("a caller left while sending %s", record.args)
+            logging.getLogger("openstt.serving").debug("a caller left while sending %s", record.args)
             return False
         return True
 

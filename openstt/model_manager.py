@@ -40,7 +40,7 @@ from openstt.errors import (
     ModelNotFound,
 )
 from openstt.messages import ErrorCode, WeightsReply
-from openstt.model_service import ModelServiceClient
+from openstt.model_client import ModelServiceClient
 from openstt.registry import ModelRegistry, load_weights
 
 log = logging.getLogger("openstt.models")

@@ -20,7 +20,7 @@ from openstt.errors import DefaultModelPinned, ModelNotFound
 from openstt.settings import Settings
 
 if TYPE_CHECKING:
-    from openstt.model_service import ModelServiceClient
+    from openstt.model_client import ModelServiceClient
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from fastapi import FastAPI
@@ -28,12 +29,17 @@ from openstt import bootstrap
 from openstt.api.app import create_app
 from openstt.catalog import CATALOG, ModelSpec
 from openstt.engines.base import Engine, TranscribeOptions, TranscriptionRun
-from openstt.transcript import Word
 from openstt.hub import resolve_model
-from openstt.messages import AlignJob, DecodeResult, WindowJob
-from openstt.model_service import InMemoryModelService
+from openstt.messages import AlignJob, AlignReply, DecodeResult, DiarizeJob, DiarizeReply, WeightsReply, WindowJob
+from openstt.model_client import ModelServiceClient
 from openstt.registry import ModelRegistry
+from openstt.serving import align_request, diarize_request
 from openstt.settings import Settings
+from openstt.transcript import Word
+
+if TYPE_CHECKING:
+    from openstt.diarization.pipeline import Diarizer
+    from openstt.model_manager import WeightsManager
 
 TIME_PRECISION = 0.02  # seconds per Whisper timestamp token
 
@@ -133,3 +139,43 @@ class Named(FakeModel):
     def answer(self, job: WindowJob) -> list[int]:
         assert job.model == self.name  # decode_batch sent it to the model the request's engine named
         return self.tokens(self.name)
+
+
+class InMemoryModelService(ModelServiceClient):
+    """The model service in this process (the test double of ``openstt.messages.ModelService``),
+    as the real one runs it: ``openstt.serving``'s functions on the
+    engines that ``engines()`` returns by name (e.g. a ``ModelRegistry``'s ``engines``), on a
+    ``ComputeThread`` of its own. Loading and unloading need ``weights``."""
+
+    def __init__(self, engines: Callable[[], Mapping[str, Engine]], weights: WeightsManager | None = None,
+                 diarizer: Diarizer | None = None, max_batch: int = 1):
+        from openstt.compute import ComputeThread
+
+        self.engines, self.weights, self.diarizer = engines, weights, diarizer
+        self.compute = ComputeThread(engines, max_batch=max_batch, name="openstt-compute-inmemory")
+
+    async def decode(self, job: WindowJob) -> DecodeResult:
+        return (await self.compute.decode([job]))[0]
+
+    async def align(self, job: AlignJob) -> AlignReply:
+        return await self.compute.run(lambda: align_request(self.engines().get(job.model), job))
+
+    async def diarize(self, job: DiarizeJob) -> DiarizeReply:
+        return await self.compute.run(diarize_request, self.diarizer, job)
+
+    async def ready(self) -> bool:
+        return True
+
+    async def load(self, name: str) -> WeightsReply:
+        from openstt.compute import run_aside
+
+        if self.weights is None:
+            raise NotImplementedError("this model service cannot load models")
+        return await run_aside(self.weights.load, name)
+
+    async def unload(self, name: str) -> WeightsReply:
+        from openstt.compute import run_aside
+
+        if self.weights is None:
+            raise NotImplementedError("this model service cannot unload models")
+        return await run_aside(self.weights.unload, name)

@@ -16,7 +16,9 @@ from openstt.transcript import Word
 from openstt.engines.whisper import WhisperFrontend
 from openstt.hub import resolve_model
 from openstt.messages import AlignJob, AlignReply, DecodeResult, ErrorCode, ModelFailure, WeightsReply, WindowJob
-from openstt.model_service import InMemoryModelService, align_request, call_with_reconnect, decode_batch
+from openstt.model_client import call_with_reconnect
+from openstt.serving import align_request, decode_batch
+from tests.inmemory import InMemoryModelService
 from tests.conftest import clip
 
 FOX = "The quick brown fox jumps over the lazy dog."

@@ -17,7 +17,7 @@ from openstt.catalog import CATALOG
 from openstt.compute import ComputeThread, one_torch_thread, run_aside
 from openstt.engines.base import Engine
 from openstt.messages import DecodeResult, WindowJob
-from openstt.model_service import ModelServiceClient
+from openstt.model_client import ModelServiceClient
 
 JOB = WindowJob(audio=np.zeros(1600, np.float32), prompt=[], task="transcribe", language="en", temperature=0,
                 model="whisper-tiny.en")

@@ -129,7 +129,7 @@ class Engine(abc.ABC):
 
     supports_word_timestamps = True
     # The weights' side, on an engine that holds them: what the model service decodes windows
-    # with (``openstt.model_service``); None on the API side's engines.
+    # with (``openstt.messages``); None on the API side's engines.
     core: Core | None = None
 
     def __init__(self, spec: ModelSpec):

@@ -4,7 +4,7 @@ Every engine splits a transcription in two: a sans-IO *loop* (a generator that y
 ``WindowJob`` or ``AlignJob`` whenever it needs the model and yields finished ``Segment``s in
 between) and a *core* that holds the weights and answers jobs in batches. ``drive`` connects the
 two in one process; ``adrive`` sends the jobs to the batching model service. The jobs and their
-answers are the model service's messages (``openstt.model_service``).
+answers are the model service's messages (``openstt.messages``).
 """
 
 from __future__ import annotations
