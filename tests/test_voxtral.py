@@ -76,6 +76,20 @@ def test_chunks_of_real_speech_cut_in_quiet_moments():
         assert np.mean(around ** 2) <= np.percentile(energy, 20)
 
 
+def test_sampling_is_seeded_by_the_audio(engine):
+    """A hot (fallback) decode gives the same text for the same audio, whatever was sampled before,
+    and leaves torch's global generator as it found it."""
+    audio = decode_audio(clip("en/quick_brown_fox").read_bytes())
+    job = WindowJob(audio=audio, prompt=[], task="transcribe", language="en", temperature=1.0,
+                    compression_ratio_threshold=None, logprob_threshold=None)
+    first = engine.core.decode_windows([job])[0]
+    torch.rand(100)  # someone else's randomness in between
+    state = torch.random.get_rng_state()
+    again = engine.core.decode_windows([job])[0]
+    assert first.temperature == 1.0 and first.tokens == again.tokens
+    assert torch.equal(torch.random.get_rng_state(), state)
+
+
 def test_processor_template_and_features_come_from_the_checkpoint(engine):
     audio = decode_audio(clip("en/quick_brown_fox").read_bytes())
     batch = engine.core.inputs([

@@ -19,6 +19,7 @@ import logging
 import re
 import threading
 import time
+import zlib
 from collections.abc import Generator
 from pathlib import Path
 
@@ -154,9 +155,16 @@ class VoxtralCore:
 
         recorder = ChosenLogprobs()
         budget = int(longest * TEXT_TOKENS_PER_SECOND) + MIN_NEW_TOKENS
-        sequences = self.model.generate(**batch, max_new_tokens=budget, pad_token_id=self.pad,
-                                        eos_token_id=self.tokens.eos,
-                                        logits_processor=LogitsProcessorList([recorder]), **sampling)
+        # transformers samples from torch's global generator: seeded here by the batch's audio and the
+        # temperature (as Whisper's rows are by theirs), so the same request gives the same text, and
+        # restored after, so that nothing else's randomness depends on what was decoded before.
+        with torch.random.fork_rng(devices=[]):
+            if temperature > 0:
+                torch.manual_seed(hash((*(zlib.crc32(np.ascontiguousarray(j.audio, dtype=np.float32).view(np.uint8))
+                                          for j in jobs), temperature)) % 2**63)
+            sequences = self.model.generate(**batch, max_new_tokens=budget, pad_token_id=self.pad,
+                                            eos_token_id=self.tokens.eos,
+                                            logits_processor=LogitsProcessorList([recorder]), **sampling)
         prompt_len = batch["input_ids"].shape[1]
         scores = recorder.finish(sequences, prompt_len)
         results = []
