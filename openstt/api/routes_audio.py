@@ -263,7 +263,7 @@ async def _transcribe_admitted(request: Request, registry: ModelRegistry, limits
 # call whisper-base stamped 30 s of speech 0-20 s; a 7 s silent lead-in gave a segment 0.00-9.68 s),
 # so their segments are held to the speech. That costs one VAD pass: 0.37 s for 5 minutes, 4 % of
 # tiny.en's sequential transcription (VAD mode shares the pass it makes anyway).
-# Word times fix more (segments span their words) but add 20-25 %: they stay a request's choice.
+# Word times fix more (segments span their words) but add 16-27 %: they stay a request's choice.
 SEGMENT_TIMED = frozenset({"verbose_json", "srt", "vtt"})
 
 
@@ -284,7 +284,8 @@ async def _collect(run: TranscriptionRun, slot: Slot, speakers: asyncio.Task | N
 
 
 def _held_to_speech(run: TranscriptionRun, spans: list[tuple[float, float]]) -> TranscriptionRun:
-    """The same run, its words' times held to the speech (``speech_times``) as each segment comes."""
+    """The same run, its words' and segments' times held to the speech (``speech_times``) as each
+    segment comes."""
 
     async def segments() -> AsyncIterator[Segment]:
         try:
