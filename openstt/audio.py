@@ -25,6 +25,8 @@ import soundfile as sf
 from openstt.settings import MAX_AUDIO_SECONDS
 
 SAMPLE_RATE = 16000
+# 10 ms: Whisper's mel hop, the unit of a segment's ``seek`` and of energy frames when cutting audio
+HOP = SAMPLE_RATE // 100
 MIN_DURATION = 0.1  # seconds; OpenAI rejects shorter clips
 SUPPORTED_FORMATS = ["flac", "m4a", "mp3", "mp4", "mpeg", "mpga", "oga", "ogg", "wav", "webm"]
 # FFmpeg demuxers of SUPPORTED_FORMATS: mov is "mov,mp4,m4a,3gp,3g2,mj2", matroska "matroska,webm",

@@ -73,10 +73,10 @@ def load_weights(spec: ModelSpec, placement, *, download: bool, chunk_seconds: f
 def build_batched_engine(spec: ModelSpec, path, models: ModelServiceClient, *, chunk_seconds: float | None = None,
                    max_batch_windows: int) -> Engine:
     """API process: the request side of a model whose weights live in the model service."""
-    from openstt.batching import BatchedEngine
+    from openstt.engines.remote import RemoteEngine
     from openstt.engines import load_frontend
 
-    return BatchedEngine(spec, load_frontend(spec, path, chunk_seconds=chunk_seconds), models,
+    return RemoteEngine(spec, load_frontend(spec, path, chunk_seconds=chunk_seconds), models,
                          max_batch_windows=max_batch_windows)
 
 

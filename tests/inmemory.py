@@ -1,12 +1,12 @@
 """The API app built the way the server's API process builds it, with its model service in this process.
 
 ``bootstrap.start_api`` is what the ``OpenSTT`` service (``service.py``) runs: a ``ModelRegistry``
-of ``BatchedEngine``s (tokenizer + transcription loop, ``registry.build_batched_engine``) sending every
+of ``RemoteEngine``s (tokenizer + transcription loop, ``registry.build_batched_engine``) sending every
 window through a ``ModelServiceClient``, the ``ModelManager``, the readiness probe, and
 ``attach``'s keys and limits. ``inmemory_app`` runs that same function with an
 ``InMemoryModelService`` as the client: ``decode_batch`` and ``align_request`` (what
 ``OpenSTTModels`` answers with) on a model-side ``ModelRegistry`` of engines holding weights here.
-So a request goes frontend -> ``BatchedEngine`` -> client -> ``decode_batch`` -> the engine's
+So a request goes frontend -> ``RemoteEngine`` -> client -> ``decode_batch`` -> the engine's
 ``core``, the path the server takes; ``InProcessEngine.start`` is never used.
 
 Fault injection and routing probes stay on that path: a ``FakeModel`` is a model-side engine

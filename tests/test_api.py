@@ -1,5 +1,5 @@
 """The OpenAI routes in-process (FastAPI TestClient) with the real tiny.en model, built as the
-server builds its API process (``tests.inmemory``: frontends, BatchedEngine, model service)."""
+server builds its API process (``tests.inmemory``: frontends, RemoteEngine, model service)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from fastapi.testclient import TestClient
 
 from openstt.api.app import create_app
 from openstt.api.state import app_state
-from openstt.batching import BatchedEngine
+from openstt.engines.remote import RemoteEngine
 from openstt.catalog import CATALOG
-from openstt.engines.jobs import InProcessEngine
+from openstt.engines.drivers import InProcessEngine
 from openstt.messages import WindowJob
 from tests.conftest import clip
 from tests.inmemory import FakeModel, Named, inmemory_app, stand_in_cache
@@ -213,9 +213,9 @@ class TestAuth:
 
 
 def test_requests_take_the_servers_path(app, client, tiny_en_engine, monkeypatch):
-    """API side: a BatchedEngine without weights; windows reach the weights through the model service."""
+    """API side: a RemoteEngine without weights; windows reach the weights through the model service."""
     engine = app_state(app).registry.get("whisper-tiny.en")
-    assert isinstance(engine, BatchedEngine) and engine.core is None
+    assert isinstance(engine, RemoteEngine) and engine.core is None
     assert engine.describe()["served_by"] == "model service (batched)"
 
     def in_process(*args, **kwargs):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from openstt.audio import decode_audio
-from openstt.batching import BatchedEngine
+from openstt.engines.remote import RemoteEngine
 from openstt.catalog import CATALOG
 from openstt.engines import TranscribeOptions
 from openstt.transcript import Word
@@ -59,7 +59,7 @@ def test_models_batch_separately_and_failures_stay_local(tiny_en_engine):
 def test_batched_engine_matches_in_process_engine(tiny_en_engine, hf_cache, options):
     spec = CATALOG["whisper-tiny.en"]
     frontend = WhisperFrontend(spec, resolve_model(spec, download=False, cache=hf_cache))
-    engine = BatchedEngine(spec, frontend, InMemoryModelService(lambda: {spec.name: tiny_en_engine}),
+    engine = RemoteEngine(spec, frontend, InMemoryModelService(lambda: {spec.name: tiny_en_engine}),
                            max_batch_windows=8)
     audio = decode_audio(clip("en/quick_brown_fox").read_bytes())
     remote = asyncio.run(engine.start(audio, options).acollect())
@@ -72,7 +72,7 @@ def test_batched_engine_matches_in_process_engine(tiny_en_engine, hf_cache, opti
 def test_a_model_unloaded_while_its_request_runs_fails_it_with_model_not_loaded(hf_cache):
     spec = CATALOG["whisper-tiny.en"]
     frontend = WhisperFrontend(spec, resolve_model(spec, download=False, cache=hf_cache))
-    engine = BatchedEngine(spec, frontend, InMemoryModelService(dict), max_batch_windows=8)  # no model there
+    engine = RemoteEngine(spec, frontend, InMemoryModelService(dict), max_batch_windows=8)  # no model there
     audio = decode_audio(clip("en/quick_brown_fox").read_bytes())
     with pytest.raises(ModelFailure) as err:
         asyncio.run(engine.start(audio, TranscribeOptions()).acollect())

@@ -16,7 +16,7 @@ from openstt.catalog import CATALOG
 from openstt.engines import TranscribeOptions
 from openstt.engines.base import Engine, TranscriptionRun, UnsupportedRequest
 from openstt.transcript import Segment
-from openstt.engines.jobs import LoopState
+from openstt.engines.base import LoopState
 from openstt.messages import WindowJob
 from openstt.registry import ModelRegistry
 from tests.conftest import clip, needs_asterisk, reference

@@ -3,7 +3,7 @@ the model service), frees its admission slot and model lease, and is counted and
 cancelled (499), for plain and streamed responses.
 
 The in-process tests call the ASGI app directly, as uvicorn does, with the API side's production
-path (``BatchedEngine`` driving its loop through ``adrive``) against a fake model service that
+path (``RemoteEngine`` driving its loop through ``adrive``) against a fake model service that
 counts the windows it is sent. The end-to-end tests kill a real client of a real ``bentoml serve``.
 """
 
@@ -27,10 +27,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from openstt.api.app import create_app
 from openstt.api.limits import unless_disconnected
 from openstt.api.state import app_state
-from openstt.batching import BatchedEngine
+from openstt.engines.remote import RemoteEngine
 from openstt.catalog import CATALOG
 from openstt.transcript import Segment
-from openstt.engines.jobs import LoopState
+from openstt.engines.base import LoopState
 from openstt.messages import AlignJob, AlignReply, DecodeResult, WindowJob
 from openstt.registry import ModelRegistry
 from tests.conftest import API_KEY, REPORT, clip, encode, needs_asterisk
@@ -139,9 +139,9 @@ class _Lines(logging.Handler):
 def api():
     """The app with a model served by the fake model service, and its pieces."""
     frontend, service = _Frontend(), _ModelService()
-    default = BatchedEngine(CATALOG["whisper-base"], _Frontend(), service, 8)
+    default = RemoteEngine(CATALOG["whisper-base"], _Frontend(), service, 8)
     registry = ModelRegistry([default], default.name)
-    entry = registry.add(BatchedEngine(CATALOG["whisper-tiny.en"], frontend, service, 8))
+    entry = registry.add(RemoteEngine(CATALOG["whisper-tiny.en"], frontend, service, 8))
     app = create_app()
     app_state(app).registry = registry
     app_state(app).long_form = "sequential"  # the fake loop's 30 s windows, one after another

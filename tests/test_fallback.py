@@ -9,7 +9,7 @@ import pytest
 
 from openstt.audio import SAMPLE_RATE, decode_audio
 from openstt.engines import TranscribeOptions
-from openstt.engines.jobs import needs_fallback, settle
+from openstt.engines.fallback import needs_fallback, settle
 from openstt.messages import DecodeResult, WindowJob
 from tests.conftest import clip, normalize
 

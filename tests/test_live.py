@@ -1,7 +1,7 @@
 """Live transcription (WebSocket /v1/realtime): its parts, and whole sessions in process.
 
 Sessions run against the app built as the server builds it (``inmemory_app``: the API side's
-``BatchedEngine`` and ``ModelServiceClient`` path, ``decode_batch`` on the real tiny.en weights)
+``RemoteEngine`` and ``ModelServiceClient`` path, ``decode_batch`` on the real tiny.en weights)
 through Starlette's WebSocket test client. The same sessions through the official SDK against a
 real ``bentoml serve`` are in ``test_live_served.py``.
 """

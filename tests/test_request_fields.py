@@ -19,7 +19,7 @@ from openstt.audio import decode_audio
 from openstt.bootstrap import StartupError, load_settings
 from openstt.catalog import CATALOG
 from openstt.engines import TranscribeOptions, load_engine
-from openstt.engines.jobs import LoopState
+from openstt.engines.base import LoopState
 from openstt.settings import Settings
 from tests.conftest import API_KEY, clip, needs_asterisk, normalize
 from tests.evaluation import ASTERISK_SOUNDS

@@ -10,7 +10,7 @@ import torch
 from openstt.audio import SAMPLE_RATE, decode_audio
 from openstt.catalog import CATALOG
 from openstt.engines import TranscribeOptions, load_engine
-from openstt.engines.jobs import compression_ratio
+from openstt.engines.fallback import compression_ratio
 from tests.conftest import REPORT, clip, needs_asterisk, normalize
 from tests.evaluation import ASTERISK_SOUNDS, asterisk_prompts, long_english_clip, longest_prompts, wer
 

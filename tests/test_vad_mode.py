@@ -1,4 +1,4 @@
-"""VAD-chunked long-form mode (``openstt.engines.vad_chunked``) on real speech with real weights.
+"""VAD-chunked long-form mode (``openstt.engines.vad_mode``) on real speech with real weights.
 
 In-process tests drive the bundled whisper-tiny.en through the same engine code the model
 service runs; the live-server tests send the same audio through the official SDK to
@@ -15,9 +15,10 @@ import openai
 import pytest
 
 from openstt.audio import SAMPLE_RATE, decode_audio
-from openstt.engines import TranscribeOptions, vad_chunked
-from openstt.engines.jobs import LoopState, needs_fallback
-from openstt.engines.vad_chunked import adrive_chunks, drive_chunks
+from openstt.engines import TranscribeOptions, vad_mode
+from openstt.engines.base import LoopState
+from openstt.engines.fallback import needs_fallback
+from openstt.engines.drivers import adrive_chunks, drive_chunks
 from openstt.messages import DecodeResult, WindowJob
 from openstt.vad import VadOptions
 from tests.conftest import API_KEY
@@ -50,9 +51,9 @@ def three_chunks(monkeypatch):
     """About 20 s of real read speech (audio, reference), planned as three chunks of at most 10 s
     (not 30 s): the drivers' "first chunk alone, then the others together" gets a real batch from
     a third of the speech (and of the decoding) that 30 s chunks would need."""
-    monkeypatch.setattr(vad_chunked, "CHUNK_SECONDS", 10.0)
+    monkeypatch.setattr(vad_mode, "CHUNK_SECONDS", 10.0)
     audio, reference = english_clip(20, gap=1.0)
-    assert len(vad_chunked.plan(audio, VAD)) == 3
+    assert len(vad_mode.plan(audio, VAD)) == 3
     return audio, reference
 
 
@@ -111,7 +112,7 @@ def test_word_times_are_file_times(tiny_en_engine, speech_with_gap):
 
 @pytest.mark.slow
 def test_first_chunk_alone_only_to_detect_the_language_or_to_stream():
-    from openstt.engines.vad_chunked import first_alone
+    from openstt.engines.vad_mode import first_alone
 
     assert first_alone(TranscribeOptions(), multilingual=True)  # the others use its language
     assert not first_alone(TranscribeOptions(), multilingual=False)  # English-only: nothing to detect

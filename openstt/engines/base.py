@@ -1,11 +1,12 @@
-"""The interface every model family implements, and the plain data it exchanges."""
+"""The interface every model family implements (``Engine``; a family's weightless request side,
+``Frontend``, and its sans-IO ``TranscriptionLoop``), and the plain data a transcription carries."""
 
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Generator, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
@@ -14,7 +15,7 @@ from openstt.transcript import Segment, Transcript
 from openstt.vad import VadOptions
 
 if TYPE_CHECKING:
-    from openstt.messages import Core
+    from openstt.messages import AlignJob, Core, WindowJob
 
 # Whisper's fallback ladder: start at the requested temperature, step up on failure.
 TEMPERATURE_STEP = 0.2
@@ -44,7 +45,7 @@ class TranscribeOptions:
     logprob_threshold: float = -1.0
     no_speech_threshold: float = 0.6
     condition_on_previous_text: bool = True
-    # VAD-chunked long-form mode (``engines.vad_chunked``) with these VAD settings; None: sequential.
+    # VAD-chunked long-form mode (``engines.vad_mode``) with these VAD settings; None: sequential.
     vad: VadOptions | None = None
     # The VAD's speech probabilities when the request has them already (computed once and shared
     # with diarization); None: computed when needed.
@@ -151,3 +152,26 @@ class Engine(abc.ABC):
     def describe(self) -> dict:
         """Facts for the startup summary and logs."""
         return {"model": self.spec.name, "repo": self.spec.repo_id, "family": self.spec.family}
+
+
+class TranscriptionLoop(Protocol):
+    """A family's sans-IO transcription loop (Whisper's ``WindowLoop``, Voxtral's ``ChunkLoop``):
+    a generator that yields ``WindowJob``/``AlignJob``s, is sent their replies, and yields
+    finished ``Segment``s in between."""
+
+    def run(self, audio: np.ndarray, options: TranscribeOptions,
+            state: LoopState) -> Generator[WindowJob | AlignJob | Segment, object, None]: ...
+
+
+class Frontend(Protocol):
+    """The request side of a model family, without weights: checks a request's options, holds
+    the tokenizer and the transcription loop (``WhisperFrontend``, ``VoxtralFrontend``). The same
+    object serves an in-process engine and the API process's ``RemoteEngine``."""
+
+    multilingual: bool
+    supports_word_timestamps: bool
+    loop: TranscriptionLoop
+
+    def check(self, options: TranscribeOptions) -> None: ...
+
+    def new_state(self, options: TranscribeOptions) -> LoopState: ...

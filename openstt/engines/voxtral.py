@@ -31,7 +31,9 @@ from openstt.device import Placement, quantize_int8
 from openstt.engines.base import TranscribeOptions, UnsupportedRequest
 from openstt.transcript import Segment, TokenLogprob, Word
 from openstt.engines.chunking import plan_chunks
-from openstt.engines.jobs import InProcessEngine, LoopState, compression_ratio, is_silent
+from openstt.engines.base import LoopState
+from openstt.engines.drivers import InProcessEngine
+from openstt.engines.fallback import compression_ratio, is_silent
 from openstt.messages import AlignJob, DecodeResult, ModelFailure, WindowJob
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,8 @@ from transformers import GenerationConfig, WhisperForConditionalGeneration, Whis
 
 from openstt.device import Placement, quantize_int8
 from openstt.engines.base import TranscribeOptions, UnsupportedRequest
-from openstt.engines.jobs import InProcessEngine, LoopState
+from openstt.engines.base import LoopState
+from openstt.engines.drivers import InProcessEngine
 from openstt.engines.whisper_decoding import TokenTable, WhisperCore, WindowLoop
 from openstt.engines.word_timing import CrossAttentionAligner
 

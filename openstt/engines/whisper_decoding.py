@@ -24,7 +24,8 @@ from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 from openstt.audio import SAMPLE_RATE
 from openstt.engines.base import MAX_PROMPT_CHARS, TranscribeOptions
 from openstt.transcript import Segment, TokenLogprob, Word
-from openstt.engines.jobs import LoopState, compression_ratio, is_silent, needs_fallback, settle
+from openstt.engines.base import LoopState
+from openstt.engines.fallback import compression_ratio, is_silent, needs_fallback, settle
 from openstt.messages import AlignJob, DecodeResult, ModelFailure, WindowJob
 
 HOP_LENGTH = 160
