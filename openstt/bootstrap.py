@@ -14,10 +14,12 @@ from pydantic import ValidationError
 from openstt.catalog import CATALOG
 from openstt.hub import ModelNotAvailable, cache_dir, resolve_model
 from openstt.logs import configure_logging
-from openstt.registry import ModelRegistry, build_batched_engine
+from openstt.registry import ModelRegistry
 from openstt.settings import Settings, format_validation_error
 
 if TYPE_CHECKING:
+    from openstt.catalog import ModelSpec
+    from openstt.engines.base import Engine
     from openstt.model_client import ModelServiceClient
 
 log = logging.getLogger("openstt")
@@ -100,13 +102,28 @@ def load_models() -> ModelRegistry:
     configure_logging(settings.python_log_level, settings.log_format)
     started = time.perf_counter()
     try:
-        registry = ModelRegistry.load(settings)
+        registry = _load_weights(settings)
     except (ModelNotAvailable, ValueError) as exc:
         raise StartupError(str(exc)) from None
     log.info("models loaded in %.1f s: %s", time.perf_counter() - started, ", ".join(registry.names()))
     for name in registry.names():
         log.info("model %s", registry.get(name).describe())
     return registry
+
+
+def _load_weights(settings: Settings) -> ModelRegistry:
+    """Resolve every configured model in the HF cache (downloading if allowed) and load it."""
+    import torch
+
+    from openstt.device import Placement
+    from openstt.engines import load_weights
+
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    placement = Placement.from_settings(settings)
+    engines = [load_weights(CATALOG[name], placement, download=settings.download,
+                            chunk_seconds=settings.voxtral_chunk_seconds) for name in settings.models]
+    return ModelRegistry(engines, settings.default_model or settings.models[0], settings.model_aliases)
 
 
 def start_compute():
@@ -142,7 +159,7 @@ def weights_manager(registry: ModelRegistry):
     """The model service's runtime loading and unloading of weights into ``registry``."""
     from openstt.device import Placement
     from openstt.metrics import metrics
-    from openstt.model_manager import WeightsManager
+    from openstt.serving import WeightsManager
 
     settings = get_settings()
     metrics().models_loaded.set(len(registry.names()))
@@ -203,6 +220,7 @@ def start_api(app: FastAPI, models: ModelServiceClient) -> ModelRegistry:
     ``models`` calls: to decode windows, to probe readiness (``/health``), and to load and unload
     models at runtime (when enabled) and idle ones (with a TTL)."""
     from openstt.api.state import app_state
+    from openstt.engines import remote_engine
     from openstt.model_manager import ModelManager
 
     import torch
@@ -213,12 +231,14 @@ def start_api(app: FastAPI, models: ModelServiceClient) -> ModelRegistry:
     # service decodes on the same cores: one thread, so no OpenMP pool spins against the model
     # service's (10 min of VAD: 0.76 s on one thread, 0.61 s on two).
     torch.set_num_threads(1)
-    registry = ModelRegistry.load_batched_engines(settings, models)
+    def build(spec: ModelSpec) -> Engine:  # tokenizers only: windows go to ``models``
+        return remote_engine(spec, models, chunk_seconds=settings.voxtral_chunk_seconds,
+                             max_batch_windows=settings.batch_windows)
+
+    registry = ModelRegistry([build(CATALOG[name]) for name in settings.models],
+                             settings.default_model or settings.models[0], settings.model_aliases)
     manager = ModelManager(
-        registry, models=models,
-        batched_engine=lambda spec: build_batched_engine(spec, resolve_model(spec, download=False), models,
-                                             chunk_seconds=settings.voxtral_chunk_seconds,
-                                             max_batch_windows=settings.batch_windows),
+        registry, models=models, batched_engine=build,
         enabled=settings.enable_model_management, idle_ttl=settings.model_idle_ttl)
     app_state(app).models_ready = models.ready
     app_state(app).diarize = models.diarize

@@ -1,9 +1,10 @@
-"""Loading and unloading models at runtime, in both processes, and unloading idle ones.
+"""Loading and unloading models at runtime, and unloading idle ones: the API process's side
+(the model service's is ``openstt.serving.WeightsManager``).
 
 ``POST /v1/models/{id}`` and ``DELETE /v1/models/{id}`` (with OPEN_STT_ENABLE_MODEL_MANAGEMENT) and
 the idle TTL (OPEN_STT_MODEL_IDLE_TTL) all go through ``ModelManager`` in the API process:
 
-- load: the model service loads the weights (``WeightsManager.load``, downloading only with
+- load: the model service loads the weights (``serving.WeightsManager.load``, downloading only with
   OPEN_STT_DOWNLOAD), then the API process builds the model's tokenizer-side frontend; only then
   is the model listed and servable. Loads run one at a time, each after its own memory check.
 - unload: the model leaves the API registry first (new requests get ``ModelNotFound``),
@@ -25,12 +26,10 @@ import asyncio
 import contextlib
 import gc
 import logging
-import threading
 import time
 from collections.abc import Callable
 
 from openstt.catalog import CATALOG, ModelSpec, lookup
-from openstt.device import release_freed_memory
 from openstt.engines.base import Engine
 from openstt.errors import (
     DefaultModelPinned,
@@ -39,75 +38,10 @@ from openstt.errors import (
     ModelManagementDisabled,
     ModelNotFound,
 )
-from openstt.messages import ErrorCode, WeightsReply
 from openstt.model_client import ModelServiceClient
-from openstt.registry import ModelRegistry, load_weights
+from openstt.registry import ModelRegistry
 
 log = logging.getLogger("openstt.models")
-
-
-class WeightsManager:
-    """Model service side: loads and drops weights in its registry. Called from worker threads,
-    concurrently with batches being decoded; the registry's lock keeps the set consistent. One
-    lock around every memory check and load (and unload): two loads checked at once would each
-    count on the same free memory, and the second could then run the server out of it."""
-
-    def __init__(self, registry: ModelRegistry, placement, *, download: bool, chunk_seconds: float | None = None,
-                 memory_check: str = "auto", batch_windows: int):
-        self.registry, self.placement, self.download = registry, placement, download
-        self.chunk_seconds, self.memory_check, self.batch_windows = chunk_seconds, memory_check, batch_windows
-        self._lock = threading.Lock()
-
-    def load(self, name: str) -> WeightsReply:
-        """Load catalog model ``name``: ``loaded`` and ``created`` or, when the weights cannot be
-        had, an ``error`` and a path-free ``message``."""
-        from openstt.hub import ModelNotAvailable
-        from openstt.metrics import metrics
-
-        spec = CATALOG.get(name)
-        if spec is None:
-            return WeightsReply(error=ErrorCode.unknown_model, message=f"unknown model {name!r}")
-        with self._lock:
-            if name in self.registry:
-                return WeightsReply(loaded=False, created=self.registry.created(name))
-            from openstt.memory import NotEnoughMemory, check_runtime_load
-
-            try:
-                check_runtime_load(spec, self.placement.device.type, str(self.placement.dtype).removeprefix("torch."),
-                                   self.placement.quantize, self.batch_windows, self.memory_check)
-            except NotEnoughMemory as exc:
-                log.warning("not loading %s: %s", name, exc)
-                return WeightsReply(error=ErrorCode.insufficient_memory, message=str(exc))
-            try:
-                engine = load_weights(spec, self.placement, download=self.download, chunk_seconds=self.chunk_seconds)
-            except ModelNotAvailable as exc:
-                log.warning("cannot load %s: %s", name, exc)
-                return WeightsReply(error=ErrorCode.download_failed if exc.download_failed else ErrorCode.not_available,
-                                    message=exc.public)
-            except NotImplementedError as exc:
-                return WeightsReply(error=ErrorCode.unsupported_family, message=str(exc))
-            entry = self.registry.add(engine)
-            metrics().models_loaded.set(len(self.registry.names()))
-            log.info("model %s", engine.describe())
-            return WeightsReply(loaded=True, created=entry.created)
-
-    def unload(self, name: str) -> WeightsReply:
-        """Drop ``name``'s weights. A batch already decoding with them finishes first (it holds
-        its own reference); later windows for it are answered ``model_not_loaded``."""
-        from openstt.metrics import metrics
-
-        with self._lock:
-            try:
-                entry = self.registry.remove(name)
-            except DefaultModelPinned as exc:
-                return WeightsReply(error=ErrorCode.default_model, message=exc.message)
-            if entry is None:
-                return WeightsReply(unloaded=False)
-            del entry
-            release_freed_memory()
-            metrics().models_loaded.set(len(self.registry.names()))
-            log.info("unloaded %s", name)
-            return WeightsReply(unloaded=True)
 
 
 class ModelManager:

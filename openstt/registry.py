@@ -1,9 +1,8 @@
-"""The resident models of one worker, and how request model names map onto them.
+"""The resident models of one process, and how request model names map onto them.
 
-Per-model construction goes through two functions, used both at startup and when a model is
-loaded at runtime (``POST /v1/models/{id}``): ``load_weights`` (the model service: weights on a
-device) and ``build_batched_engine`` (the API process: tokenizer side, windows sent to the model
-service). A new engine family only has to be added there.
+The registry only stores engines and resolves names; engines are built by ``openstt.engines``
+(``load_weights`` in the model service, ``remote_engine`` in the API process), at startup
+(``openstt.bootstrap``) and when a model is loaded at runtime (``POST /v1/models/{id}``).
 """
 
 from __future__ import annotations
@@ -14,13 +13,11 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from openstt.catalog import CATALOG, OPENAI_ALIAS, OPENAI_MODEL_IDS, ModelSpec, lookup
-from openstt.engines.base import Engine
+from openstt.catalog import OPENAI_ALIAS, OPENAI_MODEL_IDS, lookup
 from openstt.errors import DefaultModelPinned, ModelNotFound
-from openstt.settings import Settings
 
 if TYPE_CHECKING:
-    from openstt.model_client import ModelServiceClient
+    from openstt.engines.base import Engine
 
 log = logging.getLogger(__name__)
 
@@ -53,33 +50,6 @@ class Lease:
             self._entry.last_used = time.monotonic()
 
 
-def load_weights(spec: ModelSpec, placement, *, download: bool, chunk_seconds: float | None = None) -> Engine:
-    """Model service: find ``spec`` in the HF cache (downloading if allowed) and load its weights."""
-    import torch
-
-    from openstt.engines import load_engine
-    from openstt.hub import resolve_model
-    from openstt.metrics import metrics
-
-    path = resolve_model(spec, download=download)
-    engine = load_engine(spec, path, placement, chunk_seconds=chunk_seconds)
-    metrics().model_load_seconds.labels(spec.name).set(getattr(engine, "load_seconds", 0.0))
-    log.info("loaded %s from %s on %s (%s, %s attention, quantize=%s, %d threads) in %.1f s", spec.name, path,
-             placement.device, placement.dtype, placement.attn_implementation, placement.quantize,
-             torch.get_num_threads(), getattr(engine, "load_seconds", 0.0))
-    return engine
-
-
-def build_batched_engine(spec: ModelSpec, path, models: ModelServiceClient, *, chunk_seconds: float | None = None,
-                   max_batch_windows: int) -> Engine:
-    """API process: the request side of a model whose weights live in the model service."""
-    from openstt.engines.remote import RemoteEngine
-    from openstt.engines import load_frontend
-
-    return RemoteEngine(spec, load_frontend(spec, path, chunk_seconds=chunk_seconds), models,
-                         max_batch_windows=max_batch_windows)
-
-
 class ModelRegistry:
     """Loaded engines by catalog name, the default model (for requests without a model and for
     OpenAI's ids), and the configured aliases (``OPEN_STT_MODEL_ALIASES``: alias -> catalog name).
@@ -94,34 +64,6 @@ class ModelRegistry:
             raise ValueError(f"default model {default!r} is not loaded")
         self.default = default
         self.aliases = dict(aliases or {})
-
-    @classmethod
-    def load(cls, settings: Settings) -> ModelRegistry:
-        """Resolve every configured model in the HF cache (downloading if allowed) and load it."""
-        import torch
-
-        from openstt.device import Placement
-
-        if settings.torch_threads:
-            torch.set_num_threads(settings.torch_threads)
-        placement = Placement.from_settings(settings)
-        engines = [load_weights(CATALOG[name], placement, download=settings.download,
-                                chunk_seconds=settings.voxtral_chunk_seconds) for name in settings.models]
-        return cls(engines, settings.default_model or settings.models[0], settings.model_aliases)
-
-    @classmethod
-    def load_batched_engines(cls, settings: Settings, models: ModelServiceClient) -> ModelRegistry:
-        """The API side when a model service holds the weights: tokenizers only, windows sent
-        to ``models`` (the batching model service)."""
-        from openstt.hub import resolve_model
-
-        engines = []
-        for name in settings.models:
-            spec = CATALOG[name]
-            engines.append(build_batched_engine(spec, resolve_model(spec, download=False), models,
-                                          chunk_seconds=settings.voxtral_chunk_seconds,
-                                          max_batch_windows=settings.batch_windows))
-        return cls(engines, settings.default_model or settings.models[0], settings.model_aliases)
 
     # --- the current set ---------------------------------------------------------------------
 

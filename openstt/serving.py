@@ -1,25 +1,42 @@
 """What the model service runs, next to the weights: the answers to the messages of
 ``openstt.messages``. ``decode_batch`` decodes windows of any requests together (called by the
 compute thread, ``openstt.compute``), ``align_request`` times a decoded window's words,
-``diarize_request`` finds who spoke when; a failure becomes an ``ErrorCode``, never an exception
-that crosses to the API process.
+``diarize_request`` finds who spoke when, and ``WeightsManager`` loads and drops weights at
+runtime; a failure becomes an ``ErrorCode``, never an exception that crosses to the API process.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
+from openstt.catalog import CATALOG
+from openstt.device import release_freed_memory
+from openstt.engines import load_weights
 from openstt.engines.base import Engine
-from openstt.messages import AlignJob, AlignReply, DecodeResult, DiarizeJob, DiarizeReply, ErrorCode, SpeakerTurn, WindowJob
+from openstt.errors import DefaultModelPinned
+from openstt.messages import (
+    AlignJob,
+    AlignReply,
+    DecodeResult,
+    DiarizeJob,
+    DiarizeReply,
+    ErrorCode,
+    SpeakerTurn,
+    WeightsReply,
+    WindowJob,
+)
 from openstt.metrics import metrics
 
 if TYPE_CHECKING:
     from openstt.diarization.pipeline import Diarizer
+    from openstt.registry import ModelRegistry
 
 log = logging.getLogger("openstt.serving")
+models_log = logging.getLogger("openstt.models")  # loads and unloads, as the API side logs them
 
 
 def failure_reason(exc: BaseException) -> ErrorCode:
@@ -107,3 +124,67 @@ def diarize_request(diarizer: Diarizer | None, job: DiarizeJob) -> DiarizeReply:
     log.debug("diarized %.1f s of audio in %.2f s: %d turns, %d speakers", len(job.audio) / 16000, elapsed,
               len(turns), len({t.speaker for t in turns}))
     return DiarizeReply(turns=[SpeakerTurn(start=t.start, end=t.end, speaker=t.speaker) for t in turns])
+
+
+class WeightsManager:
+    """Model service side: loads and drops weights in its registry. Called from worker threads,
+    concurrently with batches being decoded; the registry's lock keeps the set consistent. One
+    lock around every memory check and load (and unload): two loads checked at once would each
+    count on the same free memory, and the second could then run the server out of it."""
+
+    def __init__(self, registry: ModelRegistry, placement, *, download: bool, chunk_seconds: float | None = None,
+                 memory_check: str = "auto", batch_windows: int):
+        self.registry, self.placement, self.download = registry, placement, download
+        self.chunk_seconds, self.memory_check, self.batch_windows = chunk_seconds, memory_check, batch_windows
+        self._lock = threading.Lock()
+
+    def load(self, name: str) -> WeightsReply:
+        """Load catalog model ``name``: ``loaded`` and ``created`` or, when the weights cannot be
+        had, an ``error`` and a path-free ``message``."""
+        from openstt.hub import ModelNotAvailable
+        from openstt.metrics import metrics
+
+        spec = CATALOG.get(name)
+        if spec is None:
+            return WeightsReply(error=ErrorCode.unknown_model, message=f"unknown model {name!r}")
+        with self._lock:
+            if name in self.registry:
+                return WeightsReply(loaded=False, created=self.registry.created(name))
+            from openstt.memory import NotEnoughMemory, check_runtime_load
+
+            try:
+                check_runtime_load(spec, self.placement.device.type, str(self.placement.dtype).removeprefix("torch."),
+                                   self.placement.quantize, self.batch_windows, self.memory_check)
+            except NotEnoughMemory as exc:
+                models_log.warning("not loading %s: %s", name, exc)
+                return WeightsReply(error=ErrorCode.insufficient_memory, message=str(exc))
+            try:
+                engine = load_weights(spec, self.placement, download=self.download, chunk_seconds=self.chunk_seconds)
+            except ModelNotAvailable as exc:
+                models_log.warning("cannot load %s: %s", name, exc)
+                return WeightsReply(error=ErrorCode.download_failed if exc.download_failed else ErrorCode.not_available,
+                                    message=exc.public)
+            except NotImplementedError as exc:
+                return WeightsReply(error=ErrorCode.unsupported_family, message=str(exc))
+            entry = self.registry.add(engine)
+            metrics().models_loaded.set(len(self.registry.names()))
+            models_log.info("model %s", engine.describe())
+            return WeightsReply(loaded=True, created=entry.created)
+
+    def unload(self, name: str) -> WeightsReply:
+        """Drop ``name``'s weights. A batch already decoding with them finishes first (it holds
+        its own reference); later windows for it are answered ``model_not_loaded``."""
+        from openstt.metrics import metrics
+
+        with self._lock:
+            try:
+                entry = self.registry.remove(name)
+            except DefaultModelPinned as exc:
+                return WeightsReply(error=ErrorCode.default_model, message=exc.message)
+            if entry is None:
+                return WeightsReply(unloaded=False)
+            del entry
+            release_freed_memory()
+            metrics().models_loaded.set(len(self.registry.names()))
+            models_log.info("unloaded %s", name)
+            return WeightsReply(unloaded=True)

@@ -39,7 +39,7 @@ from openstt.transcript import Word
 
 if TYPE_CHECKING:
     from openstt.diarization.pipeline import Diarizer
-    from openstt.model_manager import WeightsManager
+    from openstt.serving import WeightsManager
 
 TIME_PRECISION = 0.02  # seconds per Whisper timestamp token
 

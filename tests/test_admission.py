@@ -323,7 +323,7 @@ def test_live_audio_counts_against_the_process_budget():
 def test_final_decodes_of_all_sessions_share_a_global_cap():
     """Sessions' final decodes in the model service at once are capped (``LiveLimits.decodes``);
     the others wait in this process, where leaving costs nothing."""
-    from openstt.api.routes_realtime import ModelTranscriber
+    from openstt.live.transcriber import ModelTranscriber
     from openstt.catalog import CATALOG
     from openstt.engines.base import Engine, LoopState, TranscriptionRun
     from openstt.transcript import Segment

@@ -179,12 +179,12 @@ def test_runtime_load_refusal_reaches_the_client_as_a_400(fake_shape, monkeypatc
     import torch
 
     from openstt.device import Placement
-    from openstt.model_manager import WeightsManager
+    from openstt.serving import WeightsManager
     from openstt.messages import ErrorCode
     from openstt.registry import ModelRegistry
 
     monkeypatch.setattr(memory, "capacity", lambda device: Capacity(device, 64 * GB, int(0.1 * GB)))
-    monkeypatch.setattr("openstt.model_manager.load_weights", lambda *a, **k: pytest.fail("must not load"))
+    monkeypatch.setattr("openstt.serving.load_weights", lambda *a, **k: pytest.fail("must not load"))
 
     class Tiny:
         name = "whisper-tiny.en"
@@ -204,7 +204,7 @@ def test_runtime_loads_check_memory_one_at_a_time(monkeypatch):
     import torch
 
     from openstt.device import Placement
-    from openstt.model_manager import WeightsManager
+    from openstt.serving import WeightsManager
     from openstt.registry import ModelRegistry
 
     inside, most = 0, 0
@@ -231,7 +231,7 @@ def test_runtime_loads_check_memory_one_at_a_time(monkeypatch):
         return Loaded(spec.name)
 
     monkeypatch.setattr("openstt.memory.check_runtime_load", check)
-    monkeypatch.setattr("openstt.model_manager.load_weights", load)
+    monkeypatch.setattr("openstt.serving.load_weights", load)
     weights = WeightsManager(ModelRegistry([Loaded("whisper-tiny.en")], "whisper-tiny.en"),
                              Placement(torch.device("cpu"), torch.float32), download=False, batch_windows=8)
     threads = [threading.Thread(target=weights.load, args=(name,)) for name in ("whisper-base", "whisper-small")]

@@ -11,25 +11,20 @@ wrong is an ``error`` event; only auth, admission and the session's limits close
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import json
 import logging
 import time
 
-import numpy as np
 from fastapi import APIRouter, WebSocket
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from openstt.api.limits import LiveLimits
 from openstt.api.middleware import MISSING_KEY_MESSAGE, key_accepted
 from openstt.api.state import app_state
-from openstt.engines.base import TranscribeOptions, UnsupportedRequest
-from openstt.errors import ModelNotFound
 from openstt.live.protocol import ProtocolError, Transcription, error_event
-from openstt.live.session import Decoded, LiveSession
-from openstt.messages import ErrorCode, ModelFailure
-from openstt.registry import ModelRegistry
+from openstt.live.session import LiveSession
+from openstt.live.transcriber import ModelTranscriber
 
 log = logging.getLogger("openstt.live")
 
@@ -44,57 +39,6 @@ FINISH_SECONDS = 10.0  # at the end of a session, how long committed turns may t
 # socket's buffers are full, and the session's work would only pile up behind it.
 SEND_TIMEOUT_S = 30.0
 INLINE_JSON_BYTES = 64 * 1024  # larger events (appends of up to 15 MiB) are parsed off the event loop
-
-
-def _options(transcription: Transcription, *, final: bool, logprobs: bool) -> TranscribeOptions:
-    # Interim decodes are previews: greedy, no temperature fallback. The final one may fall back.
-    return TranscribeOptions(language=transcription.language, languages=transcription.languages,
-                             prompt=transcription.prompt, keywords=transcription.keywords,
-                             temperature_fallback=final, token_logprobs=logprobs, live=True)
-
-
-class ModelTranscriber:
-    """Decodes a session's turns with the served models (leased per decode, so a model in use by
-    a live session is never idle-unloaded under it)."""
-
-    PARAM = "session.audio.input.transcription"
-
-    def __init__(self, registry: ModelRegistry, decodes: asyncio.Semaphore | None = None):
-        self.registry = registry
-        self.decodes = decodes  # final decodes of all sessions in the model service at once (None: any number)
-
-    def check(self, transcription: Transcription) -> None:
-        try:
-            engine = self.registry.get(transcription.model or "")
-        except ModelNotFound as exc:
-            raise ProtocolError(exc.message, param=f"{self.PARAM}.model", code="model_not_found") from None
-        try:
-            engine.start(np.zeros(0, np.float32), _options(transcription, final=True, logprobs=False))
-        except UnsupportedRequest as exc:
-            raise ProtocolError(exc.message, param=f"{self.PARAM}.{exc.param or 'model'}",
-                                code=exc.code or "unsupported_value") from None
-
-    async def transcribe(self, audio: np.ndarray, transcription: Transcription, *, final: bool,
-                         logprobs: bool) -> Decoded:
-        try:
-            lease = self.registry.acquire(transcription.model)
-        except ModelNotFound as exc:
-            raise ProtocolError(exc.message, param=f"{self.PARAM}.model", code="model_not_found") from None
-        try:
-            run = lease.engine.start(audio, _options(transcription, final=final, logprobs=logprobs))
-            # (interims are bounded by the PreviewBudget, which skips them rather than queue them)
-            async with self.decodes if final and self.decodes else contextlib.nullcontext():
-                transcript = await run.acollect()
-        except ModelFailure as exc:
-            if exc.code == ErrorCode.model_not_loaded:
-                raise ProtocolError(f"The model `{lease.name}` was unloaded while this turn was transcribed.",
-                                    param=f"{self.PARAM}.model", code="model_not_found") from None
-            raise
-        finally:
-            lease.release()
-        return Decoded(text=transcript.text,
-                       logprobs=[{"token": p.token, "logprob": p.logprob, "bytes": p.bytes}
-                                 for s in transcript.segments for p in s.logprobs] if logprobs else [])
 
 
 def _offered_key(ws: WebSocket) -> tuple[str | None, list[str]]:

@@ -89,7 +89,7 @@ class PreviewBudget:
 
 
 class Transcriber(Protocol):
-    """How a session decodes audio (``routes_realtime.ModelTranscriber`` in the server)."""
+    """How a session decodes audio (``live.transcriber.ModelTranscriber`` in the server)."""
 
     def check(self, transcription: Transcription) -> None:
         """Raise ``ProtocolError`` if ``transcription`` names a model or language not served."""
