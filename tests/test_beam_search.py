@@ -53,7 +53,7 @@ def openai_beam_search(core, audio: np.ndarray, beam_size: int, prompt: list[int
         for _ in range(core.n_text_ctx // 2):
             hidden = core.model.model.decoder(input_ids=tokens, encoder_hidden_states=encoded).last_hidden_state
             logits = core._logits(hidden[:, -1])
-            core._apply_rules(logits, tokens, begin)
+            core.rules.apply(logits, tokens, begin)
             logprobs = torch.log_softmax(logits, dim=-1)
             scores, new_finished = {}, {}
             for j in range(beam_size):

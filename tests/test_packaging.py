@@ -57,7 +57,7 @@ def test_bento_build_and_containerfile(bentos, bento_home, tmp_path, variant):
     tag = bentos[variant]
     bento_dir = bento_home / "bentos" / tag.split(":")[0] / tag.split(":")[1]
     assert (bento_dir / "src" / "service.py").exists()
-    assert (bento_dir / "src" / "openstt" / "engines" / "whisper_decoding.py").exists()
+    assert (bento_dir / "src" / "openstt" / "engines" / "whisper_core.py").exists()
     assert not (bento_dir / "src" / "tests").exists()
     requirements = (bento_dir / "env" / "python" / "requirements.txt").read_text()
     assert "torch==2.13.0" in requirements and "bentoml==1.4.40" in requirements

@@ -1,6 +1,6 @@
 """The batched timestamp grammar equals openai/whisper's per-row rules on random sequences.
 
-``WhisperCore._apply_rules`` is written as whole-batch tensor operations (no device sync per row);
+``TimestampRules.apply`` is written as whole-batch tensor operations (no device sync per row);
 ``reference_rules`` below is the straightforward per-row port of openai/whisper's
 ``ApplyTimestampRules`` it replaced. Random valid-looking sequences must get identical masks.
 """
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from openstt.engines.whisper_decoding import MAX_INITIAL_TIMESTAMP_INDEX, TokenTable, WhisperCore
+from openstt.engines.whisper_tokens import MAX_INITIAL_TIMESTAMP_INDEX, TimestampRules, TokenTable
 
 VOCAB, EOT, TS = 140, 50, 60
 TABLE = TokenTable(eot=EOT, sot=51, sot_prev=52, no_timestamps=TS - 1, timestamp_begin=TS, no_speech=53,
@@ -66,10 +66,8 @@ def test_batched_rules_match_the_reference(seed):
     rows, prefix, length = 6, int(rng.integers(1, 4)), int(rng.integers(0, 12))
     tokens = torch.tensor([[51] * prefix + _sequence(rng, length) for _ in range(rows)])
     logits = torch.tensor(rng.standard_normal((rows, VOCAB)) * 3, dtype=torch.float32)
-    core = WhisperCore.__new__(WhisperCore)
-    core.table = TABLE
     ours, expected = logits.clone(), logits.clone()
-    core._apply_rules(ours, tokens, prefix)
+    TimestampRules(TABLE).apply(ours, tokens, prefix)
     reference_rules(expected, tokens, prefix)
     assert torch.equal(torch.isinf(ours), torch.isinf(expected))
     assert torch.equal(ours[~torch.isinf(ours)], expected[~torch.isinf(expected)])

@@ -2,7 +2,8 @@
 
 Everything model-specific (mel bins, special tokens, language table, alignment heads) comes from
 the checkpoint's own processor and generation config, so one class serves tiny through large-v3
-and the distil models. Decoding is Whisper's reference procedure (``whisper_decoding``).
+and the distil models. Decoding is Whisper's reference procedure (``whisper_tokens``, ``whisper_core``,
+``whisper_loop``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from openstt.device import Placement, quantize_int8
 from openstt.engines.base import TranscribeOptions, UnsupportedRequest
 from openstt.engines.base import LoopState
 from openstt.engines.drivers import InProcessEngine
-from openstt.engines.whisper_decoding import TokenTable, WhisperCore, WindowLoop
+from openstt.engines.whisper_core import WhisperCore
+from openstt.engines.whisper_loop import WindowLoop
+from openstt.engines.whisper_tokens import TokenTable
 from openstt.engines.word_timing import CrossAttentionAligner
 
 
