@@ -178,5 +178,7 @@ def done_event(text: str, usage_tokens: dict, logprobs: list[TokenLogprob] | Non
     return event
 
 
-def error_event(message: str, *, type: str = "server_error", code: str | None = None) -> dict:
+def stream_error_event(message: str, *, type: str = "server_error", code: str | None = None) -> dict:
+    """The in-band ``error`` event that ends a streamed (SSE) transcription; the Realtime one is
+    ``live.protocol.error_event``."""
     return {"type": "error", "error": {"message": message, "type": type, "param": None, "code": code}}

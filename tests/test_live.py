@@ -21,7 +21,7 @@ from openstt.engines.base import Engine
 from openstt.live.audio_input import InputAudio
 from openstt.live.protocol import ProtocolError, SessionConfig, TurnDetection, apply_update
 from openstt.live.turns import StableText, TurnDetector, VadEvent
-from openstt.vad import FRAME, StreamingVad, speech_probabilities
+from openstt.vad import VAD_FRAME, StreamingVad, speech_probabilities
 from tests.conftest import API_KEY, needs_asterisk
 from tests.evaluation import spoken_turns, wer
 from tests.realtime import COMPLETED, DELTA, check_turns, frames, pcm24k
@@ -39,7 +39,7 @@ def test_streaming_vad_gives_the_one_pass_probabilities():
         out.append(vad.feed(audio[i:i + n]))
         i += n
     streamed, whole = np.concatenate(out), speech_probabilities(audio)
-    assert len(streamed) == len(audio) // FRAME == vad.frames
+    assert len(streamed) == len(audio) // VAD_FRAME == vad.frames
     assert np.abs(streamed - whole[:len(streamed)]).max() < 1e-5
 
 
@@ -74,14 +74,14 @@ def test_input_audio_decodes_any_framing_and_g711():
 def test_turn_detector_follows_openai_server_vad():
     options = TurnDetection(threshold=0.5, prefix_padding_ms=300, silence_duration_ms=500)
     detector = TurnDetector(options)
-    frames_per_second = SAMPLE_RATE / FRAME
+    frames_per_second = SAMPLE_RATE / VAD_FRAME
     probs = np.concatenate([np.zeros(40), np.full(30, 0.9), np.full(5, 0.1),  # a 160 ms pause: same turn
                             np.full(30, 0.9), np.full(30, 0.0), np.full(10, 0.9)])
     events = detector.push(probs[:50], 0) + detector.push(probs[50:], 50)
     kinds = [e.kind for e in events]
     assert kinds == ["started", "paused", "resumed", "paused", "stopped", "started"]
-    assert events[0] == VadEvent("started", 40 * FRAME - int(0.3 * SAMPLE_RATE))  # prefix padding
-    assert events[3].sample == events[4].sample == 105 * FRAME  # speech stopped where the silence began
+    assert events[0] == VadEvent("started", 40 * VAD_FRAME - int(0.3 * SAMPLE_RATE))  # prefix padding
+    assert events[3].sample == events[4].sample == 105 * VAD_FRAME  # speech stopped where the silence began
     assert 30 / frames_per_second > 0.5  # (the 30 silent frames outlast silence_duration_ms)
 
     # a turn is never longer than one window: cut at 30 s and started again

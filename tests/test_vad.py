@@ -1,4 +1,4 @@
-"""Silero VAD (openstt/vad.py): probabilities against the package's own model, regions on real
+"""Silero VAD (openstt/vad/): probabilities against the package's own model, regions on real
 speech with known silences, nothing on silence, noise, tones or music, and the chunk planner."""
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from openstt import vad
+from openstt.vad import silero
+from openstt.api.vad_fields import chunking_strategy_options
 from openstt.audio import SAMPLE_RATE, decode_audio
 from tests.conftest import needs_asterisk
 from tests.evaluation import ASTERISK_SOUNDS
@@ -81,7 +83,7 @@ def test_probabilities_match_silero_torchscript(joined, monkeypatch):
 
     audio = joined[0][: 20 * SR + 123]  # not a whole number of frames: the last one is zero-padded
     ours = vad.speech_probabilities(audio)
-    assert ours.dtype == np.float32 and len(ours) == -(-len(audio) // vad.FRAME)
+    assert ours.dtype == np.float32 and len(ours) == -(-len(audio) // vad.VAD_FRAME)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # torch 2.13 deprecates torch.jit.load
         scripted = torch.jit.load(str(vad.weights_path()), map_location="cpu")
@@ -90,7 +92,7 @@ def test_probabilities_match_silero_torchscript(joined, monkeypatch):
     assert len(reference) == len(ours)
     assert np.abs(ours - reference).max() < 1e-4
     assert (ours >= 0.5).sum() > len(ours) / 3 and (ours < 0.1).sum() > len(ours) / 10  # speech and silence
-    monkeypatch.setattr(vad, "BLOCK_FRAMES", 97)  # many blocks: the LSTM state must carry across them
+    monkeypatch.setattr(silero, "BLOCK_FRAMES", 97)  # many blocks: the LSTM state must carry across them
     assert np.abs(vad.speech_probabilities(audio) - ours).max() < 1e-5
 
 
@@ -103,7 +105,7 @@ def test_model_loads_once_offline_from_the_package(monkeypatch):
         raise AssertionError("the VAD must not touch the network")
 
     monkeypatch.setattr(socket.socket, "connect", no_network)
-    monkeypatch.setattr(vad, "_loaded", None)
+    monkeypatch.setattr(silero, "_loaded", None)
     threads = torch.get_num_threads()
     models = []
     workers = [threading.Thread(target=lambda: models.append(vad.load_model())) for _ in range(6)]
@@ -206,7 +208,7 @@ probability_runs = st.lists(st.tuples(st.sampled_from([0.0, 0.2, 0.4, 0.45, 0.5,
 def test_regions_follow_silero_rules(runs, threshold, silence, pad, min_speech, tail):
     """Same regions as silero-vad's own ``get_speech_timestamps_from_probs`` (no maximum length)."""
     probabilities = np.array([p for p, n in runs for _ in range(n)], np.float32)
-    total = max(len(probabilities) * vad.FRAME - tail, 0)
+    total = max(len(probabilities) * vad.VAD_FRAME - tail, 0)
     options = vad.VadOptions(threshold=threshold, min_silence_ms=silence, speech_pad_ms=pad, min_speech_ms=min_speech)
     ours = vad.speech_regions(None, options, probabilities=probabilities, total_samples=total)
     assert ours == silero_reference(probabilities, total, options)
@@ -215,13 +217,13 @@ def test_regions_follow_silero_rules(runs, threshold, silence, pad, min_speech, 
 # --- options -----------------------------------------------------------------------------------
 
 def test_options_from_openai_chunking_strategy():
-    assert vad.VadOptions.from_chunking_strategy("auto") == vad.VadOptions()
-    assert vad.VadOptions.from_chunking_strategy({"type": "server_vad"}) == vad.VadOptions(
+    assert chunking_strategy_options("auto") == vad.VadOptions()
+    assert chunking_strategy_options({"type": "server_vad"}) == vad.VadOptions(
         threshold=0.5, speech_pad_ms=300, min_silence_ms=200)
     # JSON numbers, or strings from the SDK's bracketed form fields
     for value in ({"type": "server_vad", "threshold": 0.7, "prefix_padding_ms": 100, "silence_duration_ms": 500},
                   {"type": "server_vad", "threshold": "0.7", "prefix_padding_ms": "100", "silence_duration_ms": "500"}):
-        options = vad.VadOptions.from_chunking_strategy(value)
+        options = chunking_strategy_options(value)
         assert (options.threshold, options.speech_pad_ms, options.min_silence_ms) == (0.7, 100, 500)
         assert options.exit_threshold == pytest.approx(0.55)
     for bad, field in [({"type": "server_vad", "threshold": 1.5}, "threshold"),
@@ -229,7 +231,7 @@ def test_options_from_openai_chunking_strategy():
                        ({"type": "server_vad", "prefix_padding_ms": -1}, "prefix_padding_ms"),
                        ({"type": "semantic_vad"}, "server_vad"), ("manual", "auto")]:
         with pytest.raises(ValueError, match=field):
-            vad.VadOptions.from_chunking_strategy(bad)
+            chunking_strategy_options(bad)
     with pytest.raises(ValueError):
         vad.VadOptions(threshold=0.5, neg_threshold=0.6)
 
@@ -266,9 +268,9 @@ def test_plan_chunks_groups_regions_and_maps_times_back():
 
 def test_plan_chunks_splits_a_long_region_at_its_least_speechlike_moment():
     total = 75 * SR
-    probabilities = np.full(-(-total // vad.FRAME), 0.95, np.float32)
+    probabilities = np.full(-(-total // vad.VAD_FRAME), 0.95, np.float32)
     for pause in (27.0, 54.5):  # 150 ms pauses inside one long region
-        frame = int(pause * SR) // vad.FRAME
+        frame = int(pause * SR) // vad.VAD_FRAME
         probabilities[frame - 2:frame + 3] = 0.05
     chunks = vad.plan_chunks([(0, total)], total, probabilities=probabilities)
     cuts = [c.start / SR for c in chunks[1:]]
@@ -279,7 +281,7 @@ def test_plan_chunks_splits_a_long_region_at_its_least_speechlike_moment():
         ((0, 30 * SR),), ((30 * SR, 60 * SR),), ((60 * SR, total),)]
     # a pause beyond the 5 s search window is not used
     first = vad.plan_chunks([(0, total)], total, max_seconds=20, probabilities=probabilities)[0]
-    assert 20 * SR - vad.FRAME < first.end <= 20 * SR
+    assert 20 * SR - vad.VAD_FRAME < first.end <= 20 * SR
 
 
 regions_strategy = st.lists(st.tuples(st.integers(0, 8 * SR), st.integers(1, 25 * SR)), max_size=12)
@@ -296,7 +298,7 @@ def test_plan_chunks_properties(layout, max_seconds, with_probabilities, seed, p
         regions.append((position + gap, position + gap + length))
         position += gap + length
     total = position + SR
-    probabilities = (np.random.default_rng(seed).random(-(-total // vad.FRAME)).astype(np.float32)
+    probabilities = (np.random.default_rng(seed).random(-(-total // vad.VAD_FRAME)).astype(np.float32)
                      if with_probabilities else None)
     chunks = vad.plan_chunks(regions, total, max_seconds, probabilities=probabilities)
     limit = int(max_seconds * SR)

@@ -53,7 +53,7 @@ def three_chunks(monkeypatch):
     a third of the speech (and of the decoding) that 30 s chunks would need."""
     monkeypatch.setattr(vad_mode, "CHUNK_SECONDS", 10.0)
     audio, reference = english_clip(20, gap=1.0)
-    assert len(vad_mode.plan(audio, VAD)) == 3
+    assert len(vad_mode.decode_plan(audio, VAD)) == 3
     return audio, reference
 
 

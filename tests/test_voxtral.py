@@ -24,7 +24,7 @@ import torch
 from openstt.audio import SAMPLE_RATE, decode_audio
 from openstt.catalog import CATALOG
 from openstt.engines import TranscribeOptions, UnsupportedRequest, load_engine, load_frontend
-from openstt.engines.chunking import plan_chunks
+from openstt.engines.quiet_cuts import quiet_cuts
 from openstt.hub import install_snapshot, resolve_model
 from openstt.messages import WindowJob
 from tests.conftest import Server, clip, encode, free_port, needs_asterisk, server_env
@@ -56,14 +56,14 @@ def test_chunks_end_at_the_pause_nearest_the_limit():
     audio = _noise(70)
     for gap in (17.2, 26.0, 52.5):  # 300 ms pauses
         audio[int(gap * SAMPLE_RATE): int((gap + 0.3) * SAMPLE_RATE)] = 0
-    chunks = plan_chunks(audio, 30)
+    chunks = quiet_cuts(audio, 30)
     assert chunks[0][0] == 0 and chunks[-1][1] == len(audio)
     assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:]))  # contiguous, nothing lost
     assert all(end - start <= 30 * SAMPLE_RATE for start, end in chunks)
     cuts = [end / SAMPLE_RATE for _, end in chunks[:-1]]
     assert 26.0 <= cuts[0] <= 26.3  # the pause in the last 5 s, not the one at 17 s
     assert 52.5 <= cuts[1] <= 52.8
-    assert plan_chunks(audio[: 10 * SAMPLE_RATE], 30) == [(0, 10 * SAMPLE_RATE)]
+    assert quiet_cuts(audio[: 10 * SAMPLE_RATE], 30) == [(0, 10 * SAMPLE_RATE)]
 
 
 @needs_asterisk
@@ -71,7 +71,7 @@ def test_chunks_of_real_speech_cut_in_quiet_moments():
     audio, _ = long_english_clip(60)
     frame = SAMPLE_RATE // 10
     energy = np.array([np.mean(audio[i: i + frame] ** 2) for i in range(0, len(audio) - frame, frame)])
-    for _, end in plan_chunks(audio, 20)[:-1]:
+    for _, end in quiet_cuts(audio, 20)[:-1]:
         around = audio[max(end - frame // 2, 0): end + frame // 2]
         assert np.mean(around ** 2) <= np.percentile(energy, 20)
 
@@ -114,7 +114,7 @@ def test_long_audio_becomes_one_segment_per_chunk(engine):
     audio, _ = english_clip(50)
     result = engine.transcribe(audio, TranscribeOptions(language="en", token_logprobs=True))
     duration = len(audio) / SAMPLE_RATE
-    chunks = plan_chunks(audio, 20)
+    chunks = quiet_cuts(audio, 20)
     assert len(chunks) >= 3 and result.language == "en" and result.duration == pytest.approx(duration)
     assert [s.start for s in result.segments] == [round(a / SAMPLE_RATE, 3) for a, _ in chunks]
     assert result.segments[-1].end == pytest.approx(duration, abs=1e-3)

@@ -21,6 +21,7 @@ from openstt.api.errors import bad_request
 from openstt.diarization.clustering import MAX_SPEAKERS
 from openstt.engines.base import MAX_KEYWORD_CHARS, MAX_KEYWORDS, MAX_PROMPT_CHARS
 from openstt.languages import normalize_language
+from openstt.api.vad_fields import chunking_strategy_options
 from openstt.vad import VadOptions
 
 RESPONSE_FORMATS = ("json", "text", "srt", "verbose_json", "vtt", "diarized_json")
@@ -54,7 +55,9 @@ class AudioRequest:
     stream: bool = False
     timestamp_granularities: list[str] = field(default_factory=lambda: ["segment"])
     include: list[str] = field(default_factory=list)
-    chunking_strategy: dict | str | None = None
+    # parsed once, here: VAD settings ("auto" or a server_vad object), "none" (our extension: the
+    # sequential procedure), or None (not given: the server's ``long_form``)
+    chunking_strategy: VadOptions | str | None = None
     diarize: bool = False  # our extension: speakers in verbose_json, srt and vtt
     known_speaker_names: list[str] = field(default_factory=list)
     known_speaker_references: list[bytes] = field(default_factory=list)  # decoded data URLs, paired with the names
@@ -378,9 +381,10 @@ def _data_url(value: str, index: int) -> bytes:
                           param="known_speaker_references") from None
 
 
-def _chunking_strategy(form: FormData) -> dict | str | None:
-    """``auto``, a JSON object, or the SDK's bracketed ``chunking_strategy[type]=server_vad`` parts;
-    also (our extension) ``none``: the sequential procedure whatever the server's default."""
+def _chunking_strategy(form: FormData) -> VadOptions | str | None:
+    """``auto``, a JSON object, or the SDK's bracketed ``chunking_strategy[type]=server_vad`` parts,
+    as ``VadOptions``; also (our extension) ``none``: the sequential procedure whatever the server's
+    default."""
     value = _text(form, "chunking_strategy", max_chars=MAX_CHUNKING_CHARS)
     if value is not None and value.startswith("{"):
         try:  # integers as floats: a 400-digit integer would overflow float() in the VAD's check
@@ -391,7 +395,7 @@ def _chunking_strategy(form: FormData) -> dict | str | None:
         if value not in ("auto", "none"):
             raise bad_request("'chunking_strategy' must be 'auto', 'none' or a server_vad object.",
                               param="chunking_strategy")
-        return value
+        return value if value == "none" else VadOptions()
     else:
         strategy = {key[len("chunking_strategy["):-1]: _text(form, key) for key in form.keys()
                     if key.startswith("chunking_strategy[") and key.endswith("]")}
@@ -399,8 +403,7 @@ def _chunking_strategy(form: FormData) -> dict | str | None:
             return None
     if not isinstance(strategy, dict) or strategy.get("type") != "server_vad":
         raise bad_request("'chunking_strategy' object must have type 'server_vad'.", param="chunking_strategy")
-    try:  # the VAD's own check: numbers, in range
-        VadOptions.from_chunking_strategy(strategy)
+    try:  # numbers, in range
+        return chunking_strategy_options(strategy)
     except ValueError as exc:
         raise bad_request(f"Invalid 'chunking_strategy': {exc}.", param="chunking_strategy") from None
-    return strategy

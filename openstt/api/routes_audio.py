@@ -46,7 +46,7 @@ from openstt.diarization.clustering import MAX_SPEAKERS
 from openstt.engines.base import TranscribeOptions, TranscriptionRun, UnsupportedRequest
 from openstt.transcript import Segment, Transcript
 from openstt.errors import OpenSTTError
-from openstt.formats import delta_event, diarized_segment, done_event, error_event, render, sse, token_usage
+from openstt.formats import delta_event, diarized_segment, done_event, stream_error_event, render, sse, token_usage
 from openstt.metrics import metrics
 from openstt.messages import DiarizeJob, ModelFailure
 from openstt.registry import ModelRegistry
@@ -73,12 +73,12 @@ def _check_capabilities(req: AudioRequest, engine, diarization: bool) -> None:
                           param="timestamp_granularities", code="unsupported_value")
 
 
-def _vad(strategy: dict | str | None, long_form: str) -> VadOptions | None:
+def _vad(strategy: VadOptions | str | None, long_form: str) -> VadOptions | None:
     """The VAD-chunked mode's settings for this request, or None for the sequential procedure:
     ``chunking_strategy`` when given (``none``: sequential), else the server's ``long_form``."""
     if strategy is None:
         return VadOptions() if long_form == "vad" else None
-    return None if strategy == "none" else VadOptions.from_chunking_strategy(strategy)
+    return None if strategy == "none" else strategy
 
 
 def _options(req: AudioRequest, long_form: str = "sequential", beam_size: int = 1,
@@ -327,7 +327,7 @@ def _log_done(request_id: str | None, req: AudioRequest, model: str, duration: f
         f" temperature={req.temperature}" if req.temperature else "",
         " stream" if req.stream else "",
         f" granularities={','.join(req.timestamp_granularities)}" if req.response_format == "verbose_json" else "",
-        f" chunking={req.chunking_strategy}" if req.chunking_strategy else "",
+        f" chunking={'none' if req.chunking_strategy == 'none' else 'vad'}" if req.chunking_strategy else "",
     ])
     rtf = elapsed / duration if duration else 0.0
     log.info("%s %s model=%s audio=%.2fs format=%s%s took=%.2fs rtf=%.3f", request_id, req.task, model, duration,
@@ -391,7 +391,7 @@ async def _events(run: TranscriptionRun, req: AudioRequest, model: str, request_
             log.exception("%s stream failed after %d characters", request_id, len(text))
             err = model_failure(exc, request_id, model) if isinstance(exc, ModelFailure) else internal_error(request_id)
         slot.fail(err.status, err.code or "internal_error")
-        yield sse(error_event(err.message, code=err.code))
+        yield sse(stream_error_event(err.message, code=err.code))
     finally:  # also when its client left (SlotStreamingResponse cancels or closes this generator)
         await _stop(run)
 

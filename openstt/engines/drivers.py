@@ -25,7 +25,7 @@ import numpy as np
 
 from openstt.audio import SAMPLE_RATE
 from openstt.engines.base import Engine, Frontend, TranscribeOptions, TranscriptionRun
-from openstt.engines.vad_mode import Ordered, first_alone, plan, waves
+from openstt.engines.vad_mode import Ordered, decode_plan, first_alone, waves
 from openstt.messages import AlignJob, Core, DecodeResult, WindowJob
 from openstt.settings import default_batch_windows
 from openstt.transcript import Segment, Word
@@ -108,7 +108,7 @@ def drive_chunks(audio: np.ndarray, options: TranscribeOptions, make_loop: MakeL
                  max_batch: int, alone: bool = True) -> Iterator[Segment]:
     """VAD-chunked transcription in-process (``engines.vad_mode``): the chunks' loops advance
     together, their pending windows decoded by ``core`` in batches of up to ``max_batch``."""
-    chunks = plan(audio, options.vad or VadOptions(), options.speech_probabilities)
+    chunks = decode_plan(audio, options.vad or VadOptions(), options.speech_probabilities)
     ordered = Ordered(chunks, len(audio) / SAMPLE_RATE)
     for wave in waves(len(chunks), alone):  # the first chunk alone or not: see engines.vad_mode
         outputs: dict[int, list[Segment]] = {i: [] for i in wave}
@@ -130,7 +130,7 @@ async def adrive_chunks(audio: np.ndarray, options: TranscribeOptions, make_loop
     keeps batches full without flooding the model service's queue). Segments are yielded in audio
     order as the chunks before them finish. Closed or cancelled (its client left), it cancels every
     chunk still running."""
-    chunks = await asyncio.to_thread(plan, audio, options.vad or VadOptions(), options.speech_probabilities)
+    chunks = await asyncio.to_thread(decode_plan, audio, options.vad or VadOptions(), options.speech_probabilities)
     ordered = Ordered(chunks, len(audio) / SAMPLE_RATE)
     gate = asyncio.Semaphore(max_in_flight)
 

@@ -2,7 +2,7 @@
 
 The sequential procedure (``WindowLoop``) decodes a file's 30 s windows one after another, each
 conditioned on the text before it, so a long file can never fill a batch. Here Silero VAD
-(``openstt.vad``) finds the speech, ``plan_chunks`` packs it into chunks of at most 30 s cut at
+(``openstt.vad``) finds the speech, ``vad.plan_chunks`` packs it into chunks of at most 30 s cut at
 silences, and every chunk runs its own transcription loop (the family's usual loop, on the chunk's
 audio), all at once: their windows batch with each other and with other requests' windows.
 Non-speech never reaches the decoder. Each chunk's times map back to the file exactly
@@ -36,7 +36,7 @@ from openstt.vad import Chunk, VadOptions, speech_chunks
 CHUNK_SECONDS = 30.0  # Whisper's window: a chunk decodes as one window
 
 
-def plan(audio: np.ndarray, vad: VadOptions, probabilities: np.ndarray | None = None) -> list[Chunk]:
+def decode_plan(audio: np.ndarray, vad: VadOptions, probabilities: np.ndarray | None = None) -> list[Chunk]:
     """The chunks to decode: speech only, at most 30 s each.
 
     A file that fits one window is decoded whole when it holds any speech: there is nothing to

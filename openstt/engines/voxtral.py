@@ -3,7 +3,7 @@
 Voxtral is an audio-LLM: a Whisper-style encoder feeding a Mistral decoder. Transcription uses
 the processor's transcription-request template (``[TRANSCRIBE]`` mode, ``lang:xx`` when the
 language is given); translation asks the same model in chat mode. It produces no timestamps, so
-long audio is cut into chunks at quiet moments (``chunking.plan_chunks``) and each chunk becomes
+long audio is cut into chunks at quiet moments (``quiet_cuts``) and each chunk becomes
 one segment: segment times come from the chunk boundaries, and word timestamps are not offered.
 
 Like Whisper, a transcription is a sans-IO loop (``ChunkLoop``, which only needs the tokenizer)
@@ -30,7 +30,7 @@ from openstt.audio import SAMPLE_RATE
 from openstt.device import Placement, quantize_int8
 from openstt.engines.base import TranscribeOptions, UnsupportedRequest
 from openstt.transcript import Segment, TokenLogprob, Word
-from openstt.engines.chunking import plan_chunks
+from openstt.engines.quiet_cuts import quiet_cuts
 from openstt.engines.base import LoopState
 from openstt.engines.drivers import InProcessEngine
 from openstt.engines.fallback import compression_ratio, is_silent
@@ -203,7 +203,7 @@ class ChunkLoop:
     def run(self, audio: np.ndarray, options: TranscribeOptions, state: LoopState
             ) -> Generator[WindowJob | Segment, DecodeResult | None, None]:
         next_id = 0
-        for start, end in plan_chunks(audio, self.chunk_seconds):
+        for start, end in quiet_cuts(audio, self.chunk_seconds):
             chunk = audio[start:end]
             if is_silent(chunk):
                 continue

@@ -15,7 +15,7 @@ import numpy as np
 
 from openstt.audio import SAMPLE_RATE
 from openstt.live.protocol import TurnDetection
-from openstt.vad import FRAME
+from openstt.vad import VAD_FRAME
 
 # Silero's hysteresis: in speech, a frame counts as silence only below threshold - 0.15.
 EXIT_MARGIN = 0.15
@@ -55,8 +55,8 @@ class TurnDetector:
         """The events that the frames ``first_frame, first_frame + 1, ...`` bring."""
         events: list[VadEvent] = []
         for i, p in enumerate(np.asarray(probabilities, dtype=np.float64).tolist()):
-            sample = (first_frame + i) * FRAME
-            end = sample + FRAME
+            sample = (first_frame + i) * VAD_FRAME
+            end = sample + VAD_FRAME
             if not self.in_speech:
                 if p >= self.threshold:
                     self.in_speech, self.silence_start = True, None

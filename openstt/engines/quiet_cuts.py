@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from openstt.audio import SAMPLE_RATE
+from openstt.audio import HOP, SAMPLE_RATE
 
-FRAME = SAMPLE_RATE // 100  # 10 ms energy frames
-SMOOTH = 10  # frames averaged (100 ms) so one quiet sample inside a word does not count as a pause
+SMOOTH = 10  # 10 ms energy frames averaged (100 ms) so one quiet sample inside a word does not count as a pause
 
 
-def plan_chunks(audio: np.ndarray, max_seconds: float, search_seconds: float = 5.0) -> list[tuple[int, int]]:
+def quiet_cuts(audio: np.ndarray, max_seconds: float, search_seconds: float = 5.0) -> list[tuple[int, int]]:
     """Sample ranges ``(start, end)`` covering ``audio``, each at most ``max_seconds`` long.
 
     Each cut falls at the quietest 100 ms within the last ``search_seconds`` before the limit.
@@ -38,11 +37,11 @@ def plan_chunks(audio: np.ndarray, max_seconds: float, search_seconds: float = 5
 
 def _quietest(window: np.ndarray) -> int:
     """Offset (in samples) of the middle of the quietest 100 ms in ``window``."""
-    frames = len(window) // FRAME
+    frames = len(window) // HOP
     if frames <= SMOOTH:
         return len(window)
-    energy = np.square(window[: frames * FRAME].astype(np.float64)).reshape(frames, FRAME).mean(axis=1)
+    energy = np.square(window[: frames * HOP].astype(np.float64)).reshape(frames, HOP).mean(axis=1)
     smoothed = np.convolve(energy, np.ones(SMOOTH) / SMOOTH, mode="valid")
     # ties (e.g. digital silence) go to the latest frame: the longest chunk
     best = len(smoothed) - 1 - int(np.argmin(smoothed[::-1]))
-    return (best + SMOOTH // 2) * FRAME
+    return (best + SMOOTH // 2) * HOP
