@@ -357,7 +357,7 @@ def test_a_word_timed_run_closes_its_window_loop_when_closed():
     """Word-timed runs are wrapped (their times held to the speech): closing the wrapper, as a
     request whose client left does, closes the window loop itself at once, not at garbage
     collection."""
-    from openstt.api.routes_audio import _held_to_speech, _stop
+    from openstt.api.runs import held_to_speech, stop_run
     from openstt.engines.base import LoopState, TranscriptionRun
     from openstt.transcript import Segment
 
@@ -372,9 +372,9 @@ def test_a_word_timed_run_closes_its_window_loop_when_closed():
 
     async def scenario():
         run = TranscriptionRun(state=LoopState("en"), duration=20.0, segments=window_loop())
-        held = _held_to_speech(run, [(0.0, 20.0)])
+        held = held_to_speech(run, [(0.0, 20.0)])
         first = await anext(held.aiter())
-        await _stop(held)
+        await stop_run(held)
         return first, list(closed)  # before asyncio.run finalizes leftover generators
 
     first, closed_then = asyncio.run(scenario())
