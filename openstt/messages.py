@@ -20,8 +20,10 @@ import bentoml
 import numpy as np
 from pydantic import Field, field_validator
 
-from openstt.diarization.clustering import MAX_SPEAKERS
 from openstt.transcript import Word
+
+# The most speakers a diarization may find (its eigengap search's bound) and a request may ask for.
+MAX_SPEAKERS = 15
 
 
 class ErrorCode(str, enum.Enum):

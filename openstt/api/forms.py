@@ -18,7 +18,7 @@ from starlette.datastructures import FormData, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from openstt.api.errors import bad_request
-from openstt.diarization.clustering import MAX_SPEAKERS
+from openstt.messages import MAX_SPEAKERS
 from openstt.engines.base import MAX_KEYWORD_CHARS, MAX_KEYWORDS, MAX_PROMPT_CHARS
 from openstt.languages import normalize_language
 from openstt.api.vad_fields import chunking_strategy_options

@@ -15,7 +15,7 @@ from openstt.api.forms import AudioRequest
 from openstt.api.state import app_state
 from openstt.audio import SAMPLE_RATE, AudioError, decode_audio
 from openstt.diarization.attribution import Speakers
-from openstt.diarization.clustering import MAX_SPEAKERS
+from openstt.messages import MAX_SPEAKERS
 from openstt.messages import DiarizeJob, ModelFailure
 
 MIN_REFERENCE_SECONDS, MAX_REFERENCE_SECONDS = 1.0, 10.0

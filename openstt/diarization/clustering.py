@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from openstt.messages import MAX_SPEAKERS  # the most the eigengap search considers
+
 MIN_SEGMENTS = 10  # fewer embeddings than this: too few for the eigengap; two k-means clusters at most
-MAX_SPEAKERS = 15  # the most the eigengap search considers (and what a request may ask for)
 
 
 def _normalized(x: np.ndarray) -> np.ndarray:

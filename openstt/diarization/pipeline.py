@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from openstt.audio import SAMPLE_RATE
-from openstt.diarization.clustering import MAX_SPEAKERS, cluster
+from openstt.diarization.clustering import cluster
+from openstt.messages import MAX_SPEAKERS
 from openstt.diarization.features import WINDOW, fbank
 from openstt.diarization.weights import weights_path
 from openstt.vad import VadOptions, speech_probabilities, speech_regions
