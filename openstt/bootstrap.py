@@ -238,7 +238,7 @@ def start_api(app: FastAPI, models: ModelServiceClient) -> ModelRegistry:
     registry = ModelRegistry([build(CATALOG[name]) for name in settings.models],
                              settings.default_model or settings.models[0], settings.model_aliases)
     manager = ModelManager(
-        registry, models=models, batched_engine=build,
+        registry, models=models, engine=build,
         enabled=settings.enable_model_management, idle_ttl=settings.model_idle_ttl)
     app_state(app).models_ready = models.ready
     app_state(app).diarize = models.diarize

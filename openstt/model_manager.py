@@ -47,11 +47,11 @@ log = logging.getLogger("openstt.models")
 class ModelManager:
     """API process side: runtime load/unload through both processes, and the idle TTL."""
 
-    def __init__(self, registry: ModelRegistry, *, models: ModelServiceClient, batched_engine: Callable[[ModelSpec], Engine],
+    def __init__(self, registry: ModelRegistry, *, models: ModelServiceClient, engine: Callable[[ModelSpec], Engine],
                  enabled: bool = False, idle_ttl: float = 0.0, drain_timeout: float = 30.0):
-        """``models`` loads and unloads the weights in the model service; ``batched_engine`` builds a
+        """``models`` loads and unloads the weights in the model service; ``engine`` builds a
         model's API-side engine (blocking; it runs in a thread)."""
-        self.registry, self.models, self._batched_engine = registry, models, batched_engine
+        self.registry, self.models, self._engine = registry, models, engine
         self.enabled, self.idle_ttl, self.drain_timeout = enabled, idle_ttl, drain_timeout
         self._locks: dict[str, asyncio.Lock] = {}
         self._reaper: asyncio.Task | None = None
@@ -89,7 +89,7 @@ class ModelManager:
             if reply.error is not None:
                 raise ModelLoadFailed(spec.name, reply.error, reply.message)
             try:
-                engine = await asyncio.to_thread(self._batched_engine, spec)
+                engine = await asyncio.to_thread(self._engine, spec)
             except Exception:
                 log.exception("building the frontend of %s failed; unloading its weights again", spec.name)
                 await self.models.unload(spec.name)

@@ -1,7 +1,7 @@
 """The API app built the way the server's API process builds it, with its model service in this process.
 
 ``bootstrap.start_api`` is what the ``OpenSTT`` service (``service.py``) runs: a ``ModelRegistry``
-of ``RemoteEngine``s (tokenizer + transcription loop, ``registry.build_batched_engine``) sending every
+of ``RemoteEngine``s (tokenizer + transcription loop, ``engines.remote_engine``) sending every
 window through a ``ModelServiceClient``, the ``ModelManager``, the readiness probe, and
 ``attach``'s keys and limits. ``inmemory_app`` runs that same function with an
 ``InMemoryModelService`` as the client: ``decode_batch`` and ``align_request`` (what

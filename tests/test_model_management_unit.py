@@ -72,7 +72,7 @@ class FakeModelService:
 
 def manager(reg: ModelRegistry, service: FakeModelService, **kwargs) -> ModelManager:
     kwargs.setdefault("enabled", True)
-    return ModelManager(reg, models=service, batched_engine=_Named, **kwargs)
+    return ModelManager(reg, models=service, engine=_Named, **kwargs)
 
 
 # --- registry ------------------------------------------------------------------------------------
