@@ -22,13 +22,13 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # tests.evaluation
+sys.path.insert(0, str(ROOT))  # scripts.kit
 
 from openstt.audio import SAMPLE_RATE, decode_audio
 from openstt.catalog import CATALOG
 from openstt.engines import TranscribeOptions, load_engine
 from openstt.hub import resolve_model
-from tests.evaluation import ASTERISK_SOUNDS, asterisk_prompts, long_english_clip, longest_prompts, wer
+from scripts.kit.speech import ASTERISK_SOUNDS, asterisk_prompts, long_english_clip, longest_prompts, wer
 
 SAMPLES = Path(importlib.util.find_spec("pytest_audioeval").submodule_search_locations[0]) / "samples" / "audio"
 COUNTING = {"counting", "conteo", "comptage", "conteggio", "liczenie", "ginti", "kazoeru", "jishu", "contagem"}

@@ -32,35 +32,9 @@ from openstt.engines import TranscribeOptions, load_engine
 from openstt.memory import estimate
 from openstt.messages import WindowJob
 from openstt.settings import GPU_BATCH_WINDOWS
+from scripts.kit.checkpoints import MINI_3B, TINY, WHISPER_LARGE_V3, WHISPER_TOY, build_voxtral, build_whisper
 
 BATCH = GPU_BATCH_WINDOWS  # OPEN_STT_MAX_BATCH_WINDOWS's default on CUDA
-
-LARGE_V3 = {"d_model": 1280, "encoder_layers": 32, "decoder_layers": 32, "encoder_attention_heads": 20,
-            "decoder_attention_heads": 20, "encoder_ffn_dim": 5120, "decoder_ffn_dim": 5120, "num_mel_bins": 128}
-
-
-# openai/whisper-large-v3's generation_config.json
-LARGE_V3_HEADS = [[7, 0], [10, 17], [12, 18], [13, 12], [16, 1], [17, 14], [19, 11], [21, 4], [24, 1], [25, 6]]
-# --dry-run: the same steps at toy size on the CPU, to check this script without a GPU
-TOY = {**LARGE_V3, "d_model": 64, "encoder_layers": 2, "decoder_layers": 2, "encoder_attention_heads": 2,
-       "decoder_attention_heads": 2, "encoder_ffn_dim": 128, "decoder_ffn_dim": 128}
-
-
-def build_whisper(out: Path, tokenizer_dir: Path, shape: dict, device: str) -> Path:
-    from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration
-
-    config = json.loads((tokenizer_dir / "config.json").read_text()) | shape
-    with torch.device(device):
-        model = WhisperForConditionalGeneration(WhisperConfig(**config)).to(torch.bfloat16)
-    model.save_pretrained(out)
-    del model
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(tokenizer_dir / name, out / name)
-    generation = json.loads((tokenizer_dir / "generation_config.json").read_text())
-    generation["alignment_heads"] = LARGE_V3_HEADS if shape["decoder_layers"] == 32 else [[1, 0], [1, 1]]
-    (out / "generation_config.json").write_text(json.dumps(generation))
-    WhisperFeatureExtractor(feature_size=128).save_pretrained(out)
-    return out
 
 
 def measure(name: str, path: Path, audio: np.ndarray, options: TranscribeOptions, placement: Placement) -> dict:
@@ -114,9 +88,6 @@ def main() -> int:
     if not args.dry_run and not torch.cuda.is_available():
         print("no CUDA device", file=sys.stderr)
         return 1
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-    from voxtral_checkpoint import MINI_3B, TINY, build_voxtral
-
     clips = [decode_audio(p.read_bytes()) for p in args.clip or []] or [np.zeros(SAMPLE_RATE, np.float32)]
     audio = np.concatenate(clips * 60)[: 60 * SAMPLE_RATE]
     device = "cpu" if args.dry_run else "cuda"
@@ -124,7 +95,9 @@ def main() -> int:
     report = {"device": "cpu (dry run)" if args.dry_run else torch.cuda.get_device_name(), "torch": torch.__version__}
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
-        whisper = build_whisper(Path(tmp) / "large-v3", args.whisper_tokenizer, TOY if args.dry_run else LARGE_V3, device)
+        whisper = build_whisper(Path(tmp) / "large-v3", args.whisper_tokenizer,
+                                WHISPER_TOY if args.dry_run else WHISPER_LARGE_V3, dtype=torch.bfloat16, device=device,
+                                seed=None)
         report["build_whisper_seconds"] = round(time.perf_counter() - started, 1)
         # greedy, no fallback: random weights would climb the whole ladder on every window
         report["whisper-large-v3"] = measure("whisper-large-v3", whisper, audio[: 30 * SAMPLE_RATE],

@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.evaluation
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # scripts.kit
 
 
 def rss() -> tuple[int, int]:
@@ -45,7 +45,7 @@ def main() -> None:
     engine = load_engine(spec, path, placement)
     loaded, _ = rss()
     try:
-        from tests.evaluation import long_english_clip
+        from scripts.kit.speech import long_english_clip
 
         audio = long_english_clip(30)[0][: 30 * 16000].astype(np.float32)
     except Exception:  # no real speech installed: noise still exercises every buffer

@@ -1,36 +1,38 @@
-"""Shared fixtures: real Whisper weights converted into a private HF cache, real audio clips."""
+"""What the tests share: fixtures (real Whisper weights converted into a private HF cache, the
+session's real server, an SDK client on it, a clean environment, the diarizer) and helpers (real
+recorded clips, text normalisation, the fox sentence, conversations' scores). What the benchmarks share with the
+tests (servers, speech corpora, conversations, audio encoding, live sessions) is ``scripts.kit``."""
 
 from __future__ import annotations
 
+import base64
 import importlib.util
-import io
 import json
 import os
 import re
-import signal
-import socket
-import subprocess
-import sys
-import time
 import unicodedata
+import warnings
 from pathlib import Path
 
-import av
 import numpy as np
 import pytest
 
+from openstt.audio import decode_audio
 from openstt.ct2_import import bundled_exports, convert_export
 from openstt.hub import install_snapshot
-from tests.evaluation import ASTERISK_SOUNDS
+from scripts.kit import conversations
+from scripts.kit.audio import wav
+from scripts.kit.server import Server, free_port, server_cli, server_env
+from scripts.kit.speech import ASTERISK_SOUNDS
 
 # Only runtime dependencies are imported above: the test extras (pytest-audioeval, httpx, ...)
 # are imported where used, so any test collects without them.
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 API_KEY = "sk-test-0123456789abcdef"
-REPORT: dict = {}
+REPORT: dict = {}  # numbers worth keeping from the end-to-end run, written to test-artifacts/
 # Long real speech (Debian's asterisk prompts): tests that need it skip, saying why, without it.
 needs_asterisk = pytest.mark.skipif(not ASTERISK_SOUNDS.exists(), reason="asterisk-core-sounds-en-wav not installed "
-                                    "(scripts/setup installs it when run as root)")  # numbers worth keeping from the end-to-end run, written to test-artifacts/
+                                    "(scripts/setup installs it when run as root)")
 
 
 def samples() -> Path:
@@ -50,6 +52,20 @@ def reference(name: str) -> str:
     return (samples() / f"{name}.txt").read_text().strip()
 
 
+# what whisper-tiny.en (and base) say for ``clip("en/quick_brown_fox")``
+FOX = "The quick brown fox jumps over the lazy dog."
+
+
+def audio_of(name: str) -> np.ndarray:
+    """A ``clip`` decoded as the server decodes it: 16 kHz mono float32."""
+    return decode_audio(clip(name).read_bytes())
+
+
+def fox_file(name: str = "fox.wav") -> dict:
+    """The fox clip as an httpx ``files`` field."""
+    return {"file": (name, clip("en/quick_brown_fox").read_bytes(), "audio/wav")}
+
+
 def normalize(text: str) -> str:
     """Lowercase, strip accents' combining marks' punctuation, collapse spaces: for word comparisons."""
     text = unicodedata.normalize("NFKC", text).lower()
@@ -57,25 +73,49 @@ def normalize(text: str) -> str:
     return " ".join(text.split())
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def sdk_client(server, **options):
+    """The official SDK's client of ``server`` with ``API_KEY``, and no retries: a failure shows."""
+    import openai
+
+    return openai.OpenAI(base_url=server.base + "/v1", api_key=API_KEY, max_retries=0, **options)
 
 
-def encode(audio: np.ndarray, fmt: str, codec: str, *, rate: int = 16000, layout: str = "mono") -> bytes:
-    """Encode float32 samples (shape (n,) or (channels, n)) into a container with PyAV."""
-    planar = np.atleast_2d(audio).astype(np.float32)
-    buf = io.BytesIO()
-    with av.open(buf, mode="w", format=fmt) as out:
-        stream = out.add_stream(codec, rate=rate, layout=layout)
-        frame = av.AudioFrame.from_ndarray(planar, format="fltp", layout=layout)
-        frame.sample_rate = rate
-        for packet in stream.encode(frame):
-            out.mux(packet)
-        for packet in stream.encode(None):
-            out.mux(packet)
-    return buf.getvalue()
+def conversation(speakers, seconds, seed):
+    """``scripts.kit.conversations.build_conversation``, or a skip saying which voices are missing."""
+    try:
+        return conversations.build_conversation(speakers, seconds=seconds, seed=seed)
+    except conversations.SpeakersUnavailable as exc:
+        pytest.skip(str(exc))
+
+
+def speaker_reference(speaker, seconds=6.0):
+    """``scripts.kit.conversations.reference_clip``, or a skip saying which voices are missing."""
+    try:
+        return conversations.reference_clip(speaker, seconds=seconds)
+    except conversations.SpeakersUnavailable as exc:
+        pytest.skip(str(exc))
+
+
+def data_url(audio: np.ndarray) -> str:
+    """``audio`` as a WAV data URL (a known speaker's reference)."""
+    return "data:audio/wav;base64," + base64.b64encode(wav(audio)).decode()
+
+
+def der(truth, turns, collar: float = 0.5) -> float:
+    """pyannote's diarization error rate, by default with a 0.25 s collar each side of a true
+    boundary (``collar=0.0``: none). ``turns``: anything with start, end and speaker."""
+    from pyannote.core import Annotation
+    from pyannote.core import Segment as Span
+    from pyannote.metrics.diarization import DiarizationErrorRate
+
+    ref, hyp = Annotation(), Annotation()
+    for t in truth:
+        ref[Span(t.start, t.end)] = t.speaker
+    for t in turns:
+        hyp[Span(t.start, t.end)] = t.speaker
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "uem approximated": the union of both is what we want
+        return DiarizationErrorRate(collar=collar)(ref, hyp)
 
 
 @pytest.fixture(scope="session")
@@ -111,52 +151,6 @@ def tiny_en_engine(hf_cache):
     return load_engine(spec, resolve_model(spec, download=False, cache=hf_cache), torch.device("cpu"), torch.float32)
 
 
-class Server:
-    def __init__(self, cmd: list[str], env: dict[str, str], port: int, log: Path):
-        import httpx
-
-        self.port, self.log = port, log
-        self.base = f"http://127.0.0.1:{port}"
-        started = time.perf_counter()
-        self.proc = subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                if httpx.get(self.base + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        else:
-            self.stop()
-            raise RuntimeError("server did not become healthy in 180 s:\n" + log.read_text()[-3000:])
-        self.startup_seconds = time.perf_counter() - started
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        return self.proc.returncode
-
-
-def server_env(hf_cache: Path, tmp_path: Path, **extra: str) -> dict[str, str]:
-    """The environment of a test server: offline, its own BentoML home, no OPEN_STT_ settings of
-    ours. It stops 0.5 s after its last window rather than 5 s (the SIGTERM test keeps the default)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPEN_STT_", "BENTOML_"))}
-    env.update(HF_HUB_CACHE=str(hf_cache), HF_HUB_OFFLINE="1", BENTOML_HOME=str(tmp_path / "bentoml"),
-               BENTOML_DO_NOT_TRACK="true", OPEN_STT_SHUTDOWN_IDLE_SECONDS="0.5")
-    env.update(extra)
-    return env
-
-
-
 @pytest.fixture(scope="session")
 def server(hf_cache, base_model, tmp_path_factory):
     """open-stt-server (real `bentoml serve`) with tiny.en and base, an API key, an alias of base,
@@ -171,8 +165,7 @@ def server(hf_cache, base_model, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("server")
     port = free_port()
     env = server_env(hf_cache, tmp, OPEN_STT_MODELS="whisper-large-v3", OPEN_STT_PORT="1")
-    cli = str(Path(sys.executable).with_name("open-stt-server"))
-    srv = Server([cli, "--model", "whisper-tiny.en", "--model", "whisper-base", "--port", str(port),
+    srv = Server([server_cli(), "--model", "whisper-tiny.en", "--model", "whisper-base", "--port", str(port),
                   "--api-key", API_KEY, "--log-level", "debug", "--model-alias", "gpt-4o-mini-transcribe=whisper-base",
                   "--enable-diarization", "--quantize", "none"],
                  env, port, tmp / "server.log")
@@ -180,6 +173,32 @@ def server(hf_cache, base_model, tmp_path_factory):
     yield srv
     assert srv.stop() == 0
     assert API_KEY not in srv.log.read_text()  # keys never reach the logs
+
+
+@pytest.fixture(scope="module")
+def sdk(server):
+    """``sdk_client`` of the session's server, 300 s per request."""
+    return sdk_client(server, timeout=300)
+
+
+@pytest.fixture()
+def clean_env(monkeypatch):
+    """No OPEN_STT_ settings from the environment the tests run in; returns ``monkeypatch``."""
+    for key in list(os.environ):
+        if key.startswith("OPEN_STT_"):
+            monkeypatch.delenv(key)
+    return monkeypatch
+
+
+@pytest.fixture(scope="module")
+def diarizer():
+    from openstt.diarization.pipeline import Diarizer
+    from openstt.diarization.weights import DiarizationUnavailable
+
+    try:
+        return Diarizer.load()
+    except DiarizationUnavailable as exc:
+        pytest.skip(str(exc))
 
 
 # -- longest files first ----------------------------------------------------------------------------

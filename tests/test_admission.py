@@ -20,6 +20,7 @@ from openstt.api.state import app_state
 from openstt.audio import SAMPLE_RATE
 from openstt.live.protocol import Transcription
 from openstt.live.session import Decoded, LiveSession, SessionBounds
+from scripts.kit.audio import wav
 
 
 # --- the decoded-audio budget -----------------------------------------------------------------------
@@ -156,12 +157,7 @@ def test_a_stalled_upload_gives_its_place_to_a_new_client(tiny_en_engine, hf_cac
 
 
 def _silence_wav() -> bytes:
-    import soundfile as sf
-    import io
-
-    buf = io.BytesIO()
-    sf.write(buf, np.zeros(SAMPLE_RATE, np.float32), SAMPLE_RATE, format="WAV", subtype="PCM_16")
-    return buf.getvalue()
+    return wav(np.zeros(SAMPLE_RATE, np.float32), SAMPLE_RATE)
 
 
 # --- /health follows the model service --------------------------------------------------------------

@@ -13,10 +13,9 @@ from openstt.engines.remote import RemoteEngine
 from openstt.catalog import CATALOG
 from openstt.engines.drivers import InProcessEngine
 from openstt.messages import WindowJob
-from tests.conftest import clip
+from tests.conftest import FOX, clip, fox_file
 from tests.inmemory import FakeModel, Named, inmemory_app, stand_in_cache
 
-FOX = "The quick brown fox jumps over the lazy dog."
 ENVELOPE_KEYS = {"message", "type", "param", "code"}
 
 
@@ -30,10 +29,6 @@ def client(app):
     app_state(app).api_keys = []
     with TestClient(app) as c:
         yield c
-
-
-def fox_file(name="fox.wav"):
-    return {"file": (name, clip("en/quick_brown_fox").read_bytes(), "audio/wav")}
 
 
 def error_of(response, status):
@@ -147,7 +142,7 @@ def test_bad_audio_is_400(client, payload, fragment):
 
 
 def test_too_short_is_400(client):
-    from tests.conftest import encode
+    from scripts.kit.audio import encode
 
     short = encode(np.zeros(800, dtype=np.float32), "wav", "pcm_s16le")
     r = client.post("/v1/audio/transcriptions", data={"model": "whisper-tiny.en"},

@@ -16,7 +16,8 @@ import soundfile as sf
 
 from openstt.audio import SAMPLE_RATE, AudioError, check_layout, decode_audio, probe_seconds
 from openstt.engines import TranscribeOptions
-from tests.conftest import clip, encode
+from scripts.kit.audio import encode
+from tests.conftest import clip
 
 # (container format, codec) for what users upload as .wav .mp3 .flac .ogg/.oga .m4a .mp4 .webm .mpeg/.mpga.
 # (FFmpeg's own Vorbis encoder is "experimental", so Ogg is covered with Opus.)

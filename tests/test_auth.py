@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import base64
-import os
 import re
 
 import httpx
@@ -99,12 +98,9 @@ def test_bentoml_routes_beside_the_app(protected):
 
 
 @pytest.fixture()
-def env(monkeypatch):
-    for key in list(os.environ):
-        if key.startswith("OPEN_STT_"):
-            monkeypatch.delenv(key)
-    monkeypatch.setenv("OPEN_STT_MODELS", "whisper-tiny.en")
-    return monkeypatch
+def env(clean_env):
+    clean_env.setenv("OPEN_STT_MODELS", "whisper-tiny.en")
+    return clean_env
 
 
 @pytest.mark.parametrize("value", ["sk-change-me", "changeme", "change-me", "CHANGE_ME", "your-api-key",

@@ -18,10 +18,8 @@ from openstt.hub import resolve_model
 from openstt.messages import AlignJob, AlignReply, DecodeResult, ErrorCode, ModelFailure, WeightsReply, WindowJob
 from openstt.model_client import call_with_reconnect
 from openstt.serving import align_request, decode_batch
+from tests.conftest import FOX, clip
 from tests.inmemory import InMemoryModelService
-from tests.conftest import clip
-
-FOX = "The quick brown fox jumps over the lazy dog."
 
 
 def request(model: str, name: str, **kw) -> WindowJob:

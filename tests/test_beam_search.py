@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 
 from openstt.api.app import create_app
 from openstt.api.state import app_state
-from openstt.audio import SAMPLE_RATE, decode_audio
+from openstt.audio import SAMPLE_RATE
 from openstt.catalog import CATALOG
 from openstt.engines import TranscribeOptions
 from openstt.engines.base import Engine, TranscriptionRun, UnsupportedRequest
@@ -19,14 +19,8 @@ from openstt.transcript import Segment
 from openstt.engines.base import LoopState
 from openstt.messages import WindowJob
 from openstt.registry import ModelRegistry
-from tests.conftest import clip, needs_asterisk, reference
-from tests.evaluation import english_clip, wer
-
-FOX = "The quick brown fox jumps over the lazy dog."
-
-
-def audio_of(name: str) -> np.ndarray:
-    return decode_audio(clip(name).read_bytes())
+from scripts.kit.speech import english_clip, wer
+from tests.conftest import FOX, audio_of, fox_file, needs_asterisk, reference
 
 
 def job(audio: np.ndarray, beam_size: int = 1, temperature: float = 0.0, prompt: list[int] | None = None):
@@ -240,10 +234,6 @@ class _Capture(Engine):
         self.options.append(options)
         segment = Segment(0, 0, 0.0, 1.0, " ok", [], 0.0, 0.0, 1.0, 0.0)
         return TranscriptionRun(state=LoopState("en"), duration=len(audio) / 16000, segments=iter([segment]))
-
-
-def fox_file():
-    return {"file": ("fox.wav", clip("en/quick_brown_fox").read_bytes(), "audio/wav")}
 
 
 @pytest.fixture()

@@ -22,7 +22,6 @@ import httpx
 import numpy as np
 import pytest
 from prometheus_client import REGISTRY
-from prometheus_client.parser import text_string_to_metric_families
 
 from openstt.api.app import create_app
 from openstt.api.limits import unless_disconnected
@@ -33,11 +32,12 @@ from openstt.transcript import Segment
 from openstt.engines.base import LoopState
 from openstt.messages import AlignJob, AlignReply, DecodeResult, WindowJob
 from openstt.registry import ModelRegistry
-from tests.conftest import API_KEY, REPORT, clip, encode, needs_asterisk
+from scripts.kit.audio import encode
+from scripts.kit.server import scrape, value
+from tests.conftest import API_KEY, FOX, REPORT, clip, needs_asterisk
 
 WINDOW = 30 * 16000  # samples in one window
 WINDOW_S = 0.1  # the fake model service's time per window
-FOX = "The quick brown fox jumps over the lazy dog."
 
 
 # -- in-process: the app as uvicorn calls it ------------------------------------------------------
@@ -265,24 +265,12 @@ with open(path, "rb") as f:
 @pytest.fixture(scope="module")
 def five_minutes(tmp_path_factory) -> Path:
     """Five minutes (ten windows) of real read speech as FLAC."""
-    from tests.evaluation import long_english_clip
+    from scripts.kit.speech import long_english_clip
 
     audio, _ = long_english_clip(300)
     path = tmp_path_factory.mktemp("long") / "five_minutes.flac"
     path.write_bytes(encode(audio[: 300 * 16000], "flac", "flac"))
     return path
-
-
-def _scrape(server) -> dict:
-    out = {}
-    for family in text_string_to_metric_families(httpx.get(server.base + "/metrics", timeout=10).text):
-        for s in family.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return out
-
-
-def _get(samples: dict, name: str, **labels) -> float:
-    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
 @pytest.mark.slow
@@ -293,41 +281,41 @@ def test_killed_client_stops_its_transcription(server, five_minutes, stream):
     labels = {"route": "transcriptions", **tiny}
 
     def windows(s: dict) -> float:  # every window decoded
-        return _get(s, "openstt_batch_windows_sum", **tiny)
+        return value(s, "openstt_batch_windows_sum", **tiny)
 
     def batches(s: dict) -> float:  # the batches they were decoded in (a long file's chunks go together)
-        return _get(s, "openstt_batch_windows_count", **tiny)
+        return value(s, "openstt_batch_windows_count", **tiny)
 
     log_mark = server.log.stat().st_size
-    before = _scrape(server)
+    before = scrape(server)
     client = subprocess.Popen([sys.executable, "-c", CLIENT, server.base + "/v1/audio/transcriptions",
                                str(five_minutes), str(stream).lower()], env={**os.environ, "KEY": API_KEY})
     deadline = time.monotonic() + 60
-    while windows(now := _scrape(server)) == windows(before):  # until a window of it is decoded
+    while windows(now := scrape(server)) == windows(before):  # until a window of it is decoded
         assert client.poll() is None and time.monotonic() < deadline, "the transcription did not start"
         time.sleep(0.05)
     client.kill()  # kill -9: the kernel closes its connection
     killed = time.monotonic()
     client.wait()
     # measured, not assumed: one batch's decode time on this machine
-    window_s = ((_get(now, "openstt_batch_duration_seconds_sum", **tiny)
-                 - _get(before, "openstt_batch_duration_seconds_sum", **tiny))
-                / (_get(now, "openstt_batch_duration_seconds_count", **tiny)
-                   - _get(before, "openstt_batch_duration_seconds_count", **tiny)))
+    window_s = ((value(now, "openstt_batch_duration_seconds_sum", **tiny)
+                 - value(before, "openstt_batch_duration_seconds_sum", **tiny))
+                / (value(now, "openstt_batch_duration_seconds_count", **tiny)
+                   - value(before, "openstt_batch_duration_seconds_count", **tiny)))
     budget = 2 * window_s + 2  # the batch in flight when it died, one more if it was queued, and slack
     quiet = window_s + 1  # this long without a new batch: the model service is idle
 
     last, last_change, freed = batches(now), killed, None
     while time.monotonic() < killed + budget + quiet:
-        s = _scrape(server)
+        s = scrape(server)
         if batches(s) != last:
             last, last_change = batches(s), time.monotonic()
-        if freed is None and _get(s, "openstt_requests_in_flight", route="transcriptions") == 0:
+        if freed is None and value(s, "openstt_requests_in_flight", route="transcriptions") == 0:
             freed = time.monotonic() - killed
         if freed is not None and time.monotonic() - last_change > quiet:
             break
         time.sleep(0.05)
-    after = _scrape(server)
+    after = scrape(server)
 
     numbers = {"batch_seconds": round(window_s, 2), "windows_before_kill": windows(now) - windows(before),
                "batches_after_kill": last - batches(now),  # its windows queued later were dropped
@@ -338,12 +326,12 @@ def test_killed_client_stops_its_transcription(server, five_minutes, stream):
     assert last_change - killed < budget, numbers  # the model service went idle within a batch or two
     assert last - batches(now) <= 2, numbers
     assert freed is not None and freed < budget, numbers
-    assert _get(after, "openstt_requests_cancelled_total", **labels) \
-        - _get(before, "openstt_requests_cancelled_total", **labels) == 1
-    assert _get(after, "openstt_requests_total", **labels, status="499") \
-        - _get(before, "openstt_requests_total", **labels, status="499") == 1
-    assert _get(after, "openstt_requests_total", **labels, status="200") \
-        == _get(before, "openstt_requests_total", **labels, status="200")
+    assert value(after, "openstt_requests_cancelled_total", **labels) \
+        - value(before, "openstt_requests_cancelled_total", **labels) == 1
+    assert value(after, "openstt_requests_total", **labels, status="499") \
+        - value(before, "openstt_requests_total", **labels, status="499") == 1
+    assert value(after, "openstt_requests_total", **labels, status="200") \
+        == value(before, "openstt_requests_total", **labels, status="200")
     log = server.log.read_bytes()[log_mark:].decode("utf-8", "replace")
     assert log.count("cancelled: client disconnected") == 1, log[-3000:]
     assert "Traceback" not in log and "never retrieved" not in log, log[-3000:]

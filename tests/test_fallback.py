@@ -7,17 +7,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from openstt.audio import SAMPLE_RATE, decode_audio
+from openstt.audio import SAMPLE_RATE
 from openstt.engines import TranscribeOptions
 from openstt.engines.fallback import needs_fallback, settle
 from openstt.messages import DecodeResult, WindowJob
-from tests.conftest import clip, normalize
-
-FOX = "The quick brown fox jumps over the lazy dog."
-
-
-def audio_of(name: str) -> np.ndarray:
-    return decode_audio(clip(name).read_bytes())
+from tests.conftest import audio_of, normalize
 
 
 def result(avg_logprob: float, compression_ratio: float, temperature: float, no_speech_prob: float = 0.0):

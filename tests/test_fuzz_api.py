@@ -8,8 +8,6 @@ truncation are beyond what an HTTP client library would send)."""
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import pytest
 import schemathesis
@@ -24,6 +22,7 @@ from openstt.catalog import CATALOG
 from openstt.engines.base import Engine, LoopState, TranscribeOptions, TranscriptionRun
 from openstt.transcript import Segment
 from openstt.registry import ModelRegistry
+from scripts.kit.audio import wav as wav_file
 from tests.conftest import clip
 from tests.inmemory import inmemory_app
 
@@ -72,9 +71,7 @@ def client(loaded):
 def wav() -> bytes:
     """The first second of a real recording: every 200 below is a real (short) transcription."""
     audio, rate = sf.read(clip("en/quick_brown_fox"), dtype="float32")
-    buf = io.BytesIO()
-    sf.write(buf, audio[:rate], rate, format="WAV", subtype="PCM_16")
-    return buf.getvalue()
+    return wav_file(audio[:rate], rate)
 
 
 def multipart(parts: list[tuple[str | None, bytes, str | None]], boundary: str = BOUNDARY) -> bytes:

@@ -8,19 +8,18 @@ import asyncio
 import os
 import signal
 import socket
-import sys
 import threading
 import time
-from pathlib import Path
 
 import httpx
-import numpy as np
 import psutil
 import pytest
 
-from tests.conftest import Server, encode, free_port, needs_asterisk, server_env
-from tests.evaluation import english_clip
-from tests.realtime import COMPLETED, frames, pcm24k
+from scripts.kit.audio import encode, silent_flac
+from scripts.kit.realtime import COMPLETED, frames, open_session, pcm24k
+from scripts.kit.server import Rss, Server, batches, free_port, server_cli, server_env
+from scripts.kit.speech import english_clip
+from tests.conftest import needs_asterisk
 
 pytestmark = [pytest.mark.slow, needs_asterisk]
 
@@ -35,7 +34,7 @@ def srv(hf_cache, tmp_path_factory):
     port = free_port()
     env = server_env(hf_cache, tmp, OPEN_STT_AUDIO_MEMORY_BUDGET_MB=str(BUDGET_MB),
                      OPEN_STT_UPLOAD_TIMEOUT=str(UPLOAD_TIMEOUT_S))
-    cli = str(Path(sys.executable).with_name("open-stt-server"))
+    cli = server_cli()
     server = Server([cli, "--model", "whisper-tiny.en", "--port", str(port), "--log-level", "debug"], env, port,
                     tmp / "server.log")
     yield server
@@ -51,17 +50,6 @@ def clip() -> bytes:
 def _transcribe(srv: Server, data: bytes, name: str = "clip.wav", timeout: float = 120) -> httpx.Response:
     return httpx.post(srv.base + "/v1/audio/transcriptions", files={"file": (name, data)},
                       data={"model": "whisper-tiny.en", "language": "en"}, timeout=timeout)
-
-
-def _rss(pid: int) -> int:
-    root = psutil.Process(pid)
-    total = 0
-    for p in [root, *root.children(recursive=True)]:
-        try:
-            total += p.memory_info().rss
-        except psutil.Error:
-            pass
-    return total
 
 
 def test_stalled_uploads_hold_no_slot_and_are_closed(srv, clip):
@@ -89,80 +77,41 @@ def test_stalled_uploads_hold_no_slot_and_are_closed(srv, clip):
     assert time.monotonic() - opened < UPLOAD_TIMEOUT_S + 8
 
 
-def _silent_flac(path: Path, seconds: float, channels: int) -> bytes:
-    import soundfile as sf
-
-    block = np.zeros((16000 * 60, channels), np.int16)
-    with sf.SoundFile(path, "w", samplerate=16000, channels=channels, subtype="PCM_16", format="FLAC") as f:
-        left = int(seconds * 16000)
-        while left:
-            f.write(block[:min(left, len(block))])
-            left -= min(left, len(block))
-    return path.read_bytes()
-
-
 def _concurrently(srv: Server, data: bytes, count: int) -> tuple[list[httpx.Response], int]:
     """``count`` uploads of ``data`` at once: the answers and the server's peak RSS growth."""
-    idle, peak, done = _rss(srv.proc.pid), 0, threading.Event()
+    idle = Rss(srv.proc.pid).now()
     replies: list = [None] * count
-
-    def sample():
-        nonlocal peak
-        while not done.wait(0.05):
-            peak = max(peak, _rss(srv.proc.pid))
 
     def one(i):
         replies[i] = _transcribe(srv, data, "bomb.flac", timeout=300)
 
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(count)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    done.set()
-    sampler.join()
-    return replies, max(peak - idle, 0)
+    with Rss(srv.proc.pid, interval=0.05) as rss:
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(count)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    return replies, max(rss.peak - idle, 0)
 
 
-def test_decoded_audio_is_bounded(srv, tmp_path):
+def test_decoded_audio_is_bounded(srv):
     # 2 hours of 8 channels (0.9 MiB of FLAC; 4 GB as float32 before): refused before decoding
-    replies, growth = _concurrently(srv, _silent_flac(tmp_path / "eight.flac", 7190, 8), 3)
+    replies, growth = _concurrently(srv, silent_flac(7190, 8), 3)
     assert [r.status_code for r in replies] == [400] * 3
     assert all(r.json()["error"]["param"] == "file" for r in replies)
     assert growth < 200 * 2**20, growth / 2**20
     # 3 x 30 min of mono (115 MB decoded each) against a 300 MB budget: at most two at once
-    replies, growth = _concurrently(srv, _silent_flac(tmp_path / "mono.flac", 1800, 1), 3)
+    replies, growth = _concurrently(srv, silent_flac(1800, 1), 3)
     assert 200 in [r.status_code for r in replies]
     assert all(r.status_code == 200 or r.json()["error"]["code"] == "server_busy" for r in replies)
     assert growth < (BUDGET_MB + 250) * 2**20, growth / 2**20
-
-
-def _batches(srv: Server) -> float:
-    text = httpx.get(srv.base + "/metrics", timeout=10).text
-    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith("openstt_batch_windows_count"))
-
-
-async def _connect(srv: Server, vad: bool):
-    import openai
-
-    client = openai.AsyncOpenAI(base_url=srv.base + "/v1", api_key="unused")
-    manager = client.realtime.connect(extra_query={"intent": "transcription"})
-    connection = await manager.__aenter__()
-    assert (await connection.recv()).type == "session.created"
-    await connection.session.update(session={"type": "transcription", "audio": {"input": {
-        "transcription": {"model": "whisper-tiny.en", "language": "en"},
-        "turn_detection": {"type": "server_vad"} if vad else None}}})
-    assert (await connection.recv()).type == "session.updated"
-    return manager, connection
 
 
 def test_a_flooding_live_session_is_bounded_and_its_work_stops_when_it_leaves(srv):
     audio, _ = english_clip(30)
 
     async def flood() -> tuple[list[str], float]:
-        manager, connection = await _connect(srv, vad=False)
+        manager, connection = await open_session(srv.base)
         errors: list[str] = []
 
         async def receive():
@@ -186,9 +135,9 @@ def test_a_flooding_live_session_is_bounded_and_its_work_stops_when_it_leaves(sr
     errors, gone = asyncio.run(flood())
     assert "input_audio_too_fast" in errors and "too_many_pending_turns" in errors
     # once it has gone, its queued and running decodes stop: no batch starts 2 s after
-    last, count = gone, _batches(srv)
+    last, count = gone, batches(srv)
     while time.monotonic() < gone + 5:
-        now = _batches(srv)
+        now = batches(srv)
         if now != count:
             last, count = time.monotonic(), now
         time.sleep(0.1)
@@ -222,7 +171,7 @@ def test_sigterm_completes_committed_live_turns_then_closes_with_1012(srv):
     audio, _ = english_clip(6)
 
     async def session():
-        manager, connection = await _connect(srv, vad=False)
+        manager, connection = await open_session(srv.base)
         for frame in frames(pcm24k(audio)):
             await connection.input_audio_buffer.append(audio=frame)
         await connection.input_audio_buffer.commit()

@@ -22,9 +22,9 @@ from openstt.live.audio_input import InputAudio
 from openstt.live.protocol import ProtocolError, SessionConfig, TurnDetection, apply_update
 from openstt.live.turns import StableText, TurnDetector, VadEvent
 from openstt.vad import VAD_FRAME, StreamingVad, speech_probabilities
+from scripts.kit.realtime import COMPLETED, DELTA, check_turns, frames, pcm24k
+from scripts.kit.speech import spoken_turns, wer
 from tests.conftest import API_KEY, needs_asterisk
-from tests.evaluation import spoken_turns, wer
-from tests.realtime import COMPLETED, DELTA, check_turns, frames, pcm24k
 
 pytestmark = needs_asterisk
 

@@ -7,9 +7,9 @@ import asyncio
 
 import pytest
 
+from scripts.kit.realtime import COMPLETED, DELTA, check_turns, frames, pcm24k, stream
+from scripts.kit.speech import spoken_turns, wer
 from tests.conftest import API_KEY, needs_asterisk
-from tests.evaluation import spoken_turns, wer
-from tests.realtime import COMPLETED, DELTA, check_turns, frames, pcm24k, stream
 
 pytestmark = [pytest.mark.slow, needs_asterisk]
 openai = pytest.importorskip("openai")

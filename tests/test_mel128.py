@@ -10,8 +10,6 @@ the SDK, beside Voxtral in ``test_voxtral.py::test_served_end_to_end`` (one serv
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -21,32 +19,14 @@ from openstt.audio import decode_audio
 from openstt.catalog import CATALOG
 from openstt.engines import TranscribeOptions, load_engine
 from openstt.hub import install_snapshot, resolve_model
+from scripts.kit.checkpoints import build_whisper
 from tests.conftest import clip
-
-
-def build_mel128(base_model: Path, out: Path) -> Path:
-    """The random-weight 128-mel checkpoint in ``out`` (base's tokenizer and generation config)."""
-    from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration
-
-    base_config = json.loads((base_model / "config.json").read_text())
-    config = WhisperConfig(**{**base_config, "num_mel_bins": 128, "d_model": 64, "encoder_layers": 2,
-                              "decoder_layers": 2, "encoder_attention_heads": 2, "decoder_attention_heads": 2,
-                              "encoder_ffn_dim": 128, "decoder_ffn_dim": 128})
-    torch.manual_seed(0)
-    WhisperForConditionalGeneration(config).save_pretrained(out)
-    generation = json.loads((base_model / "generation_config.json").read_text())
-    generation["alignment_heads"] = [[1, 0], [1, 1]]
-    (out / "generation_config.json").write_text(json.dumps(generation))
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(base_model / name, out / name)
-    WhisperFeatureExtractor(feature_size=128).save_pretrained(out)
-    return out
 
 
 @pytest.fixture(scope="module")
 def mel128_cache(base_model, tmp_path_factory) -> Path:
     cache = tmp_path_factory.mktemp("hf-mel128") / "hub"
-    install_snapshot(build_mel128(base_model, tmp_path_factory.mktemp("mel128")), "openai/whisper-large-v3",
+    install_snapshot(build_whisper(tmp_path_factory.mktemp("mel128"), base_model), "openai/whisper-large-v3",
                      cache=cache)
     return cache
 

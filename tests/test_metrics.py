@@ -7,24 +7,11 @@ import time
 import httpx
 import pytest
 import soundfile as sf
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import API_KEY, REPORT, clip
+from scripts.kit.server import scrape, value
+from tests.conftest import API_KEY, REPORT, clip, sdk_client
 
 pytestmark = pytest.mark.slow
-
-
-def scrape(server) -> dict[tuple[str, tuple], float]:
-    text = httpx.get(server.base + "/metrics", timeout=10).text
-    out = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return out
-
-
-def value(samples, name: str, **labels) -> float:
-    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
 def test_stt_metrics_after_requests(server):
@@ -89,9 +76,7 @@ def test_a_lone_request_waits_for_no_batch_and_concurrent_ones_share(server):
     requests that arrive during a decode wait for it and then go as one batch."""
     import concurrent.futures
 
-    import openai
-
-    client = openai.OpenAI(base_url=server.base + "/v1", api_key=API_KEY, max_retries=0)
+    client = sdk_client(server)
     audio = clip("en/quick_brown_fox").read_bytes()
 
     def transcribe(_=None) -> str:

@@ -3,10 +3,8 @@ and unloading through POST/DELETE /v1/models/{id}, and the idle TTL."""
 
 from __future__ import annotations
 
-import sys
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import numpy as np
@@ -14,13 +12,13 @@ import openai
 import pytest
 import soundfile as sf
 
-from tests.conftest import API_KEY, Server, clip, encode, free_port, server_env
+from scripts.kit.audio import encode
+from scripts.kit.server import Server, free_port, server_cli, server_env
+from tests.conftest import API_KEY, FOX, clip, sdk_client
 
 pytestmark = pytest.mark.slow
 
-FOX = "The quick brown fox jumps over the lazy dog."
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
-CLI = str(Path(sys.executable).with_name("open-stt-server"))
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +26,7 @@ def managed(hf_cache, base_model, tmp_path_factory):
     """tiny.en only at start, management on, an API key; base is in the cache but not loaded."""
     tmp = tmp_path_factory.mktemp("managed")
     port = free_port()
-    srv = Server([CLI, "--model", "whisper-tiny.en", "--port", str(port), "--api-key", API_KEY,
+    srv = Server([server_cli(), "--model", "whisper-tiny.en", "--port", str(port), "--api-key", API_KEY,
                   "--enable-model-management"], server_env(hf_cache, tmp), port, tmp / "server.log")
     yield srv
     assert srv.stop() == 0
@@ -42,7 +40,7 @@ def http(managed):
 
 @pytest.fixture(scope="module")
 def sdk(managed):
-    return openai.OpenAI(base_url=managed.base + "/v1", api_key=API_KEY, max_retries=0)
+    return sdk_client(managed)
 
 
 def test_load_transcribe_unload(managed, http, sdk):
@@ -134,7 +132,7 @@ def test_idle_ttl_and_disabled_endpoints(hf_cache, base_model, tmp_path):
     default stays; POST/DELETE answer a clear 403."""
     port = free_port()
     ttl = 3
-    srv = Server([CLI, "--model", "whisper-tiny.en", "--model", "whisper-base", "--port", str(port),
+    srv = Server([server_cli(), "--model", "whisper-tiny.en", "--model", "whisper-base", "--port", str(port),
                   "--model-idle-ttl", str(ttl)], server_env(hf_cache, tmp_path), port, tmp_path / "ttl.log")
     try:
         client = openai.OpenAI(base_url=srv.base + "/v1", api_key="anything", max_retries=0)

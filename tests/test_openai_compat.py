@@ -25,11 +25,11 @@ from openai.types.audio import (
     TranslationVerbose,
 )
 
-from tests.conftest import API_KEY, REPORT, clip, encode, needs_asterisk, normalize
+from scripts.kit.audio import encode
+from tests.conftest import API_KEY, FOX, REPORT, clip, needs_asterisk, normalize, sdk_client
 
 pytestmark = pytest.mark.slow
 
-FOX = "The quick brown fox jumps over the lazy dog."
 SRT_CUE = re.compile(r"^(\d+)\n(\d{2}:\d{2}:\d{2},\d{3}) --> (\d{2}:\d{2}:\d{2},\d{3})\n(.+)\n$")
 VTT_TIME = re.compile(r"^\d{2}:\d{2}:\d{2}\.\d{3} --> \d{2}:\d{2}:\d{2}\.\d{3}$")
 
@@ -37,8 +37,7 @@ VTT_TIME = re.compile(r"^\d{2}:\d{2}:\d{2}\.\d{3} --> \d{2}:\d{2}:\d{2}\.\d{3}$"
 @pytest.fixture(scope="module", params=["lenient", "strict"])
 def sdk(request, server):
     """Every SDK test runs twice: the second client validates responses against the SDK's models."""
-    return openai.OpenAI(base_url=server.base + "/v1", api_key=API_KEY, max_retries=0,
-                         _strict_response_validation=request.param == "strict")
+    return sdk_client(server, _strict_response_validation=request.param == "strict")
 
 
 @pytest.fixture(scope="module")
@@ -310,7 +309,7 @@ def test_b44_chunking_strategy_strings(raw, value):
 
 @needs_asterisk
 def test_b45_sse_framing_and_incremental_delivery(raw):
-    from tests.evaluation import long_english_clip
+    from scripts.kit.speech import long_english_clip
 
     audio, _ = long_english_clip(75)
     data = encode(audio, "flac", "flac")

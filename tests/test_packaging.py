@@ -17,8 +17,9 @@ import pytest
 import yaml
 
 from openstt.audio import decode_audio
-from tests.conftest import Server, clip, free_port, server_env
-from tests.realtime import frames, pcm24k
+from scripts.kit.realtime import frames, pcm24k
+from scripts.kit.server import Server, free_port, server_env
+from tests.conftest import FOX, clip
 
 ROOT = Path(__file__).resolve().parent.parent
 BENTOML = str(Path(sys.executable).with_name("bentoml"))
@@ -86,7 +87,7 @@ def test_built_cpu_bento_serves(bentos, bento_home, hf_cache, tmp_path):
     try:
         client = openai.OpenAI(base_url=srv.base + "/v1", api_key="x", max_retries=0)
         text = client.audio.transcriptions.create(model="whisper-1", file=clip("en/quick_brown_fox")).text
-        assert text == "The quick brown fox jumps over the lazy dog."
+        assert text == FOX
         import httpx
 
         assert httpx.get(srv.base + "/livez").status_code == 200  # the k8s liveness probe's path
@@ -101,7 +102,7 @@ def test_built_cpu_bento_serves(bentos, bento_home, hf_cache, tmp_path):
             event = live.recv()
             while event.type != "conversation.item.input_audio_transcription.completed":
                 event = live.recv()
-            assert event.transcript == "The quick brown fox jumps over the lazy dog."
+            assert event.transcript == FOX
     finally:
         assert srv.stop() == 0
     assert str(ROOT / "openstt") not in srv.log.read_text()  # code ran from the Bento

@@ -4,18 +4,14 @@ retryable 429/503) in OpenAI's envelope, and keep transcribing afterwards."""
 
 from __future__ import annotations
 
-import io
 import os
 import signal
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import numpy as np
-import openai
 import psutil
 import pytest
 import soundfile as sf
@@ -26,20 +22,11 @@ from openstt.api.limits import Limits
 from openstt.api.state import app_state
 from openstt.catalog import CATALOG
 from openstt.messages import ErrorCode, WindowJob
-from tests.conftest import API_KEY, REPORT, Server, clip, encode, free_port, needs_asterisk, normalize, server_env
-from tests.evaluation import english_clip, wer
+from scripts.kit.audio import encode, silent_flac
+from scripts.kit.server import Server, free_port, server_cli, server_env
+from scripts.kit.speech import english_clip, wer
+from tests.conftest import API_KEY, FOX, REPORT, clip, needs_asterisk, normalize, sdk_client
 from tests.inmemory import FakeModel, inmemory_app
-
-FOX = "The quick brown fox jumps over the lazy dog."
-
-
-def silent_flac(hours: float, rate: int = 8000) -> bytes:
-    buf = io.BytesIO()
-    with sf.SoundFile(buf, mode="w", samplerate=rate, channels=1, format="FLAC", subtype="PCM_16") as f:
-        block = np.zeros(rate * 600, np.int16)
-        for _ in range(int(hours * 6)):
-            f.write(block)
-    return buf.getvalue()
 
 
 def fox_mp3() -> bytes:
@@ -85,7 +72,7 @@ def materialise(files: dict | None) -> dict | None:
             "FOX": lambda: clip("en/quick_brown_fox").read_bytes(),
             "MP3HEAD": lambda: fox_mp3()[:100],
             "SHORT": lambda: encode(np.zeros(800, np.float32), "wav", "pcm_s16le"),
-            "BOMB": lambda: silent_flac(6),
+            "BOMB": lambda: silent_flac(6 * 3600, rate=8000),
             "BIG": lambda: b"\0" * (26 * 1024 * 1024),
         }.get(data, lambda d=data: d)() if isinstance(data, str) else data
         out[key] = (name, data)
@@ -115,7 +102,7 @@ def test_bad_input_matrix(server, case):
 
 @pytest.mark.slow
 def test_truncated_mp3_and_silence(server):
-    client = openai.OpenAI(base_url=server.base + "/v1", api_key=API_KEY, max_retries=0)
+    client = sdk_client(server)
     data = fox_mp3()
     partial = client.audio.transcriptions.create(model="whisper-tiny.en", file=("cut.mp3", data[: len(data) // 2]))
     assert normalize(partial.text).startswith("the quick brown")  # what survived the cut is transcribed
@@ -297,7 +284,7 @@ def test_sigterm_lets_in_flight_requests_finish(hf_cache, tmp_path):
     port = free_port()
     # the production default (other test servers stop after 0.5 s idle, see server_env)
     env = server_env(hf_cache, tmp_path, OPEN_STT_MODELS="whisper-tiny.en", OPEN_STT_SHUTDOWN_IDLE_SECONDS="5")
-    cli = str(Path(sys.executable).with_name("open-stt-server"))
+    cli = server_cli()
     srv = Server([cli, "--port", str(port)], env, port, tmp_path / "term.log")
     audio, ref = english_clip(30)
     data = encode(audio, "flac", "flac")

@@ -5,7 +5,6 @@ the real Whisper weights (tiny.en, base), in-process and through a real ``bentom
 from __future__ import annotations
 
 import logging
-import os
 
 import httpx
 import numpy as np
@@ -21,34 +20,17 @@ from openstt.catalog import CATALOG
 from openstt.engines import TranscribeOptions, load_engine
 from openstt.engines.base import LoopState
 from openstt.settings import Settings
-from tests.conftest import API_KEY, clip, needs_asterisk, normalize
-from tests.evaluation import ASTERISK_SOUNDS
+from scripts.kit.speech import ASTERISK_SOUNDS
+from tests.conftest import API_KEY, FOX, audio_of, clip, fox_file, needs_asterisk, normalize
 from tests.inmemory import Named, inmemory_app, stand_in_cache  # Named: routing probe, answers its own name
 
-FOX = "The quick brown fox jumps over the lazy dog."
 # Real read speech (asterisk's demo-abouttotry prompt) with a product name that whisper-tiny.en
 # mishears as "inter-astorisk exchange" unless told the term.
 IAX_CLIP = "demo-abouttotry"
 IAX_TERM = "Inter-Asterisk Exchange"
 
 
-def audio_of(name: str) -> np.ndarray:
-    return decode_audio(clip(name).read_bytes())
-
-
-def fox_file():
-    return {"file": ("fox.wav", clip("en/quick_brown_fox").read_bytes(), "audio/wav")}
-
-
 # --- settings ----------------------------------------------------------------------------------
-
-
-@pytest.fixture()
-def clean_env(monkeypatch):
-    for key in list(os.environ):
-        if key.startswith("OPEN_STT_"):
-            monkeypatch.delenv(key)
-    return monkeypatch
 
 
 def test_alias_setting_parses_and_resolves_repo_ids(clean_env):
@@ -206,11 +188,6 @@ def test_keyword_prompt_layout(tiny_en_engine):
 
 
 # --- end to end: the SDK and curl against `bentoml serve` ----------------------------------------
-
-
-@pytest.fixture(scope="module")
-def sdk(server):
-    return openai.OpenAI(base_url=server.base + "/v1", api_key=API_KEY, max_retries=0)
 
 
 @pytest.mark.slow

@@ -15,33 +15,16 @@ import openai
 import pytest
 import soundfile as sf
 
-from tests.conftest import (
-    API_KEY,
-    REPORT,
-    Server,
-    clip,
-    encode,
-    free_port,
-    needs_asterisk,
-    normalize,
-    reference,
-    server_env,
-)
+from scripts.kit.audio import encode
+from scripts.kit.server import Server, free_port, server_env
+from tests.conftest import API_KEY, FOX, REPORT, clip, needs_asterisk, normalize, reference, sdk_client
 
 pytestmark = pytest.mark.slow
-
-FOX = "The quick brown fox jumps over the lazy dog."
-
-
-@pytest.fixture(scope="module")
-def sdk(server):
-    return openai.OpenAI(base_url=server.base + "/v1", api_key=API_KEY, max_retries=0)
 
 
 @pytest.fixture(scope="module")
 def strict_sdk(server):
-    return openai.OpenAI(base_url=server.base + "/v1", api_key=API_KEY, max_retries=0,
-                         _strict_response_validation=True)
+    return sdk_client(server, _strict_response_validation=True)
 
 
 def test_first_request_and_english_clips(sdk):
@@ -201,7 +184,7 @@ def test_plain_bentoml_serve_fails_fast_on_bad_config(hf_cache, tmp_path):
 def test_health_answers_while_a_long_transcription_runs(server):
     import threading
 
-    from tests.evaluation import long_english_clip
+    from scripts.kit.speech import long_english_clip
 
     audio, _ = long_english_clip(60)
     data = encode(audio, "flac", "flac")

@@ -15,10 +15,8 @@ from openstt.settings import Settings, rust_log_level
 
 
 @pytest.fixture(autouse=True)
-def clean_env(monkeypatch):
-    for key in list(os.environ):
-        if key.startswith("OPEN_STT_") or key == "RUST_LOG":
-            monkeypatch.delenv(key)
+def no_settings(clean_env):
+    clean_env.delenv("RUST_LOG", raising=False)
 
 
 def test_env_defaults(monkeypatch):

@@ -3,8 +3,6 @@ synthetic spans, and on real speech after a long lead-in of room noise, through 
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import pytest
 import soundfile as sf
@@ -13,6 +11,7 @@ from starlette.testclient import TestClient
 from openstt.transcript import Segment, Word
 from openstt.speech_times import PAD_MS, hold_to_speech, speech_spans
 from openstt.vad import speech_probabilities
+from scripts.kit.audio import wav
 from tests.conftest import clip
 from tests.inmemory import inmemory_app
 
@@ -37,17 +36,16 @@ def test_a_long_silent_lead_in_puts_the_first_word_at_the_speech(tiny_en_engine,
     audio, rate = sf.read(clip("en/quick_brown_fox"), dtype="float32")
     noise = np.random.default_rng(0).normal(0, 0.003, rate * 7).astype(np.float32)
     full = np.concatenate([noise, audio, noise[:rate]])
-    buf = io.BytesIO()
-    sf.write(buf, full, rate, format="WAV", subtype="PCM_16")
+    data = wav(full, rate)
     with TestClient(inmemory_app([tiny_en_engine], hf_cache)) as client:
         for long_form in ("vad", "none"):
-            body = client.post("/v1/audio/transcriptions", files={"file": ("a.wav", buf.getvalue())},
+            body = client.post("/v1/audio/transcriptions", files={"file": ("a.wav", data)},
                                data={"response_format": "verbose_json", "timestamp_granularities[]": ["word", "segment"],
                                      "chunking_strategy": "auto" if long_form == "vad" else "none"}).json()
             words, segments = body["words"], body["segments"]
             assert words[0]["word"] == "The" and 6.5 < words[0]["start"] < 7.3, (long_form, words[:2])
             assert segments[0]["start"] == words[0]["start"] and segments[-1]["end"] == words[-1]["end"]
-            plain = client.post("/v1/audio/transcriptions", files={"file": ("a.wav", buf.getvalue())},
+            plain = client.post("/v1/audio/transcriptions", files={"file": ("a.wav", data)},
                                 data={"response_format": "verbose_json", "chunking_strategy": "auto" if long_form == "vad"
                                       else "none"}).json()["segments"]  # no word times: held to the speech itself
             assert 6.5 < plain[0]["start"] < 7.3 and plain[0]["text"].strip().startswith("The"), (long_form, plain[0])

@@ -11,12 +11,8 @@ from openstt.audio import SAMPLE_RATE, decode_audio
 from openstt.catalog import CATALOG
 from openstt.engines import TranscribeOptions, load_engine
 from openstt.engines.fallback import compression_ratio
-from tests.conftest import REPORT, clip, needs_asterisk, normalize
-from tests.evaluation import ASTERISK_SOUNDS, asterisk_prompts, long_english_clip, longest_prompts, wer
-
-
-def audio_of(name: str) -> np.ndarray:
-    return decode_audio(clip(name).read_bytes())
+from scripts.kit.speech import ASTERISK_SOUNDS, asterisk_prompts, long_english_clip, longest_prompts, wer
+from tests.conftest import FOX, REPORT, audio_of, needs_asterisk, normalize
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +24,7 @@ def test_fallback_ladder():
     assert TranscribeOptions().temperatures() == (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
     assert TranscribeOptions(temperature=0.5).temperatures() == (0.5, 0.7, 0.9)
     assert TranscribeOptions(temperature=0.3, temperature_fallback=False).temperatures() == (0.3,)
-    assert compression_ratio("la " * 100) > 2.4 > compression_ratio("The quick brown fox jumps over the lazy dog.")
+    assert compression_ratio("la " * 100) > 2.4 > compression_ratio(FOX)
 
 
 def test_word_timestamps_follow_the_speech(tiny_en_engine):
@@ -37,7 +33,7 @@ def test_word_timestamps_follow_the_speech(tiny_en_engine):
     audio = np.concatenate([fox, np.zeros(int(gap * SAMPLE_RATE), np.float32), hello])
     result = tiny_en_engine.transcribe(audio, TranscribeOptions(word_timestamps=True))
     words = result.words
-    assert [w.word for w in words] == "The quick brown fox jumps over the lazy dog. Hello world.".split()
+    assert [w.word for w in words] == (FOX + " Hello world.").split()
     fox_end = len(fox) / SAMPLE_RATE
     # the pause is respected: the fox sentence ends before it, "Hello" starts after it
     assert words[8].end <= fox_end + 0.2

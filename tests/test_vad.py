@@ -17,8 +17,8 @@ from openstt import vad
 from openstt.vad import silero
 from openstt.api.vad_fields import chunking_strategy_options
 from openstt.audio import SAMPLE_RATE, decode_audio
+from scripts.kit.speech import ASTERISK_SOUNDS
 from tests.conftest import needs_asterisk
-from tests.evaluation import ASTERISK_SOUNDS
 
 SR = SAMPLE_RATE
 PROMPTS = ["conf-onlyperson", "vm-intro", "agent-loginok", "conf-getpin", "vm-reenterpassword", "privacy-prompt"]

@@ -7,11 +7,8 @@ service runs; the live-server tests send the same audio through the official SDK
 from __future__ import annotations
 
 import asyncio
-import io
-import wave
 
 import numpy as np
-import openai
 import pytest
 
 from openstt.audio import SAMPLE_RATE, decode_audio
@@ -21,15 +18,10 @@ from openstt.engines.fallback import needs_fallback
 from openstt.engines.drivers import adrive_chunks, drive_chunks
 from openstt.messages import DecodeResult, WindowJob
 from openstt.vad import VadOptions
-from tests.conftest import API_KEY
-from tests.evaluation import ASTERISK_SOUNDS, asterisk_prompts, english_clip, wer
+from scripts.kit.audio import wav
+from scripts.kit.speech import ASTERISK_SOUNDS, asterisk_prompts, english_clip, wer
 
 VAD = VadOptions()
-
-
-@pytest.fixture(scope="module")
-def sdk(server):
-    return openai.OpenAI(base_url=server.base + "/v1", api_key=API_KEY, max_retries=0, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -55,16 +47,6 @@ def three_chunks(monkeypatch):
     audio, reference = english_clip(20, gap=1.0)
     assert len(vad_mode.decode_plan(audio, VAD)) == 3
     return audio, reference
-
-
-def wav_bytes(audio: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    with wave.open(buf, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(SAMPLE_RATE)
-        w.writeframes((np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes())
-    return buf.getvalue()
 
 
 def check_timeline(segments, duration: float, gap: tuple[float, float] | None = None) -> None:
@@ -238,7 +220,7 @@ def test_async_driver_batches_streams_in_order_and_cancels(tiny_en_engine, three
 @pytest.mark.slow
 def test_sdk_auto_and_server_vad_match_sequential(sdk, server, speech_with_gap):
     audio, reference, gap = speech_with_gap
-    data = wav_bytes(audio)
+    data = wav(audio)
     duration = len(audio) / SAMPLE_RATE
     texts = {}
     for name, strategy in [("none", "none"), ("auto", "auto"),
@@ -264,7 +246,7 @@ class _Seg:
 @pytest.mark.slow
 def test_sdk_stream_in_vad_mode_sends_deltas_in_audio_order(sdk, speech_with_gap):
     audio, reference, _ = speech_with_gap
-    stream = sdk.audio.transcriptions.create(model="whisper-tiny.en", file=("talk.wav", wav_bytes(audio)),
+    stream = sdk.audio.transcriptions.create(model="whisper-tiny.en", file=("talk.wav", wav(audio)),
                                              stream=True, chunking_strategy="auto")
     deltas, done = [], None
     for event in stream:
@@ -279,11 +261,11 @@ def test_sdk_stream_in_vad_mode_sends_deltas_in_audio_order(sdk, speech_with_gap
 @pytest.mark.slow
 def test_sdk_srt_and_translation_in_vad_mode(sdk, speech_with_gap):
     audio, _, _ = speech_with_gap
-    srt = sdk.audio.transcriptions.create(model="whisper-tiny.en", file=("talk.wav", wav_bytes(audio)),
+    srt = sdk.audio.transcriptions.create(model="whisper-tiny.en", file=("talk.wav", wav(audio)),
                                           response_format="srt", chunking_strategy="auto")
     assert srt.startswith("1\n00:00:0") and "-->" in srt
     # base (multilingual) translates an English talk to English, chunk by chunk
-    result = sdk.audio.translations.create(model="whisper-base", file=("talk.wav", wav_bytes(audio[:30 * SAMPLE_RATE])),
+    result = sdk.audio.translations.create(model="whisper-base", file=("talk.wav", wav(audio[:30 * SAMPLE_RATE])),
                                            response_format="verbose_json", extra_body={"chunking_strategy": "auto"})
     assert result.language == "english" and len(result.text.split()) > 30
 
@@ -291,7 +273,7 @@ def test_sdk_srt_and_translation_in_vad_mode(sdk, speech_with_gap):
 @pytest.mark.slow
 def test_sdk_silence_in_vad_mode_is_empty(sdk):
     silence = np.zeros(10 * SAMPLE_RATE, np.float32)
-    result = sdk.audio.transcriptions.create(model="whisper-tiny.en", file=("quiet.wav", wav_bytes(silence)),
+    result = sdk.audio.transcriptions.create(model="whisper-tiny.en", file=("quiet.wav", wav(silence)),
                                              response_format="verbose_json", chunking_strategy="auto")
     assert result.text == "" and not result.segments
 

@@ -1,7 +1,7 @@
 """Voxtral (second engine family) through the whole stack, on a *random-weight* checkpoint.
 
 Real Voxtral weights are not obtainable here, so the checkpoint is built by
-``tests/voxtral_checkpoint.py``: Voxtral's architecture at toy size with a synthesized Tekken
+``scripts/kit/checkpoints.py``: Voxtral's architecture at toy size with a synthesized Tekken
 tokenizer, installed in an HF-cache layout as mistralai/Voxtral-Mini-3B-2507. These tests assert
 the code path — processor and prompt template, 128-mel features, chunking, batching, loop,
 response formats, streaming — never the words, which are noise.
@@ -12,7 +12,6 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import re
-import sys
 from pathlib import Path
 
 import httpx
@@ -27,10 +26,11 @@ from openstt.engines import TranscribeOptions, UnsupportedRequest, load_engine, 
 from openstt.engines.quiet_cuts import quiet_cuts
 from openstt.hub import install_snapshot, resolve_model
 from openstt.messages import WindowJob
-from tests.conftest import Server, clip, encode, free_port, needs_asterisk, server_env
-from tests.evaluation import english_clip, long_english_clip
-from tests.test_mel128 import build_mel128
-from tests.voxtral_checkpoint import build_voxtral
+from scripts.kit.audio import encode
+from scripts.kit.checkpoints import build_voxtral, build_whisper
+from scripts.kit.server import Server, free_port, server_cli, server_env
+from scripts.kit.speech import english_clip, long_english_clip
+from tests.conftest import clip, needs_asterisk
 
 SPEC = CATALOG["voxtral-mini"]
 
@@ -176,9 +176,9 @@ def test_served_end_to_end(voxtral_cache, hf_cache, base_model, tmp_path):
     cache = voxtral_cache
     tiny = resolve_model(CATALOG["whisper-tiny.en"], download=False, cache=hf_cache)
     install_snapshot(tiny, "openai/whisper-tiny.en", cache=cache)
-    install_snapshot(build_mel128(base_model, tmp_path / "mel128"), "openai/whisper-large-v3", cache=cache)
+    install_snapshot(build_whisper(tmp_path / "mel128", base_model), "openai/whisper-large-v3", cache=cache)
     env = server_env(cache, tmp_path, OPEN_STT_VOXTRAL_CHUNK_SECONDS="20")
-    cli = str(Path(sys.executable).with_name("open-stt-server"))
+    cli = server_cli()
     srv = Server([cli, "--port", str(port), "--model", "voxtral-mini", "--model", "whisper-tiny.en",
                   "--model", "whisper-large-v3", "--log-level", "debug"], env, port, tmp_path / "voxtral.log")
     try:

@@ -1,6 +1,6 @@
 """Streaming audio to a live transcription session the way a client does, for the tests and
-``scripts/bench_live``: 24 kHz PCM16 frames, paced like a microphone, through the official SDK's
-realtime client, with every server event and the time it arrived."""
+``scripts/bench_live``, ``scripts/bench_abuse``: 24 kHz PCM16 frames, paced like a microphone,
+through the official SDK's realtime client, with every server event and the time it arrived."""
 
 from __future__ import annotations
 
@@ -85,7 +85,7 @@ def check_turns(events: list[dict], turns: list[tuple[float, float, str]]) -> li
     """Assert what a session with server VAD sent for a recording of ``turns`` (``spoken_turns``):
     one item per turn, its events in order, its speech times near the true ones, its final text as
     good as the recording, its deltas only ever parts of that text, in order. Returns the item ids."""
-    from tests.evaluation import wer
+    from scripts.kit.speech import wer
 
     items = list(dict.fromkeys(e["item_id"] for e in events if "item_id" in e))
     assert len(items) == len(turns), [e["type"] for e in events]
@@ -109,3 +109,23 @@ def check_turns(events: list[dict], turns: list[tuple[float, float, str]]) -> li
     committed = [e for e in events if e["type"] == "input_audio_buffer.committed"]
     assert [c["previous_item_id"] for c in committed] == [None, *items[:-1]]
     return items
+
+
+async def open_session(base: str, *, api_key: str = "unused", model: str = "whisper-tiny.en", language: str = "en",
+                       turn_detection: dict | None = None):
+    """A live transcription session on the server at ``base``, through the official SDK's realtime
+    client, set up with ``model``, ``language`` and ``turn_detection`` (None: manual commits); its
+    ``session.created`` and ``session.updated`` are checked. Returns ``(manager, connection)``: close
+    it with ``await manager.__aexit__(None, None, None)``."""
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=base + "/v1", api_key=api_key)
+    manager = client.realtime.connect(extra_query={"intent": "transcription"})
+    connection = await manager.__aenter__()
+    created = await connection.recv()
+    assert created.type == "session.created", created
+    await connection.session.update(session={"type": "transcription", "audio": {"input": {
+        "transcription": {"model": model, "language": language}, "turn_detection": turn_detection}}})
+    updated = await connection.recv()
+    assert updated.type == "session.updated", updated
+    return manager, connection

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-DATA = Path(__file__).parent / "data" / "conversations"
+DATA = Path(__file__).resolve().parents[2] / "tests" / "data" / "conversations"
 TWO_SPEAKERS = ("sample", "dev00", "dev01", "trn03")  # the real two-person conversations
 
 

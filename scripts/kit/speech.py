@@ -1,6 +1,6 @@
-"""Word error rate with Whisper's own text normalisers, and long real-speech clips (Debian's
-asterisk prompts), for tests and benchmarks. Not part of the runtime package: tests import it as
-``tests.evaluation``, and the scripts put the repository root on ``sys.path`` first."""
+"""Word error rate with Whisper's own text normalisers, and real read speech (Debian's asterisk
+prompts, with their transcripts) as clips of a given length, in turns, and in other languages, for
+tests and benchmarks (``scripts.kit.speech``)."""
 
 from __future__ import annotations
 

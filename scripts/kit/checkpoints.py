@@ -1,4 +1,5 @@
-"""Random-weight Voxtral checkpoints for exercising the Voxtral code path without real weights.
+"""Random-weight checkpoints with real architectures, for the code paths whose real weights cannot
+be fetched here: Voxtral, and Whisper with 128 mel bins (large-v3's layout).
 
 Real Voxtral weights (9 GB / 48 GB) are not obtainable in CI, so tests build a checkpoint with
 Voxtral's architecture and a synthesized Tekken tokenizer (``tekken.json``: the real special-token
@@ -6,12 +7,17 @@ ranks — ``[AUDIO]`` = 24, ``[BEGIN_AUDIO]`` = 25, ``[TRANSCRIBE]`` = 34 — an
 Its output is noise: tests using it assert shapes, processor, decoding loop and response formats,
 never words. ``TINY`` is for CPU tests; ``MINI_3B`` has Voxtral-Mini-3B-2507's real shapes (for a
 GPU smoke test: ~4.7 B parameters).
+
+``build_whisper`` makes a Whisper checkpoint of a given shape with the real tokenizer and generation
+config of a real (smaller) snapshot: ``WHISPER_TOY`` (128 mel bins, tiny) for CPU tests,
+``WHISPER_LARGE_V3`` (1.55 B parameters) for the GPU smoke test. Its words are noise too.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -81,5 +87,40 @@ def build_voxtral(out: Path, shape: dict = TINY, *, dtype: torch.dtype = torch.f
         model = VoxtralForConditionalGeneration(config).to(dtype)
     model.generation_config.pad_token_id = 11
     model.save_pretrained(out)
+    WhisperFeatureExtractor(feature_size=128).save_pretrained(out)
+    return out
+
+
+WHISPER_LARGE_V3 = {"d_model": 1280, "encoder_layers": 32, "decoder_layers": 32, "encoder_attention_heads": 20,
+                    "decoder_attention_heads": 20, "encoder_ffn_dim": 5120, "decoder_ffn_dim": 5120,
+                    "num_mel_bins": 128}
+# openai/whisper-large-v3's generation_config.json
+WHISPER_LARGE_V3_HEADS = [[7, 0], [10, 17], [12, 18], [13, 12], [16, 1], [17, 14], [19, 11], [21, 4], [24, 1], [25, 6]]
+# large-v3's 128 mel bins at toy size: the CPU tests' checkpoint, and the GPU smoke test's --dry-run
+WHISPER_TOY = {**WHISPER_LARGE_V3, "d_model": 64, "encoder_layers": 2, "decoder_layers": 2,
+               "encoder_attention_heads": 2, "decoder_attention_heads": 2, "encoder_ffn_dim": 128,
+               "decoder_ffn_dim": 128}
+
+
+def build_whisper(out: Path, tokenizer_dir: Path, shape: dict = WHISPER_TOY, *, dtype: torch.dtype = torch.float32,
+                  device: str = "cpu", seed: int | None = 0) -> Path:
+    """Save a random-weight Whisper checkpoint of ``shape`` in ``out``: ``tokenizer_dir``'s config
+    (a real Whisper snapshot's) with ``shape`` over it, its tokenizer and generation config
+    (alignment heads: large-v3's at its 32 decoder layers, else two of layer 1), and a 128-bin
+    feature extractor. ``seed``: torch's, set before the weights are drawn (None: left as it is)."""
+    from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration
+
+    config = json.loads((tokenizer_dir / "config.json").read_text()) | shape
+    if seed is not None:
+        torch.manual_seed(seed)
+    with torch.device(device):
+        model = WhisperForConditionalGeneration(WhisperConfig(**config)).to(dtype)
+    model.save_pretrained(out)
+    del model
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tokenizer_dir / name, out / name)
+    generation = json.loads((tokenizer_dir / "generation_config.json").read_text())
+    generation["alignment_heads"] = WHISPER_LARGE_V3_HEADS if shape["decoder_layers"] == 32 else [[1, 0], [1, 1]]
+    (out / "generation_config.json").write_text(json.dumps(generation))
     WhisperFeatureExtractor(feature_size=128).save_pretrained(out)
     return out

@@ -12,7 +12,7 @@ back-channels, a telephone channel, unequal loudness, background noise.
 Prompts are split once, by their sorted index: even ones make conversations, odd ones make
 ``reference_clip``s, so a "known speaker" sample never repeats audio from the conversation.
 
-Run ``python -m tests.conversations DIR [--hard]`` to write three example conversations (or the hard
+Run ``python -m scripts.kit.conversations DIR [--hard]`` to write three example conversations (or the hard
 set) as wav + rttm to DIR.
 """
 
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tests.evaluation import WAV_BYTES_PER_SECOND, asterisk_paths, asterisk_prompts
+from scripts.kit.speech import WAV_BYTES_PER_SECOND, asterisk_paths, asterisk_prompts
 
 SAMPLE_RATE = 16000
 # speaker -> the language of its prompts (and so of its reference text)
