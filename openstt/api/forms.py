@@ -55,9 +55,10 @@ class AudioRequest:
     stream: bool = False
     timestamp_granularities: list[str] = field(default_factory=lambda: ["segment"])
     include: list[str] = field(default_factory=list)
-    # parsed once, here: VAD settings ("auto" or a server_vad object), "none" (our extension: the
-    # sequential procedure), or None (not given: the server's ``long_form``)
-    chunking_strategy: VadOptions | str | None = None
+    chunking_strategy: dict | str | None = None  # as sent (for the request's log line)
+    # ``chunking_strategy`` parsed once, here: VAD settings ("auto" or a server_vad object), "none"
+    # (our extension: the sequential procedure), or None (not given: the server's ``long_form``)
+    chunking: VadOptions | str | None = None
     diarize: bool = False  # our extension: speakers in verbose_json, srt and vtt
     known_speaker_names: list[str] = field(default_factory=list)
     known_speaker_references: list[bytes] = field(default_factory=list)  # decoded data URLs, paired with the names
@@ -327,7 +328,7 @@ def parse_audio_form(form: FormData, *, task: str) -> AudioRequest:
         beam_size=_beam_size(form),
         stream=_bool(form, "stream") if task == "transcribe" else False,
         timestamp_granularities=list(dict.fromkeys(granularities)),
-        include=include, chunking_strategy=_chunking_strategy(form), diarize=diarize,
+        include=include, **_chunking_strategy(form), diarize=diarize,
         known_speaker_names=names, known_speaker_references=references,
         num_speakers=num_speakers, min_speakers=min_speakers, max_speakers=max_speakers,
     )
@@ -381,10 +382,10 @@ def _data_url(value: str, index: int) -> bytes:
                           param="known_speaker_references") from None
 
 
-def _chunking_strategy(form: FormData) -> VadOptions | str | None:
+def _chunking_strategy(form: FormData) -> dict:
     """``auto``, a JSON object, or the SDK's bracketed ``chunking_strategy[type]=server_vad`` parts,
-    as ``VadOptions``; also (our extension) ``none``: the sequential procedure whatever the server's
-    default."""
+    as sent (``chunking_strategy``) and as ``VadOptions`` (``chunking``); also (our extension)
+    ``none``: the sequential procedure whatever the server's default."""
     value = _text(form, "chunking_strategy", max_chars=MAX_CHUNKING_CHARS)
     if value is not None and value.startswith("{"):
         try:  # integers as floats: a 400-digit integer would overflow float() in the VAD's check
@@ -395,15 +396,15 @@ def _chunking_strategy(form: FormData) -> VadOptions | str | None:
         if value not in ("auto", "none"):
             raise bad_request("'chunking_strategy' must be 'auto', 'none' or a server_vad object.",
                               param="chunking_strategy")
-        return value if value == "none" else VadOptions()
+        return {"chunking_strategy": value, "chunking": value if value == "none" else VadOptions()}
     else:
         strategy = {key[len("chunking_strategy["):-1]: _text(form, key) for key in form.keys()
                     if key.startswith("chunking_strategy[") and key.endswith("]")}
         if not strategy:
-            return None
+            return {}
     if not isinstance(strategy, dict) or strategy.get("type") != "server_vad":
         raise bad_request("'chunking_strategy' object must have type 'server_vad'.", param="chunking_strategy")
     try:  # numbers, in range
-        return chunking_strategy_options(strategy)
+        return {"chunking_strategy": strategy, "chunking": chunking_strategy_options(strategy)}
     except ValueError as exc:
         raise bad_request(f"Invalid 'chunking_strategy': {exc}.", param="chunking_strategy") from None

@@ -41,7 +41,7 @@ def transcribe_options(req: AudioRequest, long_form: str = "sequential", beam_si
         beam_size=req.beam_size if req.beam_size is not None else beam_size,
         word_timestamps=word_timestamps or (req.response_format == "verbose_json"
                                             and "word" in req.timestamp_granularities),
-        token_logprobs="logprobs" in req.include, vad=vad_options(req.chunking_strategy, long_form), stream=req.stream,
+        token_logprobs="logprobs" in req.include, vad=vad_options(req.chunking, long_form), stream=req.stream,
     )
 
 

@@ -69,7 +69,7 @@ def log_done(request_id: str | None, req: AudioRequest, model: str, duration: fl
         f" temperature={req.temperature}" if req.temperature else "",
         " stream" if req.stream else "",
         f" granularities={','.join(req.timestamp_granularities)}" if req.response_format == "verbose_json" else "",
-        f" chunking={'none' if req.chunking_strategy == 'none' else 'vad'}" if req.chunking_strategy else "",
+        f" chunking={req.chunking_strategy}" if req.chunking_strategy else "",
     ])
     rtf = elapsed / duration if duration else 0.0
     log.info("%s %s model=%s audio=%.2fs format=%s%s took=%.2fs rtf=%.3f", request_id, req.task, model, duration,
