@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--quantize", choices=["auto", "none", "int8"],
                    help="int8 linear layers (OPEN_STT_QUANTIZE, default auto: int8 on a CPU, none on a GPU, "
                         "which runs bf16/fp16; none: float32 on a CPU)")
+    g.add_argument("--decoder", choices=["eager", "static", "graphs"],
+                   help="Whisper's decoder (OPEN_STT_DECODER, default eager; graphs: a static KV cache and "
+                        "CUDA graphs, on CUDA only)")
     g.add_argument("--torch-threads", type=int, metavar="N",
                    help="intra-op threads for inference (OPEN_STT_TORCH_THREADS, default: torch's, = cores)")
     p.add_argument("--request-timeout", type=int, metavar="SECONDS",
@@ -116,6 +119,7 @@ def apply_flags(args: argparse.Namespace, env: dict[str, str]) -> dict[str, str]
         "OPEN_STT_LOG_FORMAT": args.log_format,
         "OPEN_STT_DTYPE": args.dtype, "OPEN_STT_ATTN_IMPLEMENTATION": args.attn_implementation,
         "OPEN_STT_QUANTIZE": args.quantize, "OPEN_STT_TORCH_THREADS": args.torch_threads,
+        "OPEN_STT_DECODER": args.decoder,
         "OPEN_STT_MAX_BATCH_WINDOWS": args.max_batch_windows, "OPEN_STT_REQUEST_TIMEOUT": args.request_timeout,
         "OPEN_STT_MEMORY_CHECK": args.memory_check, "OPEN_STT_VOXTRAL_CHUNK_SECONDS": args.voxtral_chunk_seconds,
         "OPEN_STT_ENABLE_MODEL_MANAGEMENT": "true" if args.enable_model_management else None,

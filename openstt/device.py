@@ -43,6 +43,7 @@ class Placement:
     dtype: torch.dtype
     attn_implementation: str = "sdpa"
     quantize: str = "none"  # resolved: "int8" or "none"
+    decoder: str = "eager"  # Whisper's decoder: eager, static or graphs (see openstt.settings)
 
     @classmethod
     def from_settings(cls, settings) -> Placement:
@@ -50,7 +51,8 @@ class Placement:
         if settings.quantize == "int8" and device.type != "cpu":
             raise ValueError("int8 dynamic quantisation runs on the CPU only; add --force-cpu or drop --quantize")
         dtype = pick_dtype(device, settings.dtype)
-        return cls(device, dtype, settings.attn_implementation, resolve_quantize(settings.quantize, device, dtype))
+        return cls(device, dtype, settings.attn_implementation, resolve_quantize(settings.quantize, device, dtype),
+                   settings.decoder)
 
 
 def tune_backends(device: torch.device) -> None:

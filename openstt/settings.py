@@ -134,6 +134,11 @@ class Settings(BaseSettings):
     # see the README's int8 section), nothing on accelerators, which run in half precision.
     quantize: Literal["auto", "none", "int8"] = "auto"
     torch_threads: int | None = Field(None, ge=1)
+    # Whisper's decoder: eager (transformers' cache, growing per step), static (preallocated slots
+    # per bucket of rows) or graphs (static, each step replayed as a CUDA graph; CUDA only, else
+    # static). Eager until graphs are measured on a GPU (issue #28): on a CPU the static decoder,
+    # which attends over all 448 columns, took 1.4x eager's time with tiny.en.
+    decoder: Literal["eager", "static", "graphs"] = "eager"
     # None: the device's default (CPU_BATCH_WINDOWS, GPU_BATCH_WINDOWS); read it as batch_windows.
     max_batch_windows: int | None = Field(None, ge=1, le=256)
     # Voxtral has no timestamps: audio is cut at quiet moments into chunks of at most this

@@ -23,10 +23,11 @@ def tiny_en_only(clean_env):
 
 def test_defaults():
     s = Settings()
-    assert (s.dtype, s.attn_implementation, s.quantize, s.torch_threads, s.max_batch_windows) == \
-        ("auto", "sdpa", "auto", None, None)
+    assert (s.dtype, s.attn_implementation, s.quantize, s.torch_threads, s.max_batch_windows, s.decoder) == \
+        ("auto", "sdpa", "auto", None, None, "eager")
     placement = Placement.from_settings(Settings(force_cpu=True))
     assert placement.device.type == "cpu" and placement.dtype == torch.float32 and placement.quantize == "int8"
+    assert Placement.from_settings(Settings(force_cpu=True, decoder="static")).decoder == "static"
 
 
 def test_quantize_auto_is_int8_on_a_cpu_and_the_accelerator_dtype_elsewhere(monkeypatch):
@@ -77,10 +78,11 @@ def test_batch_windows_follow_the_device(monkeypatch):
 
 def test_flags_reach_the_environment():
     args = build_parser().parse_args(["--quantize", "int8", "--torch-threads", "3", "--max-batch-windows", "4",
-                                      "--dtype", "float32", "--attn-implementation", "eager"])
+                                      "--dtype", "float32", "--attn-implementation", "eager", "--decoder", "graphs"])
     env = apply_flags(args, {})
     assert env["OPEN_STT_QUANTIZE"] == "int8" and env["OPEN_STT_TORCH_THREADS"] == "3"
     assert env["OPEN_STT_MAX_BATCH_WINDOWS"] == "4" and env["OPEN_STT_ATTN_IMPLEMENTATION"] == "eager"
+    assert env["OPEN_STT_DECODER"] == "graphs"
 
 
 @pytest.mark.parametrize("env, message", [

@@ -93,10 +93,11 @@ class WhisperEngine(InProcessEngine):
         self.multilingual, table = self.frontend.multilingual, self.frontend.table
         aligner = CrossAttentionAligner(self.model, processor.tokenizer, table,
                                         getattr(gen, "alignment_heads", None) or [])
-        self.core = WhisperCore(self.model, processor, table, self.multilingual, device, dtype, aligner)
+        self.core = WhisperCore(self.model, processor, table, self.multilingual, device, dtype, aligner,
+                                placement.decoder)
         self.load_seconds = time.perf_counter() - started
 
     def describe(self) -> dict:
         return {**super().describe(), "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
                 "attention": self.placement.attn_implementation, "quantize": self.placement.quantize,
-                "multilingual": self.multilingual, "mel_bins": self.model.config.num_mel_bins}
+                "decoder": self.placement.decoder, "multilingual": self.multilingual, "mel_bins": self.model.config.num_mel_bins}

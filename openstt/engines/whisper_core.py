@@ -18,10 +18,10 @@ import zlib
 
 import numpy as np
 import torch
-from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
 from openstt.audio import SAMPLE_RATE
 from openstt.engines.fallback import compression_ratio, needs_fallback, settle
+from openstt.engines.whisper_static import BUCKETS, DynamicDecoder, StaticDecoder, bucket_for
 from openstt.engines.whisper_tokens import Detokenizer, TimestampRules, TokenTable
 from openstt.messages import AlignJob, DecodeResult, WindowJob
 from openstt.transcript import Word
@@ -182,7 +182,7 @@ class WhisperCore(Detokenizer):
     Thread-safe: one batch runs at a time per model."""
 
     def __init__(self, model, processor, table: TokenTable, multilingual: bool, device: torch.device,
-                 dtype: torch.dtype, aligner=None):
+                 dtype: torch.dtype, aligner=None, decoder: str = "eager"):
         self.model, self.processor, self.table = model, processor, table
         self.tokenizer = processor.tokenizer
         self.multilingual = multilingual
@@ -190,6 +190,12 @@ class WhisperCore(Detokenizer):
         self.n_text_ctx = model.config.max_target_positions
         self.aligner = aligner
         self.rules = TimestampRules(table)
+        # "eager": transformers' decoder, its cache growing per step; "static": preallocated slots per
+        # bucket of rows (whisper_static); "graphs": static, each bucket's step replayed as a CUDA graph
+        if decoder not in ("eager", "static", "graphs"):
+            raise ValueError(f"decoder must be eager, static or graphs, got {decoder!r}")
+        self.decoder_mode = decoder
+        self._static: dict[int, StaticDecoder] = {}  # by bucket, reused batch after batch
         self.lock = threading.Lock()
         # encoder outputs of decoded windows whose words are to be timed next, by audio digest
         self._encodings: collections.OrderedDict[bytes, torch.Tensor] = collections.OrderedDict()
@@ -263,6 +269,18 @@ class WhisperCore(Detokenizer):
                 level += 1
         return [settle(tried, job) for tried, job in zip(attempts, jobs)]
 
+    def _decoder(self, encoder_states: torch.Tensor) -> DynamicDecoder | StaticDecoder:
+        """The decoder state of a batch of rows: transformers' growing cache, or (``static``,
+        ``graphs``) this bucket's slots, when the rows fit the largest bucket."""
+        if self.decoder_mode == "eager" or len(encoder_states) > BUCKETS[-1]:
+            return DynamicDecoder(self.model, encoder_states)
+        size = bucket_for(len(encoder_states))
+        if size not in self._static:
+            self._static[size] = StaticDecoder(self.model, size, self.n_text_ctx, encoder_states.shape[1],
+                                               self.device, encoder_states.dtype,
+                                               graphs=self.decoder_mode == "graphs" and self.device.type == "cuda")
+        return self._static[size].start(encoder_states)
+
     def _rows(self, jobs: list[WindowJob], languages: list[str], temperatures: list[float]):
         """The batch's rows: a greedy job has one, a sampled job ``BEST_OF``, a beam job ``beam_size``
         (contiguous). Returns each row's job, each row's initial tokens, and the beam search."""
@@ -301,7 +319,7 @@ class WhisperCore(Detokenizer):
         sot_index = torch.tensor([width - len(i) + i.index(t.sot) for i in initials], device=self.device)
         encoder_states = encoded[torch.tensor(rows, device=self.device)]
         sampler = RowSampler(jobs, rows, temperatures, self.device)
-        cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+        decoder = self._decoder(encoder_states)
         alive = torch.arange(n, device=self.device)  # rows still decoding; the batch shrinks as rows end
         alive_rows = list(range(n))
         sum_logprobs = torch.zeros(n, device=self.device)
@@ -309,18 +327,22 @@ class WhisperCore(Detokenizer):
         history = torch.zeros((n, 0), device=self.device)  # logprob of each row's tokens (0 once ended)
         beam_layout = beams.layout(alive_rows)
         no_speech = torch.zeros(n)
-        inputs, step_positions = tokens, positions
+        next_positions = positions[:, -1] + 1  # each row's decoder position for its next token
         longest = max(len(job.audio) for job in jobs) / SAMPLE_RATE
         max_len = min(self.n_text_ctx, width + min(self.n_text_ctx // 2, TOKENS_BASE + int(TOKENS_PER_SECOND * longest)))
+        next_tokens = None
         while tokens.shape[1] < max_len:
             self.decoder_rows.append(len(alive_rows))
-            hidden = self.model.model.decoder(input_ids=inputs, attention_mask=mask, position_ids=step_positions,
-                                              encoder_hidden_states=encoder_states, cache=cache,
-                                              use_cache=True).last_hidden_state
-            if inputs is tokens and t.no_speech is not None:
-                at_sot = hidden[torch.arange(n), sot_index]
-                no_speech = torch.softmax(self._logits(at_sot), dim=-1)[:, t.no_speech].cpu()
-            logits = self._logits(hidden[:, -1])
+            if next_tokens is None:  # the first step reads every initial token
+                hidden = decoder.prefill(tokens, mask, positions)
+                if t.no_speech is not None:
+                    at_sot = hidden[torch.arange(n), sot_index]
+                    no_speech = torch.softmax(self._logits(at_sot), dim=-1)[:, t.no_speech].cpu()
+                hidden = hidden[:, -1]
+            else:
+                hidden = decoder.step(next_tokens, next_positions)
+                next_positions = next_positions + 1
+            logits = self._logits(hidden)
             self.rules.apply(logits, tokens[alive], width)
             logprobs = torch.log_softmax(logits, dim=-1)
             next_tokens = logits.argmax(dim=-1)
@@ -337,7 +359,7 @@ class WhisperCore(Detokenizer):
                 order = torch.arange(n, device=self.device)
                 order[alive] = alive[source]
                 tokens, history = tokens[order], history[order]
-                cache.self_attention_cache.reorder_cache(source)  # cross-attention: a beam job's rows are alike
+                decoder.reorder(source)
                 if ended:
                     stay[torch.tensor([p for p, k in enumerate(alive_rows) if rows[k] in ended],
                                       device=self.device)] = False
@@ -348,15 +370,11 @@ class WhisperCore(Detokenizer):
             keep = stay.nonzero().flatten()
             if len(keep) == 0:
                 break
-            if len(keep) < len(alive_rows):  # drop the ended rows from the cache and every per-row input
-                cache.batch_select_indices(keep)
-                alive, encoder_states, mask = alive[keep], encoder_states[keep], mask[keep]
-                next_tokens, step_positions = next_tokens[keep], step_positions[keep]
+            if len(keep) < len(alive_rows):  # the ended rows leave the decoder and every per-row input
+                decoder.keep(keep)
+                alive, next_tokens, next_positions = alive[keep], next_tokens[keep], next_positions[keep]
                 alive_rows = alive.tolist()
                 beam_layout = beams.layout(alive_rows)
-            inputs = next_tokens[:, None]
-            mask = torch.cat([mask, torch.ones((len(alive_rows), 1), dtype=mask.dtype, device=self.device)], dim=1)
-            step_positions = step_positions[:, -1:] + 1
 
         all_tokens = tokens[:, width:].tolist()  # one transfer for the whole batch
         logprob_rows = history.tolist()
