@@ -58,4 +58,7 @@ def test_static_decoder_gives_the_eager_tokens(cores, how):
     assert [r.avg_logprob for r in got] == pytest.approx([r.avg_logprob for r in expected], abs=1e-4)
     # the buckets' slots are kept and reused batch after batch
     rows = {"greedy": 2, "prompt": 2, "beam": 6, "sampled": 10}[how]
-    assert bucket_for(rows) in static._static
+    decoder = static._static[bucket_for(rows)]
+    # the rows that ended before the last gave their slots back
+    assert len(decoder.alive) < rows and sorted(decoder.slots.of) == sorted(decoder.alive)
+    assert decoder.slots.free == decoder.size - len(decoder.alive)

@@ -18,8 +18,9 @@ The static decoder attends over all ``max_len`` columns with the unwritten ones 
 softmax as the dynamic one (masked scores contribute exact zeros), so greedy, sampled and beam decoding
 give the same tokens (``tests/test_whisper_static.py`` checks it on real weights).
 
-``Slots`` is the bookkeeping for rows joining a running batch between steps (the next step of
-issue #28: a long window no longer holding short ones back); today a batch's rows start together.
+``Slots`` holds which row has which slot: rows that end give theirs back, which is where rows that
+join a running batch between steps will go (the next step of issue #28, so that a long window no
+longer holds short ones back); today a batch's rows start together.
 """
 
 from __future__ import annotations
@@ -141,7 +142,9 @@ class StaticDecoder:
         for layer, keys, values in zip(self.layers, self.cross_keys, self.cross_values):
             keys[:rows] = self._heads(layer.encoder_attn.k_proj(encoder_states))
             values[:rows] = self._heads(layer.encoder_attn.v_proj(encoder_states))
-        self.slot_of = torch.arange(rows, device=self.device)  # the slot of each alive row
+        self.slots = Slots(self.size)
+        self.alive = list(range(rows))  # the rows still decoding, in the caller's order
+        self.slot_of = torch.tensor([self.slots.take(row) for row in self.alive], device=self.device)
         self.column = 0  # the next cache column to write (every row writes the same one each step)
         return self
 
@@ -233,7 +236,12 @@ class StaticDecoder:
         return self._graph
 
     def keep(self, alive: torch.Tensor) -> None:
-        """Only the rows at these (alive) positions go on; the others' slots are left as they are."""
+        """Only the rows at these (alive) positions go on; the others give their slots back (their
+        caches are left as they are: no shape changes)."""
+        kept = [self.alive[i] for i in alive.tolist()]
+        for row in set(self.alive) - set(kept):
+            self.slots.release(row)
+        self.alive = kept
         self.slot_of = self.slot_of[alive]
 
     def reorder(self, source: torch.Tensor) -> None:
