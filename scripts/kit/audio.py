@@ -9,14 +9,18 @@ import av
 import numpy as np
 
 
-def encode(audio: np.ndarray, fmt: str, codec: str, *, rate: int = 16000, layout: str = "mono") -> bytes:
-    """Encode float32 samples (shape (n,) or (channels, n)) into a container with PyAV.
+def encode(audio: np.ndarray, fmt: str, codec: str, *, rate: int = 16000, layout: str = "mono",
+           bit_rate: int | None = None) -> bytes:
+    """Encode float32 samples (shape (n,) or (channels, n)) into a container with PyAV
+    (``bit_rate``: for lossy codecs, bits per second; None: the codec's default).
 
     To 16-bit PCM, FFmpeg rounds ``x * 32768`` (and clips)."""
     planar = np.atleast_2d(audio).astype(np.float32)
     buf = io.BytesIO()
     with av.open(buf, mode="w", format=fmt) as out:
         stream = out.add_stream(codec, rate=rate, layout=layout)
+        if bit_rate:
+            stream.bit_rate = bit_rate
         frame = av.AudioFrame.from_ndarray(planar, format="fltp", layout=layout)
         frame.sample_rate = rate
         for packet in stream.encode(frame):
