@@ -32,6 +32,7 @@ BEST_OF = 5  # samples per window when decoding at temperature > 0
 # window that runs past 32 + 12 per second is a loop. Without this a 1 s clip whose prompt makes
 # Whisper loop (223 tokens of "1111") decoded 224 tokens at each of six temperatures: ~35 s of CPU.
 TOKENS_PER_SECOND, TOKENS_BASE = 12, 32
+SYNC_EVERY = 8  # static decoder: decoder steps between two checks for rows that ended
 
 
 class RowSampler:
@@ -331,6 +332,13 @@ class WhisperCore(Detokenizer):
         longest = max(len(job.audio) for job in jobs) / SAMPLE_RATE
         max_len = min(self.n_text_ctx, width + min(self.n_text_ctx // 2, TOKENS_BASE + int(TOKENS_PER_SECOND * longest)))
         next_tokens = None
+        # A static decoder runs every slot each step anyway, so rows that end stay in the batch, their
+        # tokens forced to end-of-text, and leave every SYNC_EVERY steps: one host sync per 8 steps
+        # instead of one per step (on a GPU a sync stalls the queue of launched kernels). Beam search
+        # reads its candidates every step regardless.
+        lazy = isinstance(decoder, StaticDecoder) and not beams.beam_of
+        ended_rows = torch.zeros(n, dtype=torch.bool, device=self.device)  # by alive position
+        steps = 0
         while tokens.shape[1] < max_len:
             self.decoder_rows.append(len(alive_rows))
             if next_tokens is None:  # the first step reads every initial token
@@ -347,7 +355,11 @@ class WhisperCore(Detokenizer):
             logprobs = torch.log_softmax(logits, dim=-1)
             next_tokens = logits.argmax(dim=-1)
             sampler.pick(logits, next_tokens, alive_rows)
+            if lazy:
+                next_tokens = next_tokens.masked_fill(ended_rows, t.eot)
             current = logprobs[torch.arange(len(alive_rows)), next_tokens]
+            if lazy:
+                current = current.masked_fill(ended_rows, 0.0)
             source = None  # with beams: the row (alive position) each row continues from
             if beam_layout:
                 source, beam_sums, ended = beams.step(beam_layout, logprobs, sum_logprobs[alive], next_tokens,
@@ -367,6 +379,11 @@ class WhisperCore(Detokenizer):
                                 dim=1)
             column = torch.full((n,), t.eot, device=self.device).index_put_((alive,), next_tokens)
             tokens = torch.cat([tokens, column[:, None]], dim=1)
+            steps += 1
+            if lazy:
+                ended_rows = ~stay
+                if steps % SYNC_EVERY:
+                    continue
             keep = stay.nonzero().flatten()
             if len(keep) == 0:
                 break
@@ -375,6 +392,7 @@ class WhisperCore(Detokenizer):
                 alive, next_tokens, next_positions = alive[keep], next_tokens[keep], next_positions[keep]
                 alive_rows = alive.tolist()
                 beam_layout = beams.layout(alive_rows)
+                ended_rows = ended_rows[keep]
 
         all_tokens = tokens[:, width:].tolist()  # one transfer for the whole batch
         logprob_rows = history.tolist()
