@@ -15,7 +15,6 @@ from openstt.messages import AlignJob, AlignReply, DecodeResult, DiarizeJob, Dia
 log = logging.getLogger("openstt.model_client")
 
 
-
 async def call_with_reconnect(call: Callable[[], Awaitable], attempts: int = 3):
     """Call the model service, retrying when a pooled keep-alive connection turns out to be closed.
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from openstt.messages import MAX_SPEAKERS
 
+
 def audio_openapi(task: str) -> dict:
     """The multipart form in the OpenAPI document (the route parses it by hand; see forms.py)."""
     props: dict = {

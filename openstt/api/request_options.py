@@ -8,6 +8,7 @@ from openstt.api.forms import AudioRequest
 from openstt.engines.base import TranscribeOptions
 from openstt.vad import VadOptions
 
+
 def check_capabilities(req: AudioRequest, engine, diarization: bool) -> None:
     if req.diarized and not diarization:
         raise bad_request("Speaker diarization is not enabled on this server: start it with --enable-diarization "
@@ -32,7 +33,7 @@ def vad_options(strategy: VadOptions | str | None, long_form: str) -> VadOptions
 
 
 def transcribe_options(req: AudioRequest, long_form: str = "sequential", beam_size: int = 1,
-             word_timestamps: bool = False) -> TranscribeOptions:
+                       word_timestamps: bool = False) -> TranscribeOptions:
     """The request's options; ``long_form`` and ``beam_size``: the server's defaults for what it
     omits; ``word_timestamps``: time the words even if the answer does not show them."""
     return TranscribeOptions(

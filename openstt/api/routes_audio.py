@@ -142,7 +142,7 @@ async def _transcribe_admitted(request: Request, registry: ModelRegistry, limits
         # the server's default beam size is Whisper's; other families decode without beams
         beam_size = state.beam_size if engine.spec.family == "whisper" else 1
         options = transcribe_options(req, state.long_form, beam_size,
-                           word_timestamps=req.diarized and engine.supports_word_timestamps)
+                                     word_timestamps=req.diarized and engine.supports_word_timestamps)
         timed = req.diarized or options.word_timestamps or req.response_format in SEGMENT_TIMED
         if timed:
             # one VAD pass for all: the diarization's speech regions, the transcription's chunks and
@@ -163,7 +163,7 @@ async def _transcribe_admitted(request: Request, registry: ModelRegistry, limits
     if req.stream:
         events = stream_events(run, req, engine.name, request_id, started, limits, slot, speakers)
         return SlotStreamingResponse(events, slot=slot, media_type="text/event-stream",
-                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     try:
         collect = asyncio.wait_for(_collect(run, slot, speakers), timeout=limits.request_timeout)
         # The form has been read, so the next message from the client can only be its disconnect.

@@ -18,6 +18,7 @@ from openstt.transcript import Segment
 
 log = logging.getLogger("openstt.api")
 
+
 def deadline_error(limits: Limits) -> OpenAIError:
     # Deterministic for this audio: tell the SDK not to retry it.
     return OpenAIError(504, f"Transcription did not finish within {limits.request_timeout:g} s. Send shorter audio "

@@ -40,7 +40,7 @@ def reference_voices(req: AudioRequest) -> list[np.ndarray]:
 
 
 def start_diarization(request: Request, req: AudioRequest, audio: np.ndarray, references: list[np.ndarray],
-                       probabilities: np.ndarray) -> asyncio.Task:
+                      probabilities: np.ndarray) -> asyncio.Task:
     """Who spoke when, found by the model service while the transcription runs."""
     diarize = app_state(request.app).diarize
     job = DiarizeJob(audio=audio, probabilities=probabilities, references=references,

@@ -21,8 +21,9 @@ from openstt.transcript import Segment
 
 log = logging.getLogger("openstt.api")
 
+
 async def stream_events(run: TranscriptionRun, req: AudioRequest, model: str, request_id, started,
-                  limits: Limits, slot: Slot, speakers: asyncio.Task | None = None) -> AsyncIterator[str]:
+                        limits: Limits, slot: Slot, speakers: asyncio.Task | None = None) -> AsyncIterator[str]:
     """SSE: one ``transcript.text.delta`` per decoded segment, then ``transcript.text.done``. With
     ``diarized_json``, also a ``transcript.text.segment`` per segment (with its speaker) as soon as
     both its text and the speakers are known."""

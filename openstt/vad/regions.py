@@ -14,6 +14,7 @@ from openstt.audio import SAMPLE_RATE
 from openstt.vad.options import VadOptions
 from openstt.vad.silero import VAD_FRAME, speech_probabilities
 
+
 def speech_regions(audio: np.ndarray | None, options: VadOptions | None = None, *,
                    probabilities: np.ndarray | None = None, total_samples: int | None = None
                    ) -> list[tuple[int, int]]:

@@ -1,11 +1,13 @@
 """A Whisper checkpoint in 8 bits, to carry real weights where only a small transfer fits (the GPU
-machine takes 64 MiB: tiny.en in float32 is 151 MB, packed 40 MB).
+machine takes 64 MiB: tiny.en in float32 is 151 MB, packed 43 MB).
 
 Every 2-D weight becomes int8 values with a float16 scale per ``GROUP`` values of each output row
 (symmetric: the group's largest magnitude maps to 127); everything else (biases, layer norms) is
 kept in float16. One scale per whole row (per channel) cost tiny.en 0.7 WER points on 4 minutes of
-read speech (4.29 % -> 5.00 %), mostly through the token embedding, which is also the output layer. ``unpack`` writes a normal transformers checkpoint again, in the dtype the device runs,
-with the original's config, tokenizer and feature extractor files.
+read speech (4.29 % -> 5.00 %), mostly through the token embedding, which is also the output layer.
+
+``unpack`` writes a normal transformers checkpoint again, in the dtype the device runs, with the
+original's config, tokenizer and feature extractor files.
 """
 
 from __future__ import annotations
