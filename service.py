@@ -11,7 +11,7 @@ import bentoml
 
 from openstt.api.app import create_app
 from openstt.api.middleware import ApiKeyMiddleware, RequestIdMiddleware
-from openstt.api.routes_realtime import drain_sessions
+from openstt.api.routes_ops import drain
 from openstt.api.state import app_state
 from openstt.bootstrap import (
     StartupError,
@@ -25,6 +25,7 @@ from openstt.bootstrap import (
 )
 from openstt.messages import AlignJob, AlignReply, DecodeResult, DiarizeJob, DiarizeReply, WeightsReply, WindowJob
 from openstt.model_client import ModelServiceClient
+from openstt.replicas import ReplicaPool
 from openstt.serving import align_request, diarize_request
 from openstt.compute import run_aside
 from openstt.logs import quiet_caller_disconnects
@@ -93,7 +94,7 @@ class OpenSTTModels:
 
     @bentoml.api
     def ready(self) -> bool:
-        return True
+        return not self.activity.draining  # stopping: API replicas send new work to the others
 
 
 @bentoml.service(name="OpenSTT", workers=1, traffic={"timeout": REQUEST_TIMEOUT_S})
@@ -102,10 +103,20 @@ class OpenSTT:
     models = bentoml.depends(OpenSTTModels)
 
     def __init__(self) -> None:
-        self.registry = start_api(app, ModelServiceClient(self.models))
-        # on SIGTERM, live sessions complete their committed turns and close with 1012 first
-        defer_sigterm(lambda: drain_sessions(app_state(app).live_limits),
-                      "shutdown requested: finishing the committed turns of live sessions")
+        self.registry = start_api(app, ModelServiceClient(self._model_service()))
+        # on SIGTERM: no new work, and live sessions complete their committed turns and close with 1012
+        defer_sigterm(lambda: drain(app), "shutdown requested: taking no new work, finishing live sessions' turns")
+
+    def _model_service(self):
+        """The model service in this `bentoml serve`, or (OPEN_STT_ROLE=api) its replicas, reached
+        over HTTP as BentoML reaches a remote dependency: pickled messages, its traffic timeout."""
+        settings = get_settings()
+        if settings.role != "api":
+            return self.models
+        from _bentoml_impl.client import RemoteProxy
+
+        return ReplicaPool(settings.model_service_url,
+                           connect=lambda url: RemoteProxy(url, service=OpenSTTModels).as_service())
 
     @bentoml.on_deployment
     def prepare() -> None:

@@ -241,6 +241,7 @@ def start_api(app: FastAPI, models: ModelServiceClient) -> ModelRegistry:
         registry, models=models, engine=build,
         enabled=settings.enable_model_management, idle_ttl=settings.model_idle_ttl)
     app_state(app).models_ready = models.ready
+    app_state(app).model_replicas = models.status
     app_state(app).diarize = models.diarize
     attach(app, registry, settings, manager)  # the app's lifespan starts the manager's idle checker
     return registry

@@ -31,6 +31,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--port", type=int, help="port to listen on (OPEN_STT_PORT, default 8080)")
     p.add_argument("--host", help="address to bind (OPEN_STT_HOST, default 0.0.0.0)")
+    p.add_argument("--role", choices=["all", "api", "models"],
+                   help="serve the API and the model service (all), the API only, its models at "
+                        "--model-service-url (api), or the model service only (models) (OPEN_STT_ROLE, default all)")
+    p.add_argument("--model-service-url", action="append", metavar="URL",
+                   help="with --role api: a model-service replica, http://host:port; repeat for several, or name a "
+                        "host that resolves to each replica (OPEN_STT_MODEL_SERVICE_URL=url1,url2)")
     p.add_argument("--model", action="append", metavar="NAME",
                    help="model to load; repeat for several (OPEN_STT_MODELS=a,b). Required.")
     p.add_argument("--default-model", metavar="NAME",
@@ -108,7 +114,8 @@ def apply_flags(args: argparse.Namespace, env: dict[str, str]) -> dict[str, str]
     """Return ``env`` with every given flag written over its ``OPEN_STT_*`` variable."""
     env = dict(env)
     values = {
-        "OPEN_STT_PORT": args.port, "OPEN_STT_HOST": args.host,
+        "OPEN_STT_PORT": args.port, "OPEN_STT_HOST": args.host, "OPEN_STT_ROLE": args.role,
+        "OPEN_STT_MODEL_SERVICE_URL": ",".join(args.model_service_url) if args.model_service_url else None,
         "OPEN_STT_MODELS": ",".join(args.model) if args.model else None,
         "OPEN_STT_DEFAULT_MODEL": args.default_model,
         "OPEN_STT_MODEL_ALIASES": ",".join(args.model_alias) if args.model_alias else None,
@@ -150,12 +157,40 @@ def main(argv: list[str] | None = None) -> int:
         print(exc.code, file=sys.stderr)
         return 2
     os.environ[PREPARED_ENV] = "1"
+    os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
+    if settings.role != "all":
+        serve_one(settings.role, settings.host, settings.port, settings.model_service_url)
+        return 0
     bentoml = shutil.which("bentoml") or str(Path(sys.executable).with_name("bentoml"))
     cmd = [bentoml, "serve", "service:OpenSTT", "--working-dir", str(service_dir()),
            "--host", settings.host, "--port", str(settings.port)]
-    os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
     os.execv(cmd[0], cmd)
     return 0  # not reached
+
+
+def serve_one(role: str, host: str, port: int, model_service_urls: list[str]) -> None:
+    """Serve one of the Bento's two services, as ``bentoml serve`` serves a Bento (the same
+    ``serve_http``) and as BentoCloud runs each service of a distributed Bento: ``models`` is
+    ``OpenSTTModels`` alone, a dependency (so it takes the API's pickled calls); ``api`` is
+    ``OpenSTT`` with that dependency mapped to a URL instead of started here (the API process
+    reaches every replica of ``model_service_urls`` itself, ``service.py``)."""
+    from _bentoml_impl.loader import load
+    from _bentoml_impl.server import serve_http
+    from bentoml._internal.configuration.containers import BentoMLContainer
+    from bentoml.serving import ensure_prometheus_dir
+
+    # Each process keeps its metrics apart: two roles on one machine must not wipe or merge the
+    # other's multiprocess files (BentoML's default folder is one per BENTOML_HOME).
+    folder = Path(BentoMLContainer.bentoml_home.get()) / f"prometheus_multiproc_dir_{role}_{port}"
+    BentoMLContainer.prometheus_multiproc_dir.set(ensure_prometheus_dir(str(folder)))
+    svc = load("service:OpenSTT", str(service_dir()))
+    svc.inject_config()
+    if role == "models":
+        serve_http("service:OpenSTT", working_dir=str(service_dir()), host=host, port=port,
+                   service_name="OpenSTTModels")
+    else:
+        serve_http("service:OpenSTT", working_dir=str(service_dir()), host=host, port=port,
+                   dependency_map={"OpenSTTModels": model_service_urls[0]})
 
 
 if __name__ == "__main__":

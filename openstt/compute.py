@@ -33,6 +33,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from openstt.audio import SAMPLE_RATE
+
 if TYPE_CHECKING:
     from openstt.engines.base import Engine
     from openstt.messages import DecodeResult, WindowJob
@@ -77,6 +79,7 @@ class ComputeThread:
         self._last_live = float("-inf")
         self._files_owed = False  # a live batch ran while file windows or calls waited: their turn
         self._stopping = False
+        self._models_seen: set[str] = set()
         self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
         self._thread.start()
 
@@ -132,9 +135,20 @@ class ComputeThread:
             return len(self._live) + len(self._files)
 
     def _report_queue(self) -> None:
+        """Windows and seconds of audio waiting, by model: what the model service's replicas scale on."""
         from openstt.metrics import metrics
 
-        metrics().queued_windows.set(self.queued())
+        windows: dict[str, int] = dict.fromkeys(self._models_seen, 0)
+        seconds: dict[str, float] = dict.fromkeys(self._models_seen, 0.0)
+        with self._changed:
+            for item in itertools.chain(self._live, self._files):
+                model = item.job.model
+                windows[model] = windows.get(model, 0) + 1
+                seconds[model] = seconds.get(model, 0.0) + len(item.job.audio) / SAMPLE_RATE
+        self._models_seen.update(windows)
+        for model in windows:
+            metrics().queued_windows.labels(model).set(windows[model])
+            metrics().queued_audio_seconds.labels(model).set(round(seconds[model], 3))
 
     def stop(self) -> None:
         """Finish what runs now, fail what waits, end the thread."""
@@ -208,6 +222,7 @@ class ComputeThread:
             _settle(call.future, call.call)
             return
         started = time.monotonic()
+        metrics().batch_fill.observe(len(windows) / self.max_batch)
         for item in windows:
             metrics().window_queue_seconds.labels(item.job.model).observe(started - item.queued_at)
         results = decode_batch(self.engines() if self.engines else {}, [w.job for w in windows])

@@ -67,6 +67,23 @@ class ModelManagementDisabled(OpenSTTError):
                          "--enable-model-management (OPEN_STT_ENABLE_MODEL_MANAGEMENT=true) to allow it.")
 
 
+class ShuttingDown(OpenSTTError):
+    """This server is stopping (SIGTERM): it finishes what it has, and new work goes elsewhere."""
+
+    def __init__(self):
+        super().__init__("This server is shutting down and takes no new requests; retry (another replica answers).")
+
+
+class ModelManagementReplicated(OpenSTTError):
+    """Runtime load/unload with several model-service replicas: one started later (or restarted)
+    would not have the model, so requests would fail on it at random."""
+
+    def __init__(self, replicas: int):
+        super().__init__(f"Loading and unloading models at runtime is not available when the API sends its work to "
+                         f"several model-service replicas ({replicas} now, and more may join). Set the models of "
+                         "every replica with OPEN_STT_MODELS instead, and restart them.")
+
+
 class DefaultModelPinned(OpenSTTError, ValueError):
     """The default model cannot be unloaded: ``whisper-1`` and requests without a model rely on it."""
 

@@ -17,6 +17,7 @@ LIVE_LATENCY_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 30)
 # A window on an idle model service waits about a millisecond; behind a busy one, a batch or more.
 QUEUE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300)
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
+FILL_BUCKETS = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
 
 
 class SttMetrics:
@@ -39,8 +40,18 @@ class SttMetrics:
         self.window_queue_seconds = Histogram("openstt_window_queue_seconds",
                                               "Time a window waited in the model service before its batch started",
                                               ["model"], buckets=QUEUE_BUCKETS)
-        self.queued_windows = Gauge("openstt_queued_windows", "Windows waiting in the model service",
+        # The autoscaling signals (README, "Scaling out"): work waiting in a model service, by model.
+        self.queued_windows = Gauge("openstt_queued_windows", "Windows waiting in the model service", ["model"],
                                     multiprocess_mode="livesum")
+        self.queued_audio_seconds = Gauge("openstt_queued_audio_seconds",
+                                          "Seconds of audio in the windows waiting in the model service", ["model"],
+                                          multiprocess_mode="livesum")
+        self.batch_fill = Histogram("openstt_batch_fill_ratio", "Windows per batch over the largest batch allowed",
+                                    buckets=FILL_BUCKETS)
+        self.model_replicas = Gauge("openstt_model_replicas", "Model-service replicas of a split API, by the last "
+                                    "probe's answer", ["state"], multiprocess_mode="livesum")
+        self.replica_retries = Counter("openstt_model_replica_retries_total",
+                                       "Calls retried on another model-service replica after theirs failed", ["api"])
         self.window_seconds = Histogram("openstt_batch_duration_seconds", "Time to decode one batch",
                                         ["model"], buckets=LATENCY_BUCKETS)
         self.model_load_seconds = Gauge("openstt_model_load_seconds", "Time its last load took (at startup or at runtime)",

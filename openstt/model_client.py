@@ -7,41 +7,24 @@ process is ``tests/inmemory.py``'s ``InMemoryModelService``.
 from __future__ import annotations
 
 import asyncio
-import logging
-from collections.abc import Awaitable, Callable
 
+from openstt.errors import ModelManagementReplicated
 from openstt.messages import AlignJob, AlignReply, DecodeResult, DiarizeJob, DiarizeReply, WeightsReply, WindowJob
-
-log = logging.getLogger("openstt.model_client")
-
-
-async def call_with_reconnect(call: Callable[[], Awaitable], attempts: int = 3):
-    """Call the model service, retrying when a pooled keep-alive connection turns out to be closed.
-
-    The model service's server drops idle connections after a few seconds; a request that picks
-    such a connection fails with "Server disconnected" before the service saw it, so retrying is
-    safe (decoding a window has no side effects)."""
-    import aiohttp
-
-    for attempt in range(attempts):
-        try:
-            return await call()
-        except aiohttp.ClientConnectionError:
-            if attempt == attempts - 1:
-                raise
-            log.debug("model service connection dropped; retrying (%d)", attempt + 1)
+from openstt.replicas import OneService, ReplicaPool
 
 
 class ModelServiceClient:
     """The API process's handle on the model service: ``service`` is the BentoML dependency
-    (``bentoml.depends(OpenSTTModels)``); every call survives a dropped keep-alive connection.
+    (``bentoml.depends(OpenSTTModels)``), or a ``ReplicaPool`` of model-service replicas reached
+    over HTTP; every call survives a dropped keep-alive connection (and, pooled, a dead replica).
 
     Windows asked for in the same turn of the event loop (a long file's chunks, started together)
     travel in one ``decode_windows`` call, so they reach the model service's queue together and are
     decoded as one batch; nothing waits for more to come."""
 
     def __init__(self, service):
-        self.service = service
+        pooled = isinstance(service, (OneService, ReplicaPool))
+        self.replicas: OneService | ReplicaPool = service if pooled else OneService(service)
         self._pending: list[tuple[WindowJob, asyncio.Future]] = []
 
     async def decode(self, job: WindowJob) -> DecodeResult:
@@ -66,7 +49,7 @@ class ModelServiceClient:
 
     async def _decode(self, jobs: list[WindowJob], futures: list[asyncio.Future]) -> None:
         try:
-            results = await call_with_reconnect(lambda: self.service.to_async.decode_windows(jobs))
+            results = await self.replicas.call("decode_windows", jobs, cost=len(jobs))
         except (Exception, asyncio.CancelledError) as exc:
             for f in futures:
                 if not f.done():
@@ -79,16 +62,31 @@ class ModelServiceClient:
                 f.set_result(result)
 
     async def align(self, job: AlignJob) -> AlignReply:
-        return await call_with_reconnect(lambda: self.service.to_async.align(job))
+        return await self.replicas.call("align", job)
 
     async def diarize(self, job: DiarizeJob) -> DiarizeReply:
-        return await call_with_reconnect(lambda: self.service.to_async.diarize(job))
+        return await self.replicas.call("diarize", job)
 
     async def ready(self) -> bool:
-        return await call_with_reconnect(lambda: self.service.to_async.ready())
+        return await self.replicas.ready()
+
+    def status(self) -> dict | None:
+        """How many model-service replicas answered the last probe (None: one, in this server)."""
+        return self.replicas.status()
+
+    @property
+    def manageable(self) -> bool:
+        """Whether loading a model reaches every model service: not when replicas can differ."""
+        return self.replicas.single
+
+    def check_manageable(self) -> None:
+        if not self.manageable:
+            raise ModelManagementReplicated(len(self.replicas.replicas))
 
     async def load(self, name: str) -> WeightsReply:
-        return await call_with_reconnect(lambda: self.service.to_async.load_model(name))
+        self.check_manageable()
+        return await self.replicas.call("load_model", name)
 
     async def unload(self, name: str) -> WeightsReply:
-        return await call_with_reconnect(lambda: self.service.to_async.unload_model(name))
+        self.check_manageable()
+        return await self.replicas.call("unload_model", name)

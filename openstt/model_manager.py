@@ -71,6 +71,7 @@ class ModelManager:
     def _check_enabled(self) -> None:
         if not self.enabled:
             raise ModelManagementDisabled()
+        self.models.check_manageable()  # before anything changes here
 
     # --- load ------------------------------------------------------------------------------
 
@@ -181,6 +182,10 @@ class ModelManager:
         """Start the idle checker on the running event loop (no-op without a TTL, without a
         running loop, or when already started)."""
         if not self.idle_ttl or (self._reaper is not None and not self._reaper.done()):
+            return
+        if not self.models.manageable:
+            log.warning("OPEN_STT_MODEL_IDLE_TTL is ignored: models cannot be unloaded at runtime with several "
+                        "model-service replicas")
             return
         try:
             loop = asyncio.get_running_loop()

@@ -112,6 +112,12 @@ class Settings(BaseSettings):
 
     port: int = Field(8080, ge=1, le=65535)
     host: str = "0.0.0.0"
+    # What this process serves: all (the API and the model service, one `bentoml serve`), api (the
+    # API only, its model service at model_service_url) or models (the model service only).
+    role: Literal["all", "api", "models"] = "all"
+    # role=api: the model-service replicas, comma-separated http://host:port URLs; a host name that
+    # resolves to several addresses (a Kubernetes headless Service) counts each as a replica.
+    model_service_url: Annotated[list[str], NoDecode] = Field(default_factory=list)
     models: Annotated[list[str], NoDecode] = Field(default_factory=list)
     default_model: str | None = None
     # Extra model ids that requests may name, each answered by a served model, e.g.
@@ -188,10 +194,21 @@ class Settings(BaseSettings):
     # Graceful stop: how long the model service must be idle after SIGTERM before it exits.
     shutdown_idle_seconds: float = Field(SHUTDOWN_IDLE_S, ge=0, le=300)
 
-    @field_validator("models", mode="before")
+    @field_validator("models", "model_service_url", mode="before")
     @classmethod
     def _csv(cls, value: object) -> object:
         return _split_csv(value)
+
+    @field_validator("model_service_url")
+    @classmethod
+    def _urls(cls, urls: list[str]) -> list[str]:
+        from urllib.parse import urlsplit
+
+        for url in urls:
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/"):
+                raise ValueError(f"{url!r} is not a model service's address: write http://host:port")
+        return [url.rstrip("/") for url in urls]
 
     @field_validator("api_key", mode="before")
     @classmethod
@@ -271,6 +288,15 @@ class Settings(BaseSettings):
 
             if importlib.util.find_spec("flash_attn") is None:
                 raise ValueError("attn_implementation flash_attention_2 needs the flash-attn package (CUDA only)")
+        return self
+
+    @model_validator(mode="after")
+    def _role(self) -> Settings:
+        if self.role == "api" and not self.model_service_url:
+            raise ValueError("role api needs the model service's address: set OPEN_STT_MODEL_SERVICE_URL "
+                             "(--model-service-url http://host:port)")
+        if self.role != "api" and self.model_service_url:
+            raise ValueError(f"OPEN_STT_MODEL_SERVICE_URL is only for role api (the role is {self.role})")
         return self
 
     @model_validator(mode="after")

@@ -26,6 +26,7 @@ class Activity:
         self._lock = threading.Lock()
         self.busy = 0
         self.last = time.monotonic()
+        self.draining = False  # SIGTERM received: serving what comes, until idle
 
     def __enter__(self) -> Activity:
         with self._lock:
@@ -79,6 +80,7 @@ def defer_sigterm_until_idle(activity: Activity, max_wait: float, idle_seconds: 
     (or ``max_wait`` seconds have passed, the longest a request may run)."""
 
     async def drain() -> None:
+        activity.draining = True
         deadline = time.monotonic() + max_wait
         while activity.idle_for() < idle_seconds and time.monotonic() < deadline:
             await asyncio.sleep(0.5)

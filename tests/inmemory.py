@@ -166,6 +166,11 @@ class InMemoryModelService(ModelServiceClient):
     async def ready(self) -> bool:
         return True
 
+    manageable = True
+
+    def status(self) -> None:
+        return None
+
     async def load(self, name: str) -> WeightsReply:
         from openstt.compute import run_aside
 

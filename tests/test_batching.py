@@ -16,7 +16,7 @@ from openstt.transcript import Word
 from openstt.engines.whisper import WhisperFrontend
 from openstt.hub import resolve_model
 from openstt.messages import AlignJob, AlignReply, DecodeResult, ErrorCode, ModelFailure, WeightsReply, WindowJob
-from openstt.model_client import call_with_reconnect
+from openstt.replicas import call_with_reconnect
 from openstt.serving import align_request, decode_batch
 from tests.conftest import FOX, clip
 from tests.inmemory import InMemoryModelService

@@ -60,7 +60,8 @@ def _wait_idle(server) -> None:
     last, since = None, time.monotonic()
     while time.monotonic() < deadline:
         s = scrape(server)
-        busy = (value(s, "openstt_requests_in_flight", route="transcriptions") + value(s, "openstt_queued_windows"))
+        queued = sum(v for (name, _), v in s.items() if name == "openstt_queued_windows")
+        busy = value(s, "openstt_requests_in_flight", route="transcriptions") + queued
         batches = sum(v for (name, _), v in s.items() if name == "openstt_batch_windows_count")
         if busy or batches != last:
             last, since = batches, time.monotonic()

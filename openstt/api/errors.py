@@ -23,9 +23,11 @@ from openstt.errors import (
     ModelIsAlias,
     ModelLoadFailed,
     ModelManagementDisabled,
+    ModelManagementReplicated,
     ModelNotFound,
     ModelsLoading,
     OpenSTTError,
+    ShuttingDown,
 )
 from openstt.messages import ErrorCode, ModelFailure
 
@@ -65,9 +67,12 @@ def internal_error(request_id: str | None) -> OpenAIError:
 # How each domain error is answered: its status and OpenAI's type/param/code (the message is its own).
 _ANSWERS: dict[type[OpenSTTError], tuple[int, dict]] = {
     ModelsLoading: (503, {"type": "server_error", "headers": {"retry-after": "5"}}),
+    # The SDK retries a 503 after Retry-After: by then the load balancer sends it to another pod.
+    ShuttingDown: (503, {"type": "server_error", "code": "server_shutting_down", "headers": {"retry-after": "1"}}),
     ModelNotFound: (404, {"param": "model", "code": "model_not_found"}),
     ModelIsAlias: (400, {"param": "model", "code": "invalid_value"}),
     ModelManagementDisabled: (403, {"code": "model_management_disabled"}),
+    ModelManagementReplicated: (409, {"code": "model_management_unavailable"}),
     DefaultModelPinned: (409, {"param": "model", "code": "default_model"}),
 }
 # A failed runtime load, by the model service's code; any other code: model_not_available.

@@ -10,6 +10,7 @@ from pathlib import Path
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 
+from openstt.api.routes_realtime import drain_sessions
 from openstt.api.state import app_state
 
 router = APIRouter()
@@ -38,9 +39,22 @@ async def _models_ready(app: FastAPI) -> bool:
 
 @router.get("/health")
 async def health(request: Request) -> JSONResponse:
-    if app_state(request.app).registry is None or not await _models_ready(request.app):
-        return JSONResponse({"status": "loading"}, status_code=503)
-    return JSONResponse({"status": "ok"})
+    state = app_state(request.app)
+    if state.draining:  # the load balancer takes this pod out while it finishes its work
+        return JSONResponse({"status": "shutting_down"}, status_code=503)
+    ready = state.registry is not None and await _models_ready(request.app)
+    body = {"status": "ok" if ready else "loading"}
+    if state.model_replicas is not None and (replicas := state.model_replicas()) is not None:
+        body["model_replicas"] = replicas
+    return JSONResponse(body, status_code=200 if ready else 503)
+
+
+async def drain(app: FastAPI) -> None:
+    """On SIGTERM: take no new work (503 to retry elsewhere), let live sessions complete their
+    committed turns and close with 1012; requests in flight finish (uvicorn waits for them)."""
+    state = app_state(app)
+    state.draining = True
+    await drain_sessions(state.live_limits)
 
 
 @router.get("/ui", include_in_schema=False)

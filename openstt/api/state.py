@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from openstt.api.limits import Limits, LiveLimits
-from openstt.errors import ModelsLoading
+from openstt.errors import ModelsLoading, ShuttingDown
 from openstt.settings import MAX_UPLOAD_BYTES, Settings
 
 if TYPE_CHECKING:
@@ -43,9 +43,15 @@ class AppState:
     # and when it last answered yes (monotonic seconds; /health trusts that for READY_TTL_S).
     models_ready: Callable[[], Awaitable[bool]] | None = None
     models_ready_at: float = float("-inf")
+    # How many model-service replicas answered the last probe (split API; None: one, in-process).
+    model_replicas: Callable[[], dict | None] | None = None
+    # SIGTERM received: /health answers 503 and new work is refused with a 503 to retry elsewhere.
+    draining: bool = False
 
     def serving_registry(self) -> ModelRegistry:
         """The registry to serve with; ``ModelsLoading`` (503) until the models are attached."""
+        if self.draining:
+            raise ShuttingDown()
         if self.registry is None:
             raise ModelsLoading()
         return self.registry
