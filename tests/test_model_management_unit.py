@@ -69,6 +69,11 @@ class FakeModelService:
     async def ready(self) -> bool:
         return time.monotonic() >= getattr(self, "ready_at", 0.0)
 
+    manageable = True  # one model service (test_replicas.py covers several)
+
+    def check_manageable(self) -> None:
+        pass
+
 
 def manager(reg: ModelRegistry, service: FakeModelService, **kwargs) -> ModelManager:
     kwargs.setdefault("enabled", True)

@@ -52,10 +52,11 @@ def server_env(hf_cache: Path | None = None, home: Path | None = None, *, drop: 
 
 class Server:
     """``cmd`` (a server on ``port``) started in a session of its own, its output in ``log``;
-    constructed once ``/health`` answers 200, else RuntimeError (it exited, or was not healthy
-    within ``timeout`` s) with the log's end."""
+    constructed once ``health`` (``/health``; a model service alone: ``/readyz``) answers 200,
+    else RuntimeError (it exited, or was not healthy within ``timeout`` s) with the log's end."""
 
-    def __init__(self, cmd: list[str], env: dict[str, str], port: int, log: Path, *, timeout: float = 180):
+    def __init__(self, cmd: list[str], env: dict[str, str], port: int, log: Path, *, timeout: float = 180,
+                 health: str = "/health"):
         import httpx
 
         self.port, self.log = port, log
@@ -69,7 +70,7 @@ class Server:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{log.read_text()[-3000:]}")
             try:
-                if httpx.get(self.base + "/health", timeout=2).status_code == 200:
+                if httpx.get(self.base + health, timeout=2).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
@@ -89,6 +90,23 @@ class Server:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
         return self.proc.returncode
+
+
+    def kill(self) -> None:
+        """SIGKILL to the server and every process under it, as when its pod or machine dies
+        (BentoML's workers run in process groups of their own: a killpg would miss them)."""
+        import psutil
+
+        try:
+            processes = [psutil.Process(self.proc.pid), *psutil.Process(self.proc.pid).children(recursive=True)]
+        except psutil.Error:
+            return
+        for p in reversed(processes):  # the workers first, so the arbiter cannot restart them
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        self.proc.wait()
 
 
 class Rss:

@@ -1,0 +1,152 @@
+"""The split topology, served for real: two model-service replicas (``open-stt-server --role
+models``, one torch thread each) behind one API (``--role api``), driven through the official SDK:
+files, SSE, speaker diarization, a live session, /health and /metrics of each side, model
+management refused, and a replica killed while it decodes (its windows retried on the other,
+nothing lost, nothing doubled). The benchmark of the same setup is ``scripts/bench_scale``."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from scripts.kit import topology
+from scripts.kit.audio import wav
+from scripts.kit.realtime import COMPLETED, open_session, stream
+from scripts.kit.server import batches, scrape, value
+from scripts.kit.speech import english_clip, spoken_turns, wer
+from tests.conftest import conversation, needs_asterisk
+
+pytestmark = [pytest.mark.slow, needs_asterisk]
+openai = pytest.importorskip("openai")
+
+MODEL = "whisper-tiny.en"
+# float32: int8's dynamic quantization scales activations over the whole batch, so a window's text
+# can depend on which windows share its batch; a retried window is batched anew ("For 8 to exit."
+# read "4 or 8. 2 exit." after a kill, in int8), and this test compares texts exactly.
+REPLICA_FLAGS = ["--model", MODEL, "--torch-threads", "1", "--enable-diarization", "--quantize", "none"]
+API_FLAGS = ["--model", MODEL, "--enable-diarization", "--enable-model-management"]
+
+
+@pytest.fixture(scope="module")
+def split(hf_cache, tmp_path_factory):
+    home = tmp_path_factory.mktemp("split")
+    with ThreadPoolExecutor(2) as pool:  # the two replicas load side by side
+        replicas = list(pool.map(lambda _: topology.model_replica(hf_cache, home, REPLICA_FLAGS), range(2)))
+    front = topology.api(hf_cache, home, replicas, API_FLAGS)
+    yield front, replicas
+    front.stop()
+    for replica in replicas:
+        replica.stop()
+
+
+@pytest.fixture(scope="module")
+def clip():
+    return english_clip(40)
+
+
+@pytest.fixture(scope="module")
+def client(split):
+    return openai.OpenAI(base_url=split[0].base + "/v1", api_key="unused", max_retries=0, timeout=300)
+
+
+def test_files_and_their_stream_through_the_split_api(split, client, clip):
+    audio, reference = clip
+    result = client.audio.transcriptions.create(model=MODEL, file=("clip.wav", wav(audio)),
+                                                response_format="verbose_json")
+    assert wer(reference, result.text) < 0.2
+    assert result.segments and result.segments[-1].end <= result.duration + 0.01
+    events = list(client.audio.transcriptions.create(model=MODEL, file=("clip.wav", wav(audio)), stream=True))
+    assert events[-1].type == "transcript.text.done"
+    assert "".join(e.delta for e in events[:-1]) == events[-1].text == result.text
+
+
+def test_speakers_are_found_by_the_replicas(split, client):
+    talk = conversation(["allison", "carlo"], 30, 3)
+    result = client.audio.transcriptions.create(model=MODEL, file=("talk.wav", wav(talk.audio)),
+                                                response_format="diarized_json", chunking_strategy="auto")
+    assert {s.speaker for s in result.segments} == {"A", "B"}
+
+
+def test_a_live_session_through_the_split_api(split):
+    audio, turns = spoken_turns(2, first=4)
+
+    async def run():
+        manager, connection = await open_session(split[0].base, model=MODEL, turn_detection={
+            "type": "server_vad", "threshold": 0.5, "prefix_padding_ms": 300, "silence_duration_ms": 500})
+        try:
+            return await stream(connection, audio, pace=4.0, tail=1.0, until_completed=len(turns))
+        finally:
+            await manager.__aexit__(None, None, None)
+
+    received = asyncio.run(run())
+    texts = [e["transcript"] for _, e in received.events if e["type"] == COMPLETED]
+    assert len(texts) == len(turns)
+    assert wer(" ".join(t for _, _, t in turns), " ".join(texts)) < 0.25
+
+
+def test_work_spreads_over_both_replicas_and_each_side_reports_its_signals(split, client, clip):
+    front, replicas = split
+    audio, _ = clip
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda _: client.audio.transcriptions.create(model=MODEL, file=("c.wav", wav(audio))),
+                      range(4)))
+    assert all(batches(r) > 0 for r in replicas)  # both decoded
+    health = httpx.get(front.base + "/health", timeout=10).json()
+    assert health == {"status": "ok", "model_replicas": {"ready": 2, "total": 2}}
+    api_side = scrape(front)
+    assert value(api_side, "openstt_model_replicas", state="ready") == 2
+    assert ("openstt_live_sessions", ()) in api_side
+    model_side = scrape(replicas[0])
+    assert ("openstt_queued_audio_seconds", (("model", MODEL),)) in model_side
+    assert value(model_side, "openstt_batch_fill_ratio_count") > 0
+
+
+def test_runtime_loading_is_refused_with_several_replicas(split):
+    answer = httpx.post(split[0].base + "/v1/models/whisper-base", timeout=30)
+    assert answer.status_code == 409
+    error = answer.json()["error"]
+    assert error["code"] == "model_management_unavailable" and "OPEN_STT_MODELS" in error["message"]
+
+
+def test_a_replica_killed_mid_load_loses_nothing(split, client, clip):
+    """Eight concurrent requests; one replica is killed (SIGKILL, every process of it) while
+    both decode them. Every request answers 200 with the text and segments of a run without the
+    kill: the dead replica's windows went once more to the other one."""
+    front, replicas = split
+    audio, _ = clip
+    body = ("clip.wav", wav(audio))
+
+    def transcribe(_):
+        return client.audio.transcriptions.create(model=MODEL, file=body, response_format="verbose_json")
+
+    expected = transcribe(0)
+    victim = replicas[1]
+
+    def queued() -> float:  # windows waiting in the victim's queue: calls in flight on it
+        return sum(v for (name, _), v in scrape(victim).items() if name == "openstt_queued_windows")
+
+    with ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(transcribe, i) for i in range(8)]
+        deadline = time.monotonic() + 60
+        while not queued() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert queued(), "no window ever waited on the victim"
+        victim.kill()
+        results = [f.result() for f in futures]
+    for result in results:
+        assert result.text == expected.text
+        assert [(s.start, s.end, s.text) for s in result.segments] == \
+            [(s.start, s.end, s.text) for s in expected.segments]
+    retried = sum(v for (name, _), v in scrape(front).items() if name == "openstt_model_replica_retries_total")
+    assert retried >= 1, "no call was in flight on the victim when it died"
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        health = httpx.get(front.base + "/health", timeout=10).json()
+        if health.get("model_replicas") == {"ready": 1, "total": 2}:
+            break
+        time.sleep(0.5)
+    assert health == {"status": "ok", "model_replicas": {"ready": 1, "total": 2}}
