@@ -87,10 +87,8 @@ class Server:
             try:
                 self.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+                self.kill()
         return self.proc.returncode
-
 
     def kill(self) -> None:
         """SIGKILL to the server and every process under it, as when its pod or machine dies
