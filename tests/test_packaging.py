@@ -137,6 +137,34 @@ def test_compose_profiles_validate_and_interpolate(profile, service):
         assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
 
 
+def test_compose_split_profile_wires_api_to_model_service():
+    env = {"OPEN_STT_PORT": "9123", "OPEN_STT_MODELS": "whisper-base", "OPEN_STT_API_KEY": "sk-compose"}
+    proc = compose("--profile", "split", "config", env=env)
+    assert proc.returncode == 0, proc.stderr
+    config = yaml.safe_load(proc.stdout)
+    api, models = config["services"]["open-stt-api"], config["services"]["open-stt-models"]
+    for svc, role in ((api, "api"), (models, "models")):
+        assert svc["profiles"] == ["split"]  # never started by `up` alone nor next to the single-process profiles
+        assert svc["image"] == "open-stt:cpu"
+        assert svc["command"][:5] == ["python", "-m", "openstt.cli", "--role", role]
+        assert svc["working_dir"] == "/home/bentoml/bento/src"  # where the Bento keeps openstt/
+        # the same settings and cache for both roles: the API needs the models' tokenizer files
+        assert svc["environment"]["OPEN_STT_MODELS"] == "whisper-base"
+        assert svc["environment"]["OPEN_STT_API_KEY"] == "sk-compose"
+        assert svc["volumes"][0].startswith("hf_cache:/home/bentoml/hf")
+        assert svc["restart"] == "unless-stopped"
+        # requests may run OPEN_STT_REQUEST_TIMEOUT (3600 s): the stop grace must cover one
+        grace = svc["stop_grace_period"]
+        assert grace.endswith("m") and int(grace[:-1]) * 60 >= int(svc["environment"]["OPEN_STT_REQUEST_TIMEOUT"])
+    # the API's --model-service-url is the models service by its compose name, on the port it listens on
+    url = api["command"][api["command"].index("--model-service-url") + 1]
+    assert url == f"http://open-stt-models:{models['environment']['BENTOML_PORT']}"
+    assert api["ports"][0]["published"] in (9123, "9123") and api["ports"][0]["target"] == 8080
+    assert "ports" not in models  # pickled calls: reachable only over the compose network
+    assert api["depends_on"] == {"open-stt-models": {"condition": "service_healthy"}}
+    assert "/readyz" in models["healthcheck"]["test"][-1] and "/health'" in api["healthcheck"]["test"][-1]
+
+
 def test_compose_defaults_without_env():
     proc = compose("--profile", "default", "config")
     assert proc.returncode == 0, proc.stderr
@@ -156,9 +184,15 @@ def test_compose_rejects_a_broken_file(tmp_path):
 
 @pytest.mark.parametrize("manifest", MANIFESTS, ids=[str(p.relative_to(ROOT)) for p in MANIFESTS])
 def test_kubernetes_manifests_validate(manifest):
+    """Built-in kinds; custom resources (KEDA's ScaledObject) and the kustomize builds of every overlay
+    are validated in tests/test_deploy.py."""
     import kubernetes_validate
 
-    for doc in yaml.safe_load_all(manifest.read_text()):
+    docs = [doc for doc in yaml.safe_load_all(manifest.read_text()) if doc]
+    assert docs, manifest
+    for doc in docs:
+        if doc["apiVersion"].startswith("keda.sh/"):  # a CRD's kind, unknown to kubernetes_validate
+            continue
         kubernetes_validate.validate(doc, "1.31", strict=True)
 
 
