@@ -56,8 +56,11 @@ def prepare_models(settings: Settings) -> None:
         placement = Placement.from_settings(settings)
     except ValueError as exc:
         raise StartupError(str(exc)) from None
-    check_memory(settings, placement)  # before any download: refusing a 48 GB model must not fetch it first
-    if settings.enable_diarization:
+    if settings.role == "api":  # the weights are the model service's; here only tokenizers load
+        log.info("memory: not checked here (role api: the model service holds the weights)")
+    else:
+        check_memory(settings, placement)  # before any download: refusing a 48 GB model must not fetch it first
+    if settings.enable_diarization and settings.role != "api":
         from openstt.diarization.weights import DiarizationUnavailable, weights_path
 
         try:

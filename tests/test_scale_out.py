@@ -18,7 +18,7 @@ from scripts.kit.audio import wav
 from scripts.kit.realtime import COMPLETED, open_session, stream
 from scripts.kit.server import batches, scrape, value
 from scripts.kit.speech import english_clip, spoken_turns, wer
-from tests.conftest import conversation, needs_asterisk
+from tests.conftest import FOX, clip as recording, conversation, needs_asterisk
 
 pytestmark = [pytest.mark.slow, needs_asterisk]
 openai = pytest.importorskip("openai")
@@ -110,6 +110,28 @@ def test_runtime_loading_is_refused_with_several_replicas(split):
     assert answer.status_code == 409
     error = answer.json()["error"]
     assert error["code"] == "model_management_unavailable" and "OPEN_STT_MODELS" in error["message"]
+
+
+def test_one_replica_loads_and_unloads_models_at_runtime(hf_cache, base_model, tmp_path):
+    """Split with one model service: runtime loading reaches it (none can join later), and the
+    model it loaded serves through the API, then leaves both."""
+    replica = topology.model_replica(hf_cache, tmp_path, ["--model", MODEL, "--torch-threads", "1"])
+    try:
+        front = topology.api(hf_cache, tmp_path, [replica], ["--model", MODEL, "--enable-model-management"])
+        try:
+            assert httpx.get(front.base + "/health", timeout=10).json()["model_replicas"] == {"ready": 1, "total": 1}
+            loaded = httpx.post(front.base + "/v1/models/whisper-base", timeout=300)
+            assert loaded.status_code == 200, loaded.text
+            assert "loaded whisper-base from" in replica.log.read_text()  # the weights went there
+            sdk = openai.OpenAI(base_url=front.base + "/v1", api_key="unused", max_retries=0, timeout=120)
+            fox = recording("en/quick_brown_fox")
+            assert sdk.audio.transcriptions.create(model="whisper-base", file=fox).text == FOX
+            assert httpx.delete(front.base + "/v1/models/whisper-base", timeout=60).json()["deleted"] is True
+            assert "unloaded whisper-base" in replica.log.read_text()
+        finally:
+            front.stop()
+    finally:
+        replica.stop()
 
 
 def test_a_replica_killed_mid_load_loses_nothing(split, client, clip):
