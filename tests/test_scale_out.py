@@ -7,6 +7,8 @@ nothing lost, nothing doubled). The benchmark of the same setup is ``scripts/ben
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -172,3 +174,34 @@ def test_a_replica_killed_mid_load_loses_nothing(split, client, clip):
             break
         time.sleep(0.5)
     assert health == {"status": "ok", "model_replicas": {"ready": 1, "total": 2}}
+
+
+def test_a_rollout_drains_the_api_then_the_model_service(split, client, clip):
+    """SIGTERM to the API with requests in flight: they finish (200, full text) while it takes
+    nothing new; then SIGTERM to the model service: idle, it exits at once, cleanly. Last in this
+    module: it stops the module's servers."""
+    front, replicas = split
+    audio, reference = clip
+    body = ("clip.wav", wav(audio))
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(client.audio.transcriptions.create, model=MODEL, file=body) for _ in range(4)]
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not value(scrape(front), "openstt_requests_in_flight",
+                                                        route="transcriptions"):
+            time.sleep(0.02)
+        os.killpg(front.proc.pid, signal.SIGTERM)
+        time.sleep(0.5)
+        try:  # a newcomer is refused: 503 to retry elsewhere, or no connection at all
+            late = httpx.post(front.base + "/v1/audio/transcriptions", data={"model": MODEL},
+                              files={"file": ("clip.wav", wav(audio[:16000]))}, timeout=30)
+            assert late.status_code == 503 and late.json()["error"]["code"] == "server_shutting_down", late.text
+        except httpx.TransportError:
+            pass
+        texts = [f.result().text for f in futures]
+    assert all(wer(reference, text) < 0.2 for text in texts)
+    assert front.proc.wait(timeout=60) == 0
+    for replica in [r for r in replicas if r.proc.poll() is None]:
+        started = time.monotonic()
+        os.killpg(replica.proc.pid, signal.SIGTERM)
+        assert replica.proc.wait(timeout=60) == 0
+        assert time.monotonic() - started < 30  # idle: no waiting for the request timeout
