@@ -94,15 +94,22 @@ def test_a_lone_request_waits_for_no_batch_and_concurrent_ones_share(server):
         before, "openstt_window_queue_seconds_bucket", **model, le="0.025")
     assert waited >= 1 and quick == waited  # each window started within 25 ms of reaching the model service
 
-    _wait_idle(server)
-    before = scrape(server)
-    with concurrent.futures.ThreadPoolExecutor(6) as pool:
-        texts = list(pool.map(transcribe, range(6)))
-    after = scrape(server)
-    assert all("quick brown fox" in t.lower() for t in texts)
-    windows = value(after, "openstt_batch_windows_sum", **model) - value(before, "openstt_batch_windows_sum", **model)
-    batches = value(after, "openstt_batch_windows_count", **model) - value(
-        before, "openstt_batch_windows_count", **model)
+    # Six requests at once, three times at most: on a loaded machine each of one round's windows
+    # may reach an idle model service alone (CI once saw 6 batches of 1); never sharing is the bug.
+    for _ in range(3):
+        _wait_idle(server)
+        before = scrape(server)
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            texts = list(pool.map(transcribe, range(6)))
+        after = scrape(server)
+        assert all("quick brown fox" in t.lower() for t in texts)
+        windows = value(after, "openstt_batch_windows_sum", **model) - value(
+            before, "openstt_batch_windows_sum", **model)
+        batches = value(after, "openstt_batch_windows_count", **model) - value(
+            before, "openstt_batch_windows_count", **model)
+        assert windows >= 6
+        if batches < windows:
+            break
     # requests that queued behind a decode shared a batch (a row may need a second window for its
     # tail, so count windows, not requests)
-    assert windows >= 6 and batches < windows
+    assert batches < windows
