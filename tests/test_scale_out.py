@@ -47,7 +47,7 @@ def split(hf_cache, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def clip():
-    return english_clip(40)
+    return english_clip(25)
 
 
 @pytest.fixture(scope="module")
