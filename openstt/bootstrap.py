@@ -91,12 +91,37 @@ def check_memory(settings: Settings, placement) -> None:
 
     try:
         check([CATALOG[name] for name in settings.models], placement.device.type,
-              str(placement.dtype).removeprefix("torch."), placement.quantize, settings.batch_windows,
+              str(placement.dtype).removeprefix("torch."), placement.quantize, model_batch_windows(settings),
               settings.memory_check, extra=(DIARIZATION,) if settings.enable_diarization else ())
     except NotEnoughMemory as exc:
         raise StartupError(str(exc)) from None
     except Exception as exc:  # guidance only: a failing estimate never stops a server that may well fit
         log.warning("memory: check skipped (%s)", exc)
+
+
+def model_batch_windows(settings: Settings) -> int:
+    """The model service's batch of windows: ``OPEN_STT_MAX_BATCH_WINDOWS``, or the device's
+    default; on a GPU, the largest its memory holds by the estimate (16, 32 or 64), not a fixed 16."""
+    from openstt.device import Placement
+
+    placement = Placement.from_settings(settings)
+    if settings.max_batch_windows is not None or placement.device.type != "cuda":
+        return settings.batch_windows
+    from openstt.memory import capacity
+
+    return _gpu_batch(tuple(settings.models), str(placement.dtype).removeprefix("torch."), placement.quantize,
+                      settings.enable_diarization, capacity("cuda").total)
+
+
+@functools.lru_cache(maxsize=8)
+def _gpu_batch(models: tuple[str, ...], dtype: str, quantize: str, diarization: bool, total: int) -> int:
+    from openstt.memory import DIARIZATION, Capacity, largest_batch
+
+    batch = largest_batch([CATALOG[name] for name in models], "cuda", dtype, quantize, Capacity("cuda", total, total),
+                          extra=(DIARIZATION,) if diarization else ())
+    log.info("batch: %d windows, the largest the GPU's %.0f GB holds by the estimate "
+             "(OPEN_STT_MAX_BATCH_WINDOWS sets it)", batch, total / 1e9)
+    return batch
 
 
 def load_models() -> ModelRegistry:
@@ -125,7 +150,8 @@ def _load_weights(settings: Settings) -> ModelRegistry:
         torch.set_num_threads(settings.torch_threads)
     placement = Placement.from_settings(settings)
     engines = [load_weights(CATALOG[name], placement, download=settings.download,
-                            chunk_seconds=settings.voxtral_chunk_seconds) for name in settings.models]
+                            chunk_seconds=settings.voxtral_chunk_seconds, batch_windows=model_batch_windows(settings))
+               for name in settings.models]
     return ModelRegistry(engines, settings.default_model or settings.models[0], settings.model_aliases)
 
 
@@ -136,7 +162,7 @@ def start_compute():
     from openstt.device import Placement
 
     settings = get_settings()
-    return ComputeThread(max_batch=settings.batch_windows,
+    return ComputeThread(max_batch=model_batch_windows(settings),
                          yield_to_live=Placement.from_settings(settings).device.type == "cpu")
 
 
@@ -168,7 +194,7 @@ def weights_manager(registry: ModelRegistry):
     metrics().models_loaded.set(len(registry.names()))
     return WeightsManager(registry, Placement.from_settings(settings), download=settings.download,
                           chunk_seconds=settings.voxtral_chunk_seconds, memory_check=settings.memory_check,
-                          batch_windows=settings.batch_windows)
+                          batch_windows=model_batch_windows(settings))
 
 
 def attach(app: FastAPI, registry: ModelRegistry, settings: Settings | None = None, manager=None) -> None:

@@ -201,6 +201,25 @@ def capacity(device: str) -> Capacity:
     return Capacity(device, *system_memory())
 
 
+# A GPU's batch of windows, unless OPEN_STT_MAX_BATCH_WINDOWS sets it: the largest of these whose
+# estimate fits in FIT_SHARE of the GPU. The rest is for the allocator's fragmentation and transient
+# peaks (the encoder's attention, the logits); 64 rows is the static decoder's largest bucket.
+GPU_BATCH_CHOICES = (16, 32, 64)
+FIT_SHARE = 0.8
+
+
+def largest_batch(specs: list[ModelSpec], device: str, dtype: str, quantize: str, cap: Capacity,
+                  extra: tuple[Estimate, ...] = (), choices: tuple[int, ...] = GPU_BATCH_CHOICES) -> int:
+    """The largest batch in ``choices`` whose estimate for ``specs`` (and ``extra``) fits
+    ``FIT_SHARE`` of the device's total memory; the smallest when none does (the memory check then
+    says what does not fit)."""
+    def need(windows: int) -> int:
+        return (runtime_bytes(device) + sum(estimate(spec, device, dtype, quantize, windows).total for spec in specs)
+                + sum(e.total for e in extra))
+
+    return max((w for w in choices if need(w) <= FIT_SHARE * cap.total), default=choices[0])
+
+
 class NotEnoughMemory(RuntimeError):
     """The configured models cannot fit; the message says which and what to do."""
 

@@ -159,7 +159,8 @@ class WeightsManager:
                 models_log.warning("not loading %s: %s", name, exc)
                 return WeightsReply(error=ErrorCode.insufficient_memory, message=str(exc))
             try:
-                engine = load_weights(spec, self.placement, download=self.download, chunk_seconds=self.chunk_seconds)
+                engine = load_weights(spec, self.placement, download=self.download, chunk_seconds=self.chunk_seconds,
+                                      batch_windows=self.batch_windows)
             except ModelNotAvailable as exc:
                 models_log.warning("cannot load %s: %s", name, exc)
                 return WeightsReply(error=ErrorCode.download_failed if exc.download_failed else ErrorCode.not_available,

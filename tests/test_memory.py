@@ -240,3 +240,29 @@ def test_runtime_loads_check_memory_one_at_a_time(monkeypatch):
     for t in threads:
         t.join()
     assert most == 1 and sorted(weights.registry.names()) == ["whisper-base", "whisper-small", "whisper-tiny.en"]
+
+
+def test_a_gpu_batch_grows_with_its_memory():
+    """Without OPEN_STT_MAX_BATCH_WINDOWS a GPU's batch is the largest of 16/32/64 windows whose
+    estimate fits 80 % of it (large-v3 fp16: 8.8 / 14.2 / 25.2 GB with the runtime)."""
+    from openstt.memory import FIT_SHARE, largest_batch, runtime_bytes
+
+    spec = CATALOG["whisper-large-v3"]
+
+    def batch(gb: float, **kw) -> int:
+        return largest_batch([spec], "cuda", "float16", "none", Capacity("cuda", int(gb * GB), int(gb * GB)), **kw)
+
+    assert [batch(gb) for gb in (80, 40, 24, 16, 8)] == [64, 64, 32, 16, 16]  # 8 GB: the floor; the check speaks
+    need = runtime_bytes("cuda") + estimate(spec, "cuda", "float16", "none", 32).total
+    assert batch(need / FIT_SHARE / GB) == 32 and batch(need / FIT_SHARE / GB - 0.01) == 16
+    assert batch(80, extra=(memory.Estimate("big", 1, "float16", int(60 * GB), 0, 0),)) == 16
+
+
+def test_the_model_service_batch_follows_the_setting_and_the_device(monkeypatch):
+    from openstt.bootstrap import model_batch_windows
+    from openstt.settings import Settings
+
+    monkeypatch.delenv("OPEN_STT_MAX_BATCH_WINDOWS", raising=False)
+    cpu = Settings(models=["whisper-tiny.en"], force_cpu=True)
+    assert model_batch_windows(cpu) == 8  # the CPU's default: no GPU sizing
+    assert model_batch_windows(Settings(models=["whisper-tiny.en"], force_cpu=True, max_batch_windows=3)) == 3

@@ -282,3 +282,17 @@ def test_recorded_logprobs_equal_transformers_transition_scores(engine):
     mine = recorder.finish(out.sequences, batch["input_ids"].shape[1])
     assert mine.shape == reference.shape == (2, 20)
     assert torch.allclose(mine, reference, atol=1e-5)
+
+
+def test_static_cache_gives_the_dynamic_tokens(engine):
+    """OPEN_STT_DECODER=static on Voxtral: transformers' static KV cache in generate (the path that
+    CUDA graphs replay with ``graphs``), token for token the dynamic cache's output."""
+    from openstt.engines.voxtral import VoxtralCore
+
+    core = engine.core
+    static = VoxtralCore(core.model, core.processor, core.repo_id, core.device, core.dtype, decoder="static")
+    jobs = [WindowJob(audio=_noise(6), prompt=[], task="transcribe", language="en", temperature=0.0),
+            WindowJob(audio=_noise(3, seed=1), prompt=[], task="transcribe", language="en", temperature=0.0)]
+    expected = core.decode_windows(jobs)
+    assert [r.tokens for r in static.decode_windows(jobs)] == [r.tokens for r in expected]
+    assert all(r.tokens for r in expected)

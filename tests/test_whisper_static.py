@@ -62,3 +62,36 @@ def test_static_decoder_gives_the_eager_tokens(cores, how):
     # the rows that ended before the last gave their slots back
     assert len(decoder.alive) < rows and sorted(decoder.slots.of) == sorted(decoder.alive)
     assert decoder.slots.free == decoder.size - len(decoder.alive)
+
+
+@pytest.mark.slow
+def test_buckets_share_one_set_of_slots_warmed_at_load(cores):
+    """``warm`` (at load) prepares every bucket up to the batch on one shared storage; a batch
+    needing a larger bucket (beams) grows it once, and decoding still gives the eager tokens."""
+    from openstt.engines.whisper_core import WhisperCore
+    from openstt.messages import WindowJob
+    from scripts.kit.speech import english_clip
+
+    eager, _ = cores
+    static = WhisperCore(eager.model, eager.processor, eager.table, eager.multilingual, eager.device, eager.dtype,
+                         eager.aligner, decoder="static")
+    assert WhisperCore(eager.model, eager.processor, eager.table, eager.multilingual, eager.device, eager.dtype,
+                       eager.aligner).warm(8) is None  # nothing to warm for the eager decoder
+    line = static.warm(8)
+    storage = static._storage
+    assert line.startswith("static decoder warmed for buckets 1-8 rows in ") and line.endswith(" MB")
+    assert storage.rows == 8 and sorted(static._static) == [1, 2, 4, 8]
+    for decoder in static._static.values():  # views of the same slots: 8 rows in all, not 1+2+4+8
+        assert decoder.keys[0].data_ptr() == storage.keys[0].data_ptr()
+    layers, width = len(eager.model.model.decoder.layers), eager.model.config.d_model
+    per_row = 2 * layers * width * (448 + 1500) * 4 + 448  # K and V, self and cross, float32; the mask
+    assert storage.bytes == 8 * per_row
+
+    clips = [english_clip(seconds)[0][:30 * 16000] for seconds in (4, 12)]
+    jobs = [WindowJob(audio=c, prompt=[], task="transcribe", language="en", temperature=0.0) for c in clips]
+    assert [r.tokens for r in static.decode_windows(jobs)] == [r.tokens for r in eager.decode_windows(jobs)]
+    assert static._storage is storage  # 2 rows: bucket 2, the warmed slots
+    beams = [WindowJob(audio=c, prompt=[], task="transcribe", language="en", temperature=0.0, beam_size=5)
+             for c in clips]  # 10 rows: bucket 16
+    assert [r.tokens for r in static.decode_windows(beams)] == [r.tokens for r in eager.decode_windows(beams)]
+    assert static._storage.rows == 16 and sorted(static._static) == [16]

@@ -58,8 +58,9 @@ def load_frontend(spec: ModelSpec, path: Path, *, chunk_seconds: float | None = 
 
 
 def load_weights(spec: ModelSpec, placement: Placement, *, download: bool,
-                 chunk_seconds: float | None = None) -> Engine:
-    """Model service: find ``spec`` in the HF cache (downloading if allowed) and load its weights."""
+                 chunk_seconds: float | None = None, batch_windows: int | None = None) -> Engine:
+    """Model service: find ``spec`` in the HF cache (downloading if allowed) and load its weights;
+    a static decoder (``placement.decoder``) is warmed for batches of ``batch_windows`` rows."""
     from openstt.hub import resolve_model
     from openstt.metrics import metrics
 
@@ -69,6 +70,9 @@ def load_weights(spec: ModelSpec, placement: Placement, *, download: bool,
     log.info("loaded %s from %s on %s (%s, %s attention, quantize=%s, %d threads) in %.1f s", spec.name, path,
              placement.device, placement.dtype, placement.attn_implementation, placement.quantize,
              torch.get_num_threads(), getattr(engine, "load_seconds", 0.0))
+    warm = getattr(getattr(engine, "core", None), "warm", None)
+    if placement.decoder != "eager" and batch_windows and warm is not None:
+        log.info("model %s: %s", spec.name, warm(batch_windows))
     return engine
 
 

@@ -112,9 +112,15 @@ class ChosenLogprobs:
 class VoxtralCore:
     """The model side: batched generation over chunks of any requests. One batch at a time."""
 
-    def __init__(self, model, processor, repo_id: str, device: torch.device, dtype: torch.dtype):
+    def __init__(self, model, processor, repo_id: str, device: torch.device, dtype: torch.dtype,
+                 decoder: str = "eager"):
         self.model, self.processor, self.repo_id = model, processor, repo_id
         self.device, self.dtype = device, dtype
+        # static/graphs: transformers' own static KV cache for the language model's generate (one
+        # allocation per batch shape); graphs also lets generate compile its step on CUDA
+        # (torch.compile "reduce-overhead": CUDA graphs). eager: the dynamic cache.
+        self.cache = {"eager": {}, "static": {"cache_implementation": "static", "disable_compile": True},
+                      "graphs": {"cache_implementation": "static"}}[decoder]
         self.tokens = VoxtralTokens(processor.tokenizer)
         self.pad = processor.tokenizer.pad_token_id
         self.lock = threading.Lock()
@@ -166,7 +172,8 @@ class VoxtralCore:
                                           for j in jobs), temperature)) % 2**63)
             sequences = self.model.generate(**batch, max_new_tokens=budget, pad_token_id=self.pad,
                                             eos_token_id=self.tokens.eos,
-                                            logits_processor=LogitsProcessorList([recorder]), **sampling)
+                                            logits_processor=LogitsProcessorList([recorder]), **sampling,
+                                            **self.cache)
         prompt_len = batch["input_ids"].shape[1]
         scores = recorder.finish(sequences, prompt_len)
         results = []
@@ -289,7 +296,8 @@ class VoxtralEngine(InProcessEngine):
         if placement.quantize == "int8":
             model = quantize_int8(model)
         self.model = model
-        self.core = VoxtralCore(model, processor, spec.repo_id, placement.device, placement.dtype)
+        self.core = VoxtralCore(model, processor, spec.repo_id, placement.device, placement.dtype,
+                                placement.decoder)
         self.frontend = VoxtralFrontend(spec, path, chunk_seconds, processor=processor)
         self.load_seconds = time.perf_counter() - started
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import threading
+import time
 import zlib
 
 import numpy as np
@@ -21,7 +22,7 @@ import torch
 
 from openstt.audio import SAMPLE_RATE
 from openstt.engines.fallback import compression_ratio, needs_fallback, settle
-from openstt.engines.whisper_static import BUCKETS, DynamicDecoder, StaticDecoder, bucket_for
+from openstt.engines.whisper_static import BUCKETS, DynamicDecoder, SlotStorage, StaticDecoder, bucket_for
 from openstt.engines.whisper_tokens import Detokenizer, TimestampRules, TokenTable
 from openstt.messages import AlignJob, DecodeResult, WindowJob
 from openstt.transcript import Word
@@ -197,6 +198,7 @@ class WhisperCore(Detokenizer):
             raise ValueError(f"decoder must be eager, static or graphs, got {decoder!r}")
         self.decoder_mode = decoder
         self._static: dict[int, StaticDecoder] = {}  # by bucket, reused batch after batch
+        self._storage: SlotStorage | None = None  # the slots they share (the largest bucket's)
         self.lock = threading.Lock()
         # encoder outputs of decoded windows whose words are to be timed next, by audio digest
         self._encodings: collections.OrderedDict[bytes, torch.Tensor] = collections.OrderedDict()
@@ -276,11 +278,45 @@ class WhisperCore(Detokenizer):
         if self.decoder_mode == "eager" or len(encoder_states) > BUCKETS[-1]:
             return DynamicDecoder(self.model, encoder_states)
         size = bucket_for(len(encoder_states))
+        storage = self._storage
+        if storage is None or storage.rows < size or storage.encoder_len != encoder_states.shape[1]:
+            # a larger bucket than warmed (beams, best-of): new slots, and the decoders (and graphs)
+            # that pointed at the old ones go
+            self._storage = storage = SlotStorage(self.model, max(size, storage.rows if storage else 0),
+                                                  self.n_text_ctx, encoder_states.shape[1], self.device,
+                                                  encoder_states.dtype)
+            self._static.clear()
         if size not in self._static:
             self._static[size] = StaticDecoder(self.model, size, self.n_text_ctx, encoder_states.shape[1],
-                                               self.device, encoder_states.dtype,
+                                               self.device, encoder_states.dtype, storage=storage,
                                                graphs=self.decoder_mode == "graphs" and self.device.type == "cuda")
         return self._static[size].start(encoder_states)
+
+    def warm(self, rows: int) -> str | None:
+        """Prepare the static decoder for batches of up to ``rows`` rows at load: the shared slots
+        and every bucket's decoder, each run once (with ``graphs``, that step is captured). Returns
+        what it took, for the startup line; None for the eager decoder."""
+        if self.decoder_mode == "eager":
+            return None
+        started = time.perf_counter()
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize(self.device)
+            before = torch.cuda.memory_allocated(self.device)
+        frames = self.model.config.max_source_positions
+        buckets = [b for b in BUCKETS if b <= bucket_for(min(rows, BUCKETS[-1]))]
+        with self.lock, torch.inference_mode():
+            for size in reversed(buckets):  # the largest first: the slots are allocated once
+                states = torch.zeros((size, frames, self.model.config.d_model), device=self.device, dtype=self.dtype)
+                decoder = self._decoder(states)
+                first = torch.full((size, 1), self.table.sot, device=self.device)
+                decoder.prefill(first, torch.ones_like(first), torch.zeros_like(first))
+                decoder.step(first[:, 0], torch.ones_like(first[:, 0]))
+        graphs = sum(d._graph is not None for d in self._static.values())
+        used = (torch.cuda.memory_allocated(self.device) - before) if cuda else self._storage.bytes
+        return (f"{self.decoder_mode} decoder warmed for buckets {buckets[0]}-{buckets[-1]} rows in "
+                f"{time.perf_counter() - started:.1f} s, {used / 1e6:,.0f} MB"
+                + (f", {graphs} CUDA graphs" if self.decoder_mode == "graphs" else ""))
 
     def _rows(self, jobs: list[WindowJob], languages: list[str], temperatures: list[float]):
         """The batch's rows: a greedy job has one, a sampled job ``BEST_OF``, a beam job ``beam_size``

@@ -107,25 +107,51 @@ class DynamicDecoder:
         self.cache.self_attention_cache.reorder_cache(source)  # cross-attention: a beam job's rows are alike
 
 
+class SlotStorage:
+    """The KV slots that every bucket's ``StaticDecoder`` of one model shares: one batch decodes at a
+    time (the model service's one compute thread), so bucket ``n`` uses the first ``n`` slots. Every
+    bucket up to 64 with a cache each would hold 127 rows: for large-v3 in fp16 (320 MB a row:
+    32 layers x K and V x (448 + 1500 columns) x 1280 x 2 bytes) 40 GB instead of 20 GB."""
+
+    def __init__(self, model, rows: int, max_len: int, encoder_len: int, device: torch.device, dtype: torch.dtype):
+        layers = model.model.decoder.layers
+        first = layers[0].self_attn
+        shape = (rows, first.num_heads, max_len, first.head_dim)
+        cross = (rows, first.num_heads, encoder_len, first.head_dim)
+        self.rows, self.encoder_len = rows, encoder_len
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in layers]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in layers]
+        self.cross_keys = [torch.zeros(cross, device=device, dtype=dtype) for _ in layers]
+        self.cross_values = [torch.zeros(cross, device=device, dtype=dtype) for _ in layers]
+        self.written = torch.zeros((rows, max_len), dtype=torch.bool, device=device)
+
+    @property
+    def bytes(self) -> int:
+        tensors = (*self.keys, *self.values, *self.cross_keys, *self.cross_values, self.written)
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
 class StaticDecoder:
     """Whisper's decoder on ``size`` preallocated slots (see the module's docstring), kept by the
     core per bucket and reused by every batch of that size (``start``). With ``graphs`` (CUDA), its
     step is captured as a CUDA graph at the first step and replayed from then on."""
 
     def __init__(self, model, size: int, max_len: int, encoder_len: int, device: torch.device,
-                 dtype: torch.dtype, graphs: bool = False):
+                 dtype: torch.dtype, graphs: bool = False, storage: SlotStorage | None = None):
         decoder = model.model.decoder
         self.decoder, self.layers = decoder, decoder.layers
         self.size, self.max_len, self.device = size, max_len, device
         first = self.layers[0].self_attn
         self.heads, self.head_dim = first.num_heads, first.head_dim
-        shape = (size, self.heads, max_len, self.head_dim)
-        cross = (size, self.heads, encoder_len, self.head_dim)
-        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in self.layers]
-        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in self.layers]
-        self.cross_keys = [torch.zeros(cross, device=device, dtype=dtype) for _ in self.layers]
-        self.cross_values = [torch.zeros(cross, device=device, dtype=dtype) for _ in self.layers]
-        self.written = torch.zeros((size, max_len), dtype=torch.bool, device=device)  # real tokens, not padding
+        storage = storage or SlotStorage(model, size, max_len, encoder_len, device, dtype)
+        if storage.rows < size:
+            raise ValueError(f"{size} slots do not fit a storage of {storage.rows}")
+        # views of the storage's first ``size`` slots (contiguous: slots are the leading dimension)
+        self.keys = [k[:size] for k in storage.keys]
+        self.values = [v[:size] for v in storage.values]
+        self.cross_keys = [k[:size] for k in storage.cross_keys]
+        self.cross_values = [v[:size] for v in storage.cross_values]
+        self.written = storage.written[:size]  # real tokens, not padding
         self.columns = torch.arange(max_len, device=device)
         # the step's inputs, in fixed buffers (what a captured graph reads)
         self.step_tokens = torch.zeros((size, 1), dtype=torch.long, device=device)
