@@ -138,14 +138,14 @@ class ComputeThread:
         """Windows and seconds of audio waiting, by model: what the model service's replicas scale on."""
         from openstt.metrics import metrics
 
-        windows: dict[str, int] = dict.fromkeys(self._models_seen, 0)
-        seconds: dict[str, float] = dict.fromkeys(self._models_seen, 0.0)
-        with self._changed:
+        with self._changed:  # the event loop's thread and the compute thread both report
+            windows: dict[str, int] = dict.fromkeys(self._models_seen, 0)
+            seconds: dict[str, float] = dict.fromkeys(self._models_seen, 0.0)
             for item in itertools.chain(self._live, self._files):
                 model = item.job.model
                 windows[model] = windows.get(model, 0) + 1
                 seconds[model] = seconds.get(model, 0.0) + len(item.job.audio) / SAMPLE_RATE
-        self._models_seen.update(windows)
+            self._models_seen.update(windows)  # a model whose queue emptied reports 0, not its last count
         for model in windows:
             metrics().queued_windows.labels(model).set(windows[model])
             metrics().queued_audio_seconds.labels(model).set(round(seconds[model], 3))
