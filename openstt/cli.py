@@ -186,6 +186,9 @@ def serve_one(role: str, host: str, port: int, model_service_urls: list[str]) ->
     svc = load("service:OpenSTT", str(service_dir()))
     svc.inject_config()
     if role == "models":
+        # BentoML's dependency protocol unpickles what it is sent: whoever reaches this port runs code
+        print(f"open-stt: the model service on {host}:{port} takes pickled calls from the API; keep it on a "
+              "private network (deploy/k8s/split ships a NetworkPolicy; compose publishes no port)", file=sys.stderr)
         serve_http("service:OpenSTT", working_dir=str(service_dir()), host=host, port=port,
                    service_name="OpenSTTModels")
     else:
