@@ -193,10 +193,13 @@ class ReplicaPool:
     async def _probe(self, replica: Replica) -> bool:
         try:
             ready = bool(await asyncio.wait_for(replica.service.to_async.call("ready"), PROBE_TIMEOUT_S))
-        except Exception:
-            ready = False
+        except Exception:  # unreachable: like a failed call
+            replica.ready = False
+            replica.down_until = max(replica.down_until, time.monotonic() + self.down_s)
+            return False
         replica.ready = ready
-        replica.down_until = 0.0 if ready else max(replica.down_until, time.monotonic() + self.down_s)
+        # "not ready" is a draining replica (SIGTERM): no new work until a probe finds it ready again
+        replica.down_until = 0.0 if ready else float("inf")
         return ready
 
     async def ready(self) -> bool:

@@ -159,6 +159,10 @@ def test_a_draining_replica_gets_no_new_work():
     asyncio.run(main())
     assert [c[0] for c in first.calls] == ["ready"]
     assert len(second.calls) == 5
+    assert pool.replicas[0].down_until == float("inf")  # not for a while: until a probe finds it ready
+    first.is_ready = True
+    asyncio.run(pool.ready())
+    assert pool.replicas[0].down_until == 0.0
 
 
 def test_replicas_behind_one_name_join_and_leave():
