@@ -125,9 +125,10 @@ def estimate(spec: ModelSpec, device: str, dtype: str, quantize: str = "none", w
              path: Path | None = None) -> Estimate:
     """Resident bytes of ``spec`` loaded as the server would (``dtype`` after ``auto`` is resolved),
     with batches of ``windows`` (None: the device's default)."""
-    from openstt.settings import default_batch_windows
+    if windows is None:
+        from openstt.settings import default_batch_windows
 
-    windows = windows or default_batch_windows(device)
+        windows = default_batch_windows(device)
     s = shape(spec, path)
     act = BYTES[dtype]
     if quantize == "int8":  # int8 Linear weights, everything else and all activations in float32
