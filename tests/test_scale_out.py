@@ -18,7 +18,7 @@ import pytest
 from scripts.kit import topology
 from scripts.kit.audio import wav
 from scripts.kit.realtime import COMPLETED, open_session, stream
-from scripts.kit.server import batches, scrape, value
+from scripts.kit.server import batches, scrape, value, windows_in_flight
 from scripts.kit.speech import english_clip, spoken_turns, wer
 from tests.conftest import FOX, clip as recording, conversation, needs_asterisk
 
@@ -137,8 +137,8 @@ def test_one_replica_loads_and_unloads_models_at_runtime(hf_cache, base_model, t
 
 
 def test_a_replica_killed_mid_load_loses_nothing(split, client, clip):
-    """Eight concurrent requests; one replica is killed (SIGKILL, every process of it) while
-    both decode them. Every request answers 200 with the text and segments of a run without the
+    """Eight concurrent requests; one replica is killed (SIGKILL, every process of it) while it
+    holds windows of them (queued or decoding). Every request answers 200 with the text and segments of a run without the
     kill: the dead replica's windows went once more to the other one."""
     front, replicas = split
     audio, _ = clip
@@ -150,15 +150,12 @@ def test_a_replica_killed_mid_load_loses_nothing(split, client, clip):
     expected = transcribe(0)
     victim = replicas[1]
 
-    def queued() -> float:  # windows waiting in the victim's queue: calls in flight on it
-        return sum(v for (name, _), v in scrape(victim).items() if name == "openstt_queued_windows")
-
     with ThreadPoolExecutor(8) as pool:
         futures = [pool.submit(transcribe, i) for i in range(8)]
         deadline = time.monotonic() + 60
-        while not queued() and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert queued(), "no window ever waited on the victim"
+        while not (held := windows_in_flight(victim)) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert held, "the victim never held a window of these requests"
         victim.kill()
         results = [f.result() for f in futures]
     for result in results:
