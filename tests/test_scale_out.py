@@ -67,7 +67,7 @@ def test_files_and_their_stream_through_the_split_api(split, client, clip):
 
 
 def test_speakers_are_found_by_the_replicas(split, client):
-    talk = conversation(["allison", "carlo"], 30, 3)
+    talk = conversation(["allison", "carlo"], 20, 3)
     result = client.audio.transcriptions.create(model=MODEL, file=("talk.wav", wav(talk.audio)),
                                                 response_format="diarized_json", chunking_strategy="auto")
     assert {s.speaker for s in result.segments} == {"A", "B"}
@@ -114,32 +114,30 @@ def test_runtime_loading_is_refused_with_several_replicas(split):
     assert error["code"] == "model_management_unavailable" and "OPEN_STT_MODELS" in error["message"]
 
 
-def test_one_replica_loads_and_unloads_models_at_runtime(hf_cache, base_model, tmp_path):
-    """Split with one model service: runtime loading reaches it (none can join later), and the
-    model it loaded serves through the API, then leaves both."""
-    replica = topology.model_replica(hf_cache, tmp_path, ["--model", MODEL, "--torch-threads", "1"])
+def test_one_replica_loads_and_unloads_models_at_runtime(split, hf_cache, base_model, tmp_path):
+    """An API with one model service (a second API, in front of the first replica only): runtime
+    loading reaches it (none can join later), and the model it loaded serves through that API,
+    then leaves both."""
+    replica = split[1][0]
+    front = topology.api(hf_cache, tmp_path, [replica], ["--model", MODEL, "--enable-model-management"])
     try:
-        front = topology.api(hf_cache, tmp_path, [replica], ["--model", MODEL, "--enable-model-management"])
-        try:
-            assert httpx.get(front.base + "/health", timeout=10).json()["model_replicas"] == {"ready": 1, "total": 1}
-            loaded = httpx.post(front.base + "/v1/models/whisper-base", timeout=300)
-            assert loaded.status_code == 200, loaded.text
-            assert "loaded whisper-base from" in replica.log.read_text()  # the weights went there
-            sdk = openai.OpenAI(base_url=front.base + "/v1", api_key="unused", max_retries=0, timeout=120)
-            fox = recording("en/quick_brown_fox")
-            assert sdk.audio.transcriptions.create(model="whisper-base", file=fox).text == FOX
-            assert httpx.delete(front.base + "/v1/models/whisper-base", timeout=60).json()["deleted"] is True
-            assert "unloaded whisper-base" in replica.log.read_text()
-        finally:
-            front.stop()
+        assert httpx.get(front.base + "/health", timeout=10).json()["model_replicas"] == {"ready": 1, "total": 1}
+        loaded = httpx.post(front.base + "/v1/models/whisper-base", timeout=300)
+        assert loaded.status_code == 200, loaded.text
+        assert "loaded whisper-base from" in replica.log.read_text()  # the weights went there
+        sdk = openai.OpenAI(base_url=front.base + "/v1", api_key="unused", max_retries=0, timeout=120)
+        fox = recording("en/quick_brown_fox")
+        assert sdk.audio.transcriptions.create(model="whisper-base", file=fox).text == FOX
+        assert httpx.delete(front.base + "/v1/models/whisper-base", timeout=60).json()["deleted"] is True
+        assert "unloaded whisper-base" in replica.log.read_text()
     finally:
-        replica.stop()
+        front.stop()
 
 
 def test_a_replica_killed_mid_load_loses_nothing(split, client, clip):
     """Eight concurrent requests; one replica is killed (SIGKILL, every process of it) while it
-    holds windows of them (queued or decoding). Every request answers 200 with the text and segments of a run without the
-    kill: the dead replica's windows went once more to the other one."""
+    holds windows of them (queued or decoding). Every request answers 200 with the text and
+    segments of a run without the kill: the dead replica's windows went once more to the other."""
     front, replicas = split
     audio, _ = clip
     body = ("clip.wav", wav(audio))
