@@ -150,9 +150,9 @@ class ReplicaPool:
             if asyncio.iscoroutinefunction(close) and gone.in_flight == 0:
                 asyncio.ensure_future(close())
 
-    async def refresh(self, force: bool = False) -> None:
+    async def refresh(self) -> None:
         """Look the configured host names up again, when due (every ``refresh_s``)."""
-        if not force and time.monotonic() - self._resolved_at < self.refresh_s:
+        if time.monotonic() - self._resolved_at < self.refresh_s:
             return
         self._resolved_at = time.monotonic()
         found = await asyncio.to_thread(lambda: [a for url in self.urls for a in self._resolve(url)])

@@ -8,7 +8,7 @@ import httpx
 import pytest
 import soundfile as sf
 
-from scripts.kit.server import scrape, value
+from scripts.kit.server import scrape, total, value
 from tests.conftest import API_KEY, REPORT, clip, sdk_client
 
 pytestmark = pytest.mark.slow
@@ -60,9 +60,9 @@ def _wait_idle(server) -> None:
     last, since = None, time.monotonic()
     while time.monotonic() < deadline:
         s = scrape(server)
-        queued = sum(v for (name, _), v in s.items() if name == "openstt_queued_windows")
+        queued = total(s, "openstt_queued_windows")
         busy = value(s, "openstt_requests_in_flight", route="transcriptions") + queued
-        batches = sum(v for (name, _), v in s.items() if name == "openstt_batch_windows_count")
+        batches = total(s, "openstt_batch_windows_count")
         if busy or batches != last:
             last, since = batches, time.monotonic()
         elif time.monotonic() - since >= 1.0:

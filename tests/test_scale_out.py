@@ -18,7 +18,7 @@ import pytest
 from scripts.kit import topology
 from scripts.kit.audio import wav
 from scripts.kit.realtime import COMPLETED, open_session, stream
-from scripts.kit.server import batches, scrape, value, windows_in_flight
+from scripts.kit.server import batches, scrape, total, value, windows_in_flight
 from scripts.kit.speech import english_clip, spoken_turns, wer
 from tests.conftest import FOX, clip as recording, conversation, needs_asterisk
 
@@ -160,7 +160,7 @@ def test_a_replica_killed_mid_load_loses_nothing(split, client, clip):
         assert result.text == expected.text
         assert [(s.start, s.end, s.text) for s in result.segments] == \
             [(s.start, s.end, s.text) for s in expected.segments]
-    retried = sum(v for (name, _), v in scrape(front).items() if name == "openstt_model_replica_retries_total")
+    retried = total(scrape(front), "openstt_model_replica_retries_total")
     assert retried >= 1, "no call was in flight on the victim when it died"
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:

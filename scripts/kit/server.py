@@ -173,18 +173,19 @@ def value(samples: dict, name: str, **labels) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
+def total(samples: dict, name: str) -> float:
+    """The samples ``name`` of a ``scrape`` summed over all their labels (every model's, route's...)."""
+    return sum(v for (n, _), v in samples.items() if n == name)
+
+
 def windows_in_flight(server) -> float:
     """Windows a model service holds right now: waiting in its queue, or in the batch it decodes
     (started: counted when its batch starts; finished: when it ends), every model's."""
     samples = scrape(server)
-
-    def total(name: str) -> float:
-        return sum(v for (n, _), v in samples.items() if n == name)
-
-    return (total("openstt_queued_windows") + total("openstt_window_queue_seconds_count")
-            - total("openstt_batch_windows_sum"))
+    return (total(samples, "openstt_queued_windows") + total(samples, "openstt_window_queue_seconds_count")
+            - total(samples, "openstt_batch_windows_sum"))
 
 
 def batches(server) -> float:
     """The batches ``server``'s model service has decoded so far, every model's."""
-    return sum(v for (name, _), v in scrape(server).items() if name == "openstt_batch_windows_count")
+    return total(scrape(server), "openstt_batch_windows_count")
